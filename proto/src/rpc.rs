@@ -1,0 +1,415 @@
+//! QUIC endpoints and the request/response RPC layer shared by every role.
+//!
+//! One connection per peer, one bidirectional stream per request: the caller writes one request
+//! frame and finishes its side; the server answers with one response frame. The server learns
+//! the caller's role once per connection from its certificate and checks it on every request.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::error::{ErrorCode, FrameError, RpcError, TlsError, WireError};
+use crate::frame::{FRAME_BODY_MAX_BYTES, read_frame, write_frame};
+use crate::msg::{DEADLINE_MS_MAX, Request, RequestBody, Response, ResponseBody};
+use crate::tls::{CLUSTER_SERVER_NAME, Role, TlsIdentity, name_of, role_of};
+
+/// Most concurrent request streams one peer may hold open on one connection.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// Bytes one stream may have unread in flight towards us (QUIC stream flow-control window).
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// Bytes one connection may have unread in flight towards us, over all its streams.
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// A connection with no traffic (keep-alives included) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Callers ping idle connections this often so servers do not drop them.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest wait for a QUIC + TLS handshake before a peer is considered unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Deadline of requests sent without an explicit one.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Application close / stop codes.
+const CODE_SHUTDOWN: VarInt = VarInt::from_u32(1);
+const CODE_BAD_PEER: VarInt = VarInt::from_u32(2);
+const CODE_BAD_FRAME: VarInt = VarInt::from_u32(3);
+const CODE_TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(4);
+
+fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES))
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt")));
+    if keep_alive {
+        t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    }
+    t
+}
+
+fn client_config(identity: &TlsIdentity) -> Result<quinn::ClientConfig, TlsError> {
+    let crypto = QuicClientConfig::try_from(identity.client_config()?)
+        .map_err(|e| TlsError::BadMaterial { path: identity.dir.display().to_string(), reason: e.to_string() })?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(true)));
+    Ok(config)
+}
+
+/// A QUIC endpoint that serves on `listen` and can also call other peers (nodes replicate to
+/// each other, meta members talk among themselves).
+pub fn server_endpoint(identity: &TlsIdentity, listen: SocketAddr) -> Result<Endpoint, std::io::Error> {
+    let to_io = |e: TlsError| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string());
+    let crypto = QuicServerConfig::try_from(identity.server_config().map_err(to_io)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(false)));
+    let mut endpoint = Endpoint::server(config, listen)?;
+    endpoint.set_default_client_config(client_config(identity).map_err(to_io)?);
+    Ok(endpoint)
+}
+
+/// A client-only QUIC endpoint bound to an ephemeral port (dual-stack where the host allows).
+pub fn client_endpoint(identity: &TlsIdentity) -> Result<Endpoint, std::io::Error> {
+    let mut endpoint = Endpoint::client("[::]:0".parse().expect("literal address"))
+        .or_else(|_| Endpoint::client("0.0.0.0:0".parse().expect("literal address")))?;
+    endpoint.set_default_client_config(
+        client_config(identity)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+    );
+    Ok(endpoint)
+}
+
+/// Who is calling: learned from the peer's certificate when its connection was accepted.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub role: Role,
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+fn peer_of(conn: &Connection) -> Result<Peer, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("no peer certificate")?;
+    let leaf = certs.first().ok_or("empty peer certificate chain")?;
+    let role = role_of(leaf).ok_or("peer certificate carries no augur role")?;
+    Ok(Peer { role, name: name_of(leaf).unwrap_or_default(), addr: conn.remote_address() })
+}
+
+/// What a server does with a request that passed framing, version and role checks.
+pub trait Service: Send + Sync + 'static {
+    fn handle(&self, peer: &Peer, body: RequestBody) -> impl Future<Output = Response> + Send;
+}
+
+/// Limits of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Most connections open at once; further handshakes are refused.
+    pub connections_max: usize,
+    /// Most requests being handled at once over all connections; further streams wait.
+    pub requests_in_flight_max: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self { connections_max: 1024, requests_in_flight_max: 1024 }
+    }
+}
+
+/// Serves `service` on `endpoint` until `shutdown` is cancelled, then closes every connection
+/// and waits for in-flight requests to finish.
+pub async fn serve<S: Service>(
+    endpoint: Endpoint,
+    service: Arc<S>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        if endpoint.open_connections() > limits.connections_max {
+            warn!(peer = %incoming.remote_address(), max = limits.connections_max, "refusing connection: too many open");
+            incoming.refuse();
+            continue;
+        }
+        let service = service.clone();
+        let in_flight = in_flight.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let addr = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Includes peers without a certificate signed by the cluster CA.
+                    warn!(peer = %addr, error = %e, "refused connection: handshake failed");
+                    return;
+                }
+            };
+            let peer = match peer_of(&conn) {
+                Ok(peer) => peer,
+                Err(reason) => {
+                    warn!(peer = %addr, reason, "refused connection");
+                    conn.close(CODE_BAD_PEER, reason.as_bytes());
+                    return;
+                }
+            };
+            debug!(peer = %addr, role = %peer.role, name = %peer.name, "connection accepted");
+            serve_connection(conn, peer, service, in_flight, shutdown).await;
+        });
+    }
+    endpoint.close(CODE_SHUTDOWN, b"server shutting down");
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn serve_connection<S: Service>(
+    conn: Connection,
+    peer: Peer,
+    service: Arc<S>,
+    in_flight: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let streams = TaskTracker::new();
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(peer = %peer.addr, error = %e, "connection closed");
+                    break;
+                }
+            },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let service = service.clone();
+        let peer = peer.clone();
+        streams.spawn(async move {
+            serve_stream(send, recv, &peer, service.as_ref()).await;
+            drop(permit);
+        });
+    }
+    streams.close();
+    streams.wait().await;
+}
+
+async fn serve_stream<S: Service>(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: &Peer,
+    service: &S,
+) {
+    let started = Instant::now();
+    let request = read_frame::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES).await;
+    let (name, response): (&str, Response) = match request {
+        Err(e) => {
+            warn!(peer = %peer.addr, role = %peer.role, error = %e, "bad request frame; closing stream");
+            // Stop the peer from sending the rest of a frame we will not read.
+            let _ = recv.stop(CODE_BAD_FRAME);
+            ("bad_frame", Err(e.to_wire()))
+        }
+        Ok(request) => {
+            let name = request.body.name();
+            if !request.body.allowed_roles().contains(&peer.role) {
+                warn!(peer = %peer.addr, role = %peer.role, rpc = name, "refused: role may not call this RPC");
+                let msg = format!("role {} may not call {name}", peer.role);
+                (name, Err(WireError::new(ErrorCode::PermissionDenied, msg)))
+            } else {
+                let deadline =
+                    Duration::from_millis(u64::from(request.deadline_ms.min(DEADLINE_MS_MAX)));
+                let response = tokio::time::timeout(deadline, service.handle(peer, request.body))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(WireError::new(
+                            ErrorCode::DeadlineExceeded,
+                            format!("{name} exceeded its {} ms deadline", deadline.as_millis()),
+                        ))
+                    });
+                (name, response)
+            }
+        }
+    };
+    let outcome = match &response {
+        Ok(_) => "ok",
+        Err(e) => error_label(&e.code),
+    };
+    metrics::counter!("augur_rpc_requests_total", "rpc" => name, "outcome" => outcome).increment(1);
+    metrics::histogram!("augur_rpc_seconds", "rpc" => name).record(started.elapsed().as_secs_f64());
+    if let Err(e) = write_frame(&mut send, &response).await {
+        debug!(peer = %peer.addr, error = %e, "could not send response");
+        return;
+    }
+    let _ = send.finish();
+}
+
+fn error_label(code: &ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::StaleEpoch { .. } | ErrorCode::EpochAhead { .. } => "epoch",
+        ErrorCode::ShardNotHere => "shard_not_here",
+        ErrorCode::ChecksumMismatch => "checksum",
+        ErrorCode::InvalidArgument => "invalid",
+        ErrorCode::PermissionDenied => "denied",
+        ErrorCode::NoSpace => "no_space",
+        ErrorCode::UnsupportedVersion { .. } | ErrorCode::FrameTooLarge { .. } | ErrorCode::Malformed => "bad_frame",
+        ErrorCode::DeadlineExceeded => "deadline",
+        ErrorCode::Overloaded => "overloaded",
+        ErrorCode::Internal => "internal",
+        ErrorCode::NotFound => "not_found",
+    }
+}
+
+type ConnSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+/// Calls servers over cached connections (one per peer address).
+pub struct RpcClient {
+    endpoint: Endpoint,
+    conns: Mutex<HashMap<SocketAddr, ConnSlot>>,
+}
+
+impl RpcClient {
+    /// A client with its own ephemeral endpoint.
+    pub fn new(identity: &TlsIdentity) -> Result<Self, std::io::Error> {
+        Ok(Self::with_endpoint(client_endpoint(identity)?))
+    }
+
+    /// A client sharing a server's endpoint (its default client config must be set).
+    pub fn with_endpoint(endpoint: Endpoint) -> Self {
+        Self { endpoint, conns: Mutex::new(HashMap::new()) }
+    }
+
+    fn slot(&self, addr: SocketAddr) -> ConnSlot {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(addr).or_default().clone()
+    }
+
+    /// The open connection to `addr`, connecting (and checking the server's role) if needed.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, RpcError> {
+        let slot = self.slot(addr);
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(conn.clone());
+        }
+        let connect_err = |reason: String| RpcError::Connect { addr: addr.to_string(), reason };
+        let connecting = self
+            .endpoint
+            .connect(addr, CLUSTER_SERVER_NAME)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| connect_err(format!("no handshake within {} ms", CONNECT_TIMEOUT.as_millis())))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let peer = peer_of(&conn).map_err(|e| connect_err(e.to_string()))?;
+        if !peer.role.is_server() {
+            conn.close(CODE_BAD_PEER, b"server presented a non-server role");
+            return Err(RpcError::WrongPeerRole { addr: addr.to_string(), role: peer.role.to_string() });
+        }
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the cached connection to `addr` (after it failed).
+    pub fn forget(&self, addr: SocketAddr) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.remove(&addr);
+    }
+
+    /// Sends `body` to `addr` with the default deadline.
+    pub async fn call(&self, addr: SocketAddr, body: RequestBody) -> Result<ResponseBody, RpcError> {
+        self.call_with_deadline(addr, body, DEFAULT_DEADLINE).await
+    }
+
+    /// Sends `body` to `addr`; the server abandons it after `deadline`, and so do we.
+    pub async fn call_with_deadline(
+        &self,
+        addr: SocketAddr,
+        body: RequestBody,
+        deadline: Duration,
+    ) -> Result<ResponseBody, RpcError> {
+        let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX).min(DEADLINE_MS_MAX);
+        let request = Request { deadline_ms, body };
+        let attempt = async {
+            let (mut send, mut recv) = self.open_stream(addr).await?;
+            let lost = |e: &dyn std::fmt::Display| RpcError::Connection { addr: addr.to_string(), reason: e.to_string() };
+            write_frame(&mut send, &request).await.map_err(|e| match e {
+                FrameError::Io(io) => lost(&io),
+                other => RpcError::Frame { addr: addr.to_string(), source: other },
+            })?;
+            let _ = send.finish();
+            let response = read_frame::<Response, _>(&mut recv, FRAME_BODY_MAX_BYTES)
+                .await
+                .map_err(|e| match e {
+                    FrameError::Io(io) => lost(&io),
+                    FrameError::Truncated => lost(&"stream closed before the response"),
+                    other => RpcError::Frame { addr: addr.to_string(), source: other },
+                })?;
+            response.map_err(|source| RpcError::Remote { addr: addr.to_string(), source })
+        };
+        match tokio::time::timeout(deadline, attempt).await {
+            Ok(Err(e)) if e.is_transport() => {
+                self.forget(addr);
+                Err(e)
+            }
+            Ok(result) => result,
+            Err(_) => Err(RpcError::Timeout { addr: addr.to_string(), ms: deadline.as_millis() as u64 }),
+        }
+    }
+
+    /// Opens a raw request stream to `addr`, reconnecting once if the cached connection died.
+    /// Tests use it to send hand-made frames.
+    pub async fn open_stream(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), RpcError> {
+        for attempt in 0..2 {
+            let conn = self.connection(addr).await?;
+            match conn.open_bi().await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if attempt == 0 => {
+                    info!(peer = %addr, error = %e, "cached connection failed; reconnecting");
+                    self.forget(addr);
+                }
+                Err(e) => {
+                    return Err(RpcError::Connection { addr: addr.to_string(), reason: e.to_string() });
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Round-trip time of the connection to `addr`, if one is open.
+    pub fn rtt(&self, addr: SocketAddr) -> Option<Duration> {
+        let slot = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()?;
+        let guard = slot.try_lock().ok()?;
+        guard.as_ref().map(|c| c.rtt())
+    }
+
+    /// Closes every connection politely.
+    pub async fn close(&self) {
+        self.endpoint.close(CODE_SHUTDOWN, b"client closing");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Closes a connection that sent too many connections' worth of trouble (kept for servers
+/// that track abusive peers).
+pub fn refuse_connection(conn: &Connection) {
+    conn.close(CODE_TOO_MANY_CONNECTIONS, b"too many connections");
+}

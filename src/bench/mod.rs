@@ -1,0 +1,3 @@
+//! Benchmarks: programs that measure side by side in one run and print ratios.
+
+pub mod node;

@@ -1,0 +1,227 @@
+//! `augur`: the one binary. It parses flags and calls into the crates; the work lives there.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use augur_proto::Role;
+use augur_storage_node::NodeConfig;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+mod bench;
+mod dev;
+mod status;
+
+#[derive(Parser)]
+#[command(name = "augur", version, about = "Augur: a distributed file system with a learned prefetcher")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cluster certificates: create the CA, issue role certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Storage-node daemon and its status.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Benchmarks that compare side by side in one run and print ratios.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Start a self-contained development cluster under one state directory.
+    Dev(dev::DevArgs),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a new cluster CA (ca.pem, ca-key.pem) in DIR. Refuses to overwrite one.
+    Init {
+        /// Directory for the CA certificate and key (the key is written mode 0600).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Cluster name written into the CA's common name.
+        #[arg(long, default_value = "augur")]
+        cluster: String,
+    },
+    /// Issue a certificate with a role, signed by the cluster CA; writes cert.pem, key.pem, ca.pem.
+    Issue {
+        /// Directory holding the cluster CA (from `augur cert init`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// What the holder may do: meta, node, client or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Name of the holder (letters, digits, '-', '.'), e.g. node-1.
+        #[arg(long)]
+        name: String,
+        /// Output directory (created if missing; existing files are not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse().map_err(|e: augur_proto::TlsError| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Run a storage node until SIGTERM or SIGINT. Flags override the config file.
+    Serve(NodeServeArgs),
+    /// Ask a node for its status.
+    Status {
+        /// Node address, e.g. 127.0.0.1:7100.
+        #[arg(long)]
+        node: SocketAddr,
+        /// Directory with this caller's certificate (any role).
+        #[arg(long, env = "AUGUR_TLS")]
+        tls: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct NodeServeArgs {
+    /// TOML config file (kebab-case keys as in `NodeConfig`; see ARCHITECTURE.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address to serve QUIC on [default: 127.0.0.1:7100; port 0 picks one].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory for RocksDB.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory with this node's certificate (role `node`).
+    #[arg(long, env = "AUGUR_TLS")]
+    tls: Option<PathBuf>,
+    /// Node id used when the data directory is first created [default: random].
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Memory cache for hot and warmed blocks, in bytes [default: 268435456].
+    #[arg(long)]
+    cache_bytes_max: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Block write/read throughput and 4 KiB read latency: over QUIC vs the store in-process.
+    Node {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+        /// 64 KiB blocks written and read per run.
+        #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+        blocks: u32,
+        /// 4 KiB reads timed per run (queue depth 1).
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+        samples: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("augur: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("augur: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Cert(CertCommand::Init { dir, cluster }) => {
+            augur_proto::tls::init_ca(&dir, &cluster)?;
+            println!("created cluster CA in {}", dir.display());
+        }
+        Command::Cert(CertCommand::Issue { ca, role, name, out }) => {
+            augur_proto::tls::issue(&ca, role, &name, &out)?;
+            println!("issued {role} certificate for {name} in {}", out.display());
+        }
+        Command::Node(NodeCommand::Serve(args)) => node_serve(args).await?,
+        Command::Node(NodeCommand::Status { node, tls, json }) => status::node_status(node, &tls, json).await?,
+        Command::Bench(BenchCommand::Node { json, runs, blocks, samples }) => {
+            let options = bench::node::BenchOptions { runs, blocks, samples };
+            let report = bench::node::run(options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Dev(args) => dev::run(args).await?,
+    }
+    Ok(())
+}
+
+async fn node_serve(args: NodeServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = Some(v);
+    }
+    if let Some(v) = args.tls {
+        config.tls_dir = Some(v);
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = Some(v);
+    }
+    if let Some(v) = args.metrics {
+        config.metrics_listen = Some(v);
+    }
+    if let Some(v) = args.cache_bytes_max {
+        config.cache_bytes_max = v;
+    }
+    let node = augur_storage_node::Node::start(&config)?;
+    // The one line on stdout: scripts and tests wait for it to know the node is ready.
+    println!("augur node {} serving on {}", node.node_id, node.local_addr);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    node.serve(shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub(crate) async fn shutdown_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,130 @@
+//! Storage-node configuration: a TOML file (kebab-case keys) overlaid by command-line flags.
+//! Every field's default is stated on it; `validate` names the field it refuses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid node config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// UDP address to serve QUIC on. Default `127.0.0.1:7100`; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Where RocksDB keeps blocks and placement. Required.
+    pub data_dir: Option<PathBuf>,
+    /// Directory with this node's `cert.pem`, `key.pem` and `ca.pem` (role `node`). Required.
+    pub tls_dir: Option<PathBuf>,
+    /// Node id used when the data directory is created; later starts keep the stored id.
+    /// Default: a random id.
+    pub node_id: Option<u64>,
+    /// HTTP address serving Prometheus metrics at `/metrics`. Default: none (off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Memory cache of hot and warmed blocks, in bytes. Default 256 MiB; 0 disables it.
+    pub cache_bytes_max: u64,
+    /// Writes are refused with "no space" once the data directory's file system has fewer free
+    /// bytes than this, so RocksDB never runs the disk dry. Default 256 MiB.
+    pub reserve_bytes: u64,
+    /// RocksDB's own block cache (SST index and data blocks), in bytes. Default 64 MiB.
+    pub rocksdb_cache_bytes: u64,
+    /// Block values of at least this many bytes live in RocksDB blob files. Default 4096.
+    pub blob_min_bytes: u64,
+    /// Most QUIC connections open at once. Default 1024.
+    pub connections_max: usize,
+    /// Most requests handled at once over all connections; more wait. Default 1024.
+    pub requests_in_flight_max: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            data_dir: None,
+            tls_dir: None,
+            node_id: None,
+            metrics_listen: None,
+            cache_bytes_max: 256 << 20,
+            reserve_bytes: 256 << 20,
+            rocksdb_cache_bytes: 64 << 20,
+            blob_min_bytes: 4096,
+            connections_max: 1024,
+            requests_in_flight_max: 1024,
+        }
+    }
+}
+
+/// Largest memory cache a node accepts: a typo with extra zeros should not OOM the host.
+const CACHE_BYTES_CEILING: u64 = 1 << 40;
+
+impl NodeConfig {
+    /// Reads a TOML config file; unknown keys and bad values are errors naming them.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.data_dir.is_none() {
+            return invalid("data-dir is required (flag --data-dir or key data-dir)".into());
+        }
+        if self.tls_dir.is_none() {
+            return invalid("tls-dir is required (flag --tls or key tls-dir)".into());
+        }
+        if self.cache_bytes_max > CACHE_BYTES_CEILING {
+            return invalid(format!("cache-bytes-max = {} exceeds the ceiling of {CACHE_BYTES_CEILING}", self.cache_bytes_max));
+        }
+        if self.rocksdb_cache_bytes < 1 << 20 || self.rocksdb_cache_bytes > CACHE_BYTES_CEILING {
+            return invalid(format!("rocksdb-cache-bytes = {} must be between 1 MiB and 1 TiB", self.rocksdb_cache_bytes));
+        }
+        if self.blob_min_bytes == 0 {
+            return invalid("blob-min-bytes must be at least 1".into());
+        }
+        if self.connections_max == 0 || self.connections_max > 100_000 {
+            return invalid(format!("connections-max = {} must be between 1 and 100000", self.connections_max));
+        }
+        if self.requests_in_flight_max == 0 || self.requests_in_flight_max > 100_000 {
+            return invalid(format!(
+                "requests-in-flight-max = {} must be between 1 and 100000",
+                self.requests_in_flight_max
+            ));
+        }
+        if self.node_id == Some(0) {
+            return invalid("node-id 0 is reserved".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_unknown_or_bad_keys_are_named() {
+        let c: NodeConfig = toml::from_str("data-dir = \"/d\"\ntls-dir = \"/t\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cache_bytes_max, 256 << 20);
+
+        let err = toml::from_str::<NodeConfig>("cache-bytes = 5\n").unwrap_err().to_string();
+        assert!(err.contains("cache-bytes"), "{err}");
+        let err = toml::from_str::<NodeConfig>("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+
+        let c = NodeConfig { connections_max: 0, ..c };
+        assert!(c.validate().unwrap_err().to_string().contains("connections-max"));
+        assert!(NodeConfig::default().validate().unwrap_err().to_string().contains("data-dir"));
+    }
+}

@@ -1,0 +1,492 @@
+//! The RocksDB block store.
+//!
+//! Column families:
+//! - `blocks`: block bytes, in blob files when large. Key = `volume u64 BE | shard u32 BE |
+//!   ino u64 BE | index u64 BE`, so one shard's blocks are one contiguous key range (cheap
+//!   migration and deletion) and one inode's blocks inside a shard are contiguous too (cheap
+//!   truncate). Value = `format u8 | crc32 u32 LE | bytes`.
+//! - `placement`: volume layouts and shard placements set by the meta group (or an admin).
+//! - `node`: this node's identity and the on-disk format version.
+//!
+//! Durability: every write is a RocksDB write with `sync = true`, so the WAL is fsynced before
+//! the write returns and before the RPC is acked. Concurrent writers are group-committed by
+//! RocksDB's write thread (one fsync covers every writer that joined the group).
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use augur_proto::msg::{ShardPlacement, VolumeLayout};
+use augur_proto::{BlockId, Ino, NodeId, ShardId, VolumeId};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch,
+    WriteOptions,
+};
+
+pub const BLOCKS_CF: &str = "blocks";
+pub const PLACEMENT_CF: &str = "placement";
+pub const NODE_CF: &str = "node";
+
+/// On-disk format of this store. A store written by another format is refused, not guessed at.
+pub const STORE_FORMAT: u32 = 1;
+/// Format byte at the head of every stored block value.
+const VALUE_FORMAT: u8 = 1;
+const VALUE_HEADER_BYTES: usize = 5;
+pub const BLOCK_KEY_BYTES: usize = 28;
+/// Per-block write locks are striped over this many mutexes (bounded memory, rare collisions).
+const BLOCK_LOCK_STRIPES: usize = 1024;
+
+const KEY_FORMAT: &[u8] = b"format";
+const KEY_NODE_ID: &[u8] = b"node-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("checksum mismatch in stored block {volume}/{shard}/{block}: stored {stored:08x}, computed {computed:08x}")]
+    Checksum { volume: VolumeId, shard: ShardId, block: BlockId, stored: u32, computed: u32 },
+    #[error("stored value of block {volume}/{shard}/{block} is malformed: {reason}")]
+    Corrupt { volume: VolumeId, shard: ShardId, block: BlockId, reason: String },
+    #[error("no space left on the data directory's file system")]
+    NoSpace,
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("data directory: {0}")]
+    Format(String),
+}
+
+impl StoreError {
+    fn from_rocks(e: rocksdb::Error) -> Self {
+        // RocksDB reports ENOSPC as an IOError whose message carries the OS text.
+        if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().contains("No space left") {
+            StoreError::NoSpace
+        } else if e.kind() == rocksdb::ErrorKind::Corruption {
+            StoreError::Format(format!("rocksdb reports corruption: {e}"))
+        } else {
+            StoreError::Rocks(e)
+        }
+    }
+}
+
+/// Tuning of the store, from the node config.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreOptions {
+    /// RocksDB's own block cache for SST index/data blocks.
+    pub rocksdb_cache_bytes: u64,
+    /// Values at least this large are kept in blob files rather than in SSTs.
+    pub blob_min_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { rocksdb_cache_bytes: 64 << 20, blob_min_bytes: 4096 }
+    }
+}
+
+/// The key of a block. Public so fault tests can find and damage a stored value.
+pub fn block_key(volume: VolumeId, shard: ShardId, block: BlockId) -> [u8; BLOCK_KEY_BYTES] {
+    let mut key = [0u8; BLOCK_KEY_BYTES];
+    key[0..8].copy_from_slice(&volume.0.to_be_bytes());
+    key[8..12].copy_from_slice(&shard.0.to_be_bytes());
+    key[12..20].copy_from_slice(&block.ino.0.to_be_bytes());
+    key[20..28].copy_from_slice(&block.index.to_be_bytes());
+    key
+}
+
+fn encode_value(data: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(VALUE_HEADER_BYTES + data.len());
+    value.push(VALUE_FORMAT);
+    value.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    value.extend_from_slice(data);
+    value
+}
+
+/// A block read from disk whose checksum matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedBlock {
+    pub data: Vec<u8>,
+    pub crc32: u32,
+}
+
+pub struct BlockStore {
+    db: DB,
+    locks: Vec<Mutex<()>>,
+    node_id: NodeId,
+}
+
+impl BlockStore {
+    /// Opens (creating if needed) the store in `dir`. `node_id` is used on first creation; later
+    /// opens keep the id stored there.
+    pub fn open(dir: &Path, options: StoreOptions, node_id: Option<NodeId>) -> Result<Self, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_paranoid_checks(true);
+
+        let cache = Cache::new_lru_cache(options.rocksdb_cache_bytes as usize);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+
+        let mut blocks = Options::default();
+        blocks.set_block_based_table_factory(&table);
+        blocks.set_compression_type(DBCompressionType::Lz4);
+        blocks.set_enable_blob_files(true);
+        blocks.set_min_blob_size(options.blob_min_bytes);
+        blocks.set_blob_file_size(256 << 20);
+        blocks.set_enable_blob_gc(true);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(BLOCKS_CF, blocks),
+            ColumnFamilyDescriptor::new(PLACEMENT_CF, Options::default()),
+            ColumnFamilyDescriptor::new(NODE_CF, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(StoreError::from_rocks)?;
+        let node_id = Self::init_identity(&db, node_id)?;
+        let locks = (0..BLOCK_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        Ok(Self { db, locks, node_id })
+    }
+
+    fn init_identity(db: &DB, wanted: Option<NodeId>) -> Result<NodeId, StoreError> {
+        let cf = db.cf_handle(NODE_CF).expect("node column family opened above");
+        match db.get_cf(cf, KEY_FORMAT)? {
+            Some(v) => {
+                let format = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| StoreError::Format("unreadable format marker".into()))?;
+                if format != STORE_FORMAT {
+                    return Err(StoreError::Format(format!(
+                        "store format {format}, this build reads format {STORE_FORMAT}"
+                    )));
+                }
+            }
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(cf, KEY_FORMAT, STORE_FORMAT.to_le_bytes());
+                let id = wanted.unwrap_or_else(|| NodeId(random_u64()));
+                batch.put_cf(cf, KEY_NODE_ID, id.0.to_le_bytes());
+                db.write_opt(batch, &sync_write())?;
+            }
+        }
+        let stored = db
+            .get_cf(cf, KEY_NODE_ID)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(|b| NodeId(u64::from_le_bytes(b)))
+            .ok_or_else(|| StoreError::Format("missing node id".into()))?;
+        if let Some(wanted) = wanted.filter(|w| *w != stored) {
+            return Err(StoreError::Format(format!(
+                "this data directory belongs to {stored}, not {wanted}"
+            )));
+        }
+        Ok(stored)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    fn blocks_cf(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(BLOCKS_CF).expect("blocks column family opened at start")
+    }
+
+    fn lock(&self, key: &[u8; BLOCK_KEY_BYTES]) -> MutexGuard<'_, ()> {
+        let stripe = (crc32fast::hash(key) as usize) % self.locks.len();
+        self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a block and verifies its checksum. `None` when the block was never written.
+    pub fn read(&self, volume: VolumeId, shard: ShardId, block: BlockId) -> Result<Option<VerifiedBlock>, StoreError> {
+        let key = block_key(volume, shard, block);
+        let Some(value) = self.db.get_pinned_cf(self.blocks_cf(), key).map_err(StoreError::from_rocks)? else {
+            return Ok(None);
+        };
+        let corrupt = |reason: &str| StoreError::Corrupt { volume, shard, block, reason: reason.into() };
+        if value.len() < VALUE_HEADER_BYTES {
+            return Err(corrupt("shorter than its header"));
+        }
+        if value[0] != VALUE_FORMAT {
+            return Err(corrupt("unknown value format"));
+        }
+        let stored = u32::from_le_bytes([value[1], value[2], value[3], value[4]]);
+        let data = &value[VALUE_HEADER_BYTES..];
+        let computed = crc32fast::hash(data);
+        if stored != computed {
+            return Err(StoreError::Checksum { volume, shard, block, stored, computed });
+        }
+        Ok(Some(VerifiedBlock { data: data.to_vec(), crc32: stored }))
+    }
+
+    /// Writes `data` at `offset` inside a block of `block_size` bytes, durably. A write that does
+    /// not cover the whole block reads the stored block first (read-modify-write) under the
+    /// block's lock. Returns the block's new content.
+    pub fn write(
+        &self,
+        volume: VolumeId,
+        shard: ShardId,
+        block: BlockId,
+        offset: u32,
+        data: &[u8],
+        block_size: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        let end = u64::from(offset) + data.len() as u64;
+        if end > u64::from(block_size) {
+            return Err(StoreError::InvalidArgument(format!(
+                "write of {} bytes at offset {offset} overruns the {block_size}-byte block",
+                data.len()
+            )));
+        }
+        let key = block_key(volume, shard, block);
+        let _guard = self.lock(&key);
+        let content = if offset == 0 && data.len() == block_size as usize {
+            data.to_vec()
+        } else {
+            let mut content = self.read(volume, shard, block)?.map(|b| b.data).unwrap_or_default();
+            let end = end as usize;
+            if content.len() < end {
+                content.resize(end, 0);
+            }
+            content[offset as usize..end].copy_from_slice(data);
+            content
+        };
+        let value = encode_value(&content);
+        // Paired with the check in `read`: what goes to disk is verified right before it goes.
+        debug_assert_eq!(crc32fast::hash(&value[VALUE_HEADER_BYTES..]).to_le_bytes(), value[1..5]);
+        self.db
+            .put_cf_opt(self.blocks_cf(), key, value, &sync_write())
+            .map_err(StoreError::from_rocks)?;
+        Ok(content)
+    }
+
+    /// Deletes, durably, the blocks of `ino` in this shard whose index is at least `from_index`.
+    pub fn delete_from(&self, volume: VolumeId, shard: ShardId, ino: Ino, from_index: u64) -> Result<(), StoreError> {
+        let start = block_key(volume, shard, BlockId::new(ino, from_index));
+        let mut end = block_key(volume, shard, BlockId::new(ino, u64::MAX)).to_vec();
+        // delete_range's end is exclusive: extend past index u64::MAX.
+        end.push(0);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.blocks_cf(), &start[..], &end[..]);
+        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+    }
+
+    /// Saves a volume layout and shard placements atomically.
+    pub fn save_placement(&self, layout: &VolumeLayout, shards: &[ShardPlacement]) -> Result<(), StoreError> {
+        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, layout_key(layout.volume), encode(layout));
+        for shard in shards {
+            batch.put_cf(cf, shard_key(layout.volume, shard.shard), encode(shard));
+        }
+        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+    }
+
+    /// Loads every saved layout and placement.
+    pub fn load_placement(&self) -> Result<(Vec<VolumeLayout>, Vec<(VolumeId, ShardPlacement)>), StoreError> {
+        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let mut layouts = Vec::new();
+        let mut shards = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (key, value) = item?;
+            let bad = || StoreError::Format(format!("unreadable placement record {key:02x?}"));
+            match key.first() {
+                Some(b'L') => layouts.push(postcard::from_bytes(&value).map_err(|_| bad())?),
+                Some(b'S') if key.len() == 13 => {
+                    let volume = VolumeId(u64::from_be_bytes(key[1..9].try_into().map_err(|_| bad())?));
+                    shards.push((volume, postcard::from_bytes(&value).map_err(|_| bad())?));
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok((layouts, shards))
+    }
+
+    /// Bytes the store occupies on disk (SST and blob files).
+    pub fn used_bytes(&self) -> u64 {
+        let cf = self.blocks_cf();
+        let prop = |name: &str| self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+        prop("rocksdb.total-sst-files-size") + prop("rocksdb.total-blob-file-size")
+    }
+
+    /// RocksDB's estimate of how many blocks are stored.
+    pub fn blocks_estimate(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.blocks_cf(), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Flushes memtables so a clean shutdown leaves nothing to replay.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        self.db.flush_cf(self.blocks_cf())?;
+        Ok(())
+    }
+}
+
+fn sync_write() -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    opts
+}
+
+fn layout_key(volume: VolumeId) -> Vec<u8> {
+    let mut key = vec![b'L'];
+    key.extend_from_slice(&volume.0.to_be_bytes());
+    key
+}
+
+fn shard_key(volume: VolumeId, shard: ShardId) -> Vec<u8> {
+    let mut key = vec![b'S'];
+    key.extend_from_slice(&volume.0.to_be_bytes());
+    key.extend_from_slice(&shard.0.to_be_bytes());
+    key
+}
+
+fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    postcard::to_allocvec(record).expect("placement records always serialize")
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mixing in the time makes two ids in one process differ.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() >> 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const BS: u32 = 4096;
+
+    fn open(dir: &Path) -> BlockStore {
+        BlockStore::open(dir, StoreOptions::default(), None).unwrap()
+    }
+
+    #[test]
+    fn partial_writes_read_modify_write_and_sparse_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (v, s, b) = (VolumeId(1), ShardId(2), BlockId::new(Ino(3), 4));
+        assert_eq!(store.read(v, s, b).unwrap(), None);
+        store.write(v, s, b, 10, b"hello", BS).unwrap();
+        let got = store.read(v, s, b).unwrap().unwrap();
+        assert_eq!(&got.data[..10], &[0u8; 10]);
+        assert_eq!(&got.data[10..], b"hello");
+        store.write(v, s, b, 12, b"LLO world", BS).unwrap();
+        assert_eq!(&store.read(v, s, b).unwrap().unwrap().data[10..], b"heLLO world");
+        let err = store.write(v, s, b, BS - 2, b"abc", BS).unwrap_err();
+        assert!(err.to_string().contains("overruns"), "{err}");
+    }
+
+    #[test]
+    fn delete_from_removes_only_that_inode_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (v, s) = (VolumeId(1), ShardId(0));
+        for ino in [Ino(5), Ino(6)] {
+            for i in [0, 1, 2, u64::MAX] {
+                store.write(v, s, BlockId::new(ino, i), 0, b"x", BS).unwrap();
+            }
+        }
+        store.delete_from(v, s, Ino(5), 1).unwrap();
+        assert!(store.read(v, s, BlockId::new(Ino(5), 0)).unwrap().is_some());
+        for i in [1, 2, u64::MAX] {
+            assert!(store.read(v, s, BlockId::new(Ino(5), i)).unwrap().is_none());
+            assert!(store.read(v, s, BlockId::new(Ino(6), i)).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn identity_and_placement_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = BlockStore::open(dir.path(), StoreOptions::default(), Some(NodeId(7))).unwrap();
+            let layout = VolumeLayout { volume: VolumeId(9), block_size_bytes: BS };
+            let shard = ShardPlacement { shard: ShardId(1), epoch: augur_proto::Epoch(4), replicas: vec![] };
+            store.save_placement(&layout, &[shard]).unwrap();
+            store.node_id()
+        };
+        let store = open(dir.path());
+        assert_eq!(store.node_id(), id);
+        let (layouts, shards) = store.load_placement().unwrap();
+        assert_eq!(layouts[0].volume, VolumeId(9));
+        assert_eq!(shards[0].1.epoch, augur_proto::Epoch(4));
+        drop(store);
+        let err = BlockStore::open(dir.path(), StoreOptions::default(), Some(NodeId(8))).err().unwrap();
+        assert!(err.to_string().contains("belongs to node-7"), "{err}");
+    }
+
+    #[test]
+    fn flipped_value_byte_is_a_checksum_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (v, s, b) = (VolumeId(1), ShardId(0), BlockId::new(Ino(1), 0));
+        store.write(v, s, b, 0, &[7u8; 100], BS).unwrap();
+        let key = block_key(v, s, b);
+        let mut raw = store.db.get_cf(store.blocks_cf(), key).unwrap().unwrap();
+        raw[50] ^= 0x40;
+        store.db.put_cf(store.blocks_cf(), key, raw).unwrap();
+        assert!(matches!(store.read(v, s, b), Err(StoreError::Checksum { .. })));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { ino: u64, index: u64, offset: u32, len: u32, byte: u8 },
+        Delete { ino: u64, from: u64 },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u64..3, 0u64..4, 0u32..BS, 1u32..BS, any::<u8>()).prop_map(|(ino, index, offset, len, byte)| {
+                let len = len.min(BS - offset).max(1);
+                let offset = offset.min(BS - len);
+                Op::Write { ino, index, offset, len, byte }
+            }),
+            1 => (0u64..3, 0u64..4).prop_map(|(ino, from)| Op::Delete { ino, from }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        // The store against a BTreeMap model, with random operations and reopens (sled-style).
+        #[test]
+        fn store_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = open(dir.path());
+            let mut model: BTreeMap<(u64, u64), Vec<u8>> = BTreeMap::new();
+            let (v, s) = (VolumeId(1), ShardId(0));
+            for op in ops {
+                match op {
+                    Op::Write { ino, index, offset, len, byte } => {
+                        let data = vec![byte; len as usize];
+                        store.write(v, s, BlockId::new(Ino(ino), index), offset, &data, BS).unwrap();
+                        let entry = model.entry((ino, index)).or_default();
+                        let end = (offset + len) as usize;
+                        if entry.len() < end { entry.resize(end, 0); }
+                        entry[offset as usize..end].copy_from_slice(&data);
+                    }
+                    Op::Delete { ino, from } => {
+                        store.delete_from(v, s, Ino(ino), from).unwrap();
+                        model.retain(|(i, idx), _| !(*i == ino && *idx >= from));
+                    }
+                    Op::Reopen => {
+                        drop(store);
+                        store = open(dir.path());
+                    }
+                }
+            }
+            for ino in 0..3 {
+                for index in 0..4 {
+                    let got = store.read(v, s, BlockId::new(Ino(ino), index)).unwrap().map(|b| b.data);
+                    prop_assert_eq!(got.as_ref(), model.get(&(ino, index)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! Storage node end to end: real `augur node serve` processes on 127.0.0.x, real QUIC + mTLS.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use augur_proto::frame::{FRAME_BODY_MAX_BYTES, FRAME_MAGIC, read_frame};
+use augur_proto::msg::{
+    BlockRead, ByteRange, PROTOCOL_VERSION, Replica, Request, RequestBody, Response, ResponseBody,
+    ShardPlacement, VolumeLayout,
+};
+use augur_proto::{BlockId, Epoch, ErrorCode, Ino, NodeId, Role, RpcClient, RpcError, ShardId, ShardRef, VolumeId};
+use common::{Cluster, NodeProc, augur};
+use serde_bytes::ByteBuf;
+
+const BS: u32 = 64 * 1024;
+const VOL: VolumeId = VolumeId(1);
+const SHARDS: u32 = 4;
+
+fn shard_of(block: BlockId) -> ShardRef {
+    ShardRef { volume: VOL, shard: ShardId((block.index % u64::from(SHARDS)) as u32), epoch: Epoch(1) }
+}
+
+async fn node_id(client: &RpcClient, node: &NodeProc) -> NodeId {
+    match client.call(node.addr, RequestBody::NodeStatus).await.unwrap() {
+        ResponseBody::NodeStatus(s) => s.node,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn place(admin: &RpcClient, node: &NodeProc, epoch: u64) {
+    let me = node_id(admin, node).await;
+    let shards = (0..SHARDS)
+        .map(|s| ShardPlacement {
+            shard: ShardId(s),
+            epoch: Epoch(epoch),
+            replicas: vec![Replica { node: me, addr: node.addr.to_string() }],
+        })
+        .collect();
+    let layout = VolumeLayout { volume: VOL, block_size_bytes: BS };
+    admin.call(node.addr, RequestBody::SetPlacement { layout, shards }).await.unwrap();
+}
+
+/// Deterministic content of block `i`: sizes vary so short, partial and full blocks all occur.
+fn content(i: u64, salt: u8) -> Vec<u8> {
+    let len = match i % 4 {
+        0 => BS as usize,
+        1 => 1,
+        2 => 4096 + i as usize,
+        _ => BS as usize / 2,
+    };
+    (0..len).map(|j| (j as u64 ^ i.wrapping_mul(31) ^ u64::from(salt)) as u8).collect()
+}
+
+async fn write(client: &RpcClient, node: &NodeProc, block: BlockId, offset: u32, data: Vec<u8>) -> Result<ResponseBody, RpcError> {
+    let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset, data: ByteBuf::from(data) };
+    client.call(node.addr, body).await
+}
+
+async fn read(client: &RpcClient, node: &NodeProc, block: BlockId, range: Option<ByteRange>) -> Result<Vec<u8>, RpcError> {
+    let read = BlockRead { shard: shard_of(block), block, range };
+    match client.call(node.addr, RequestBody::ReadBlock { read }).await? {
+        ResponseBody::Block(b) => {
+            assert_eq!(crc32fast::hash(&b.data), b.crc32, "client-side CRC check of {block}");
+            Ok(b.data.into_vec())
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(r: Result<T, RpcError>, want: fn(&ErrorCode) -> bool) {
+    match r {
+        Err(e) if e.code().is_some_and(want) => {}
+        other => panic!("expected a specific error code, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
+    let cluster = Cluster::new();
+    let mut node = cluster.node("node-a", "127.0.0.2");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = Arc::new(cluster.client(Role::Client, "client"));
+    place(&admin, &node, 1).await;
+
+    const N: u64 = 400;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let client = client.clone();
+        let addr = node.addr;
+        tasks.spawn(async move {
+            let block = BlockId::new(Ino(10 + i % 3), i);
+            let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset: 0, data: ByteBuf::from(content(i, 0)) };
+            client.call(addr, body).await.unwrap();
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    // A partial write in the middle of an existing block is read-modify-write on the node.
+    let patched = BlockId::new(Ino(10), 0);
+    write(&client, &node, patched, 1000, vec![0xEE; 100], ).await.unwrap();
+
+    let expected = |i: u64| {
+        let mut c = content(i, 0);
+        if i == 0 {
+            c[1000..1100].fill(0xEE);
+        }
+        c
+    };
+    let check_all = |client: Arc<RpcClient>, node_addr| async move {
+        for i in 0..N {
+            let block = BlockId::new(Ino(10 + i % 3), i);
+            let read = BlockRead { shard: shard_of(block), block, range: None };
+            let ResponseBody::Block(b) = client.call(node_addr, RequestBody::ReadBlock { read }).await.unwrap() else {
+                panic!("not a block")
+            };
+            assert_eq!(b.data.as_slice(), expected(i).as_slice(), "block {i}");
+        }
+    };
+    check_all(client.clone(), node.addr).await;
+
+    // Byte ranges, including past the stored length (zeros are implicit, so the reply is short).
+    let got = read(&client, &node, BlockId::new(Ino(13), 1), Some(ByteRange { offset: 0, len: 10 })).await.unwrap();
+    assert!(got.is_empty(), "never-written block reads empty");
+    let got = read(&client, &node, BlockId::new(Ino(11), 1), Some(ByteRange { offset: 0, len: 4096 })).await.unwrap();
+    assert_eq!(got, content(1, 0), "1-byte block read with a larger range");
+    let got = read(&client, &node, patched, Some(ByteRange { offset: 990, len: 20 })).await.unwrap();
+    assert_eq!(got, expected(0)[990..1010].to_vec());
+
+    // A batched read answers each block on its own.
+    let reads: Vec<BlockRead> = (0..40)
+        .map(|i| {
+            let block = BlockId::new(Ino(10 + i % 3), i);
+            BlockRead { shard: shard_of(block), block, range: None }
+        })
+        .collect();
+    let ResponseBody::Blocks(results) = client.call(node.addr, RequestBody::ReadBlocks { reads }).await.unwrap() else {
+        panic!("not blocks")
+    };
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.unwrap().data.as_slice(), expected(i as u64).as_slice());
+    }
+    // Oversized batches are refused before any work.
+    let too_many: Vec<BlockRead> = (0..300)
+        .map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(10), i)), block: BlockId::new(Ino(10), i), range: None })
+        .collect();
+    expect_code(client.call(node.addr, RequestBody::ReadBlocks { reads: too_many }).await, |c| *c == ErrorCode::InvalidArgument);
+
+    // Warm loads into the node cache.
+    let warm: Vec<BlockRead> = (0..8u64)
+        .map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(10 + i % 3), i)), block: BlockId::new(Ino(10 + i % 3), i), range: None })
+        .collect();
+    assert_eq!(client.call(node.addr, RequestBody::Warm { blocks: warm }).await.unwrap(), ResponseBody::Warmed { loaded: 8 });
+
+    // Clean restart: everything is still there.
+    assert!(node.terminate().success(), "SIGTERM exits cleanly");
+    node.restart();
+    check_all(client.clone(), node.addr).await;
+
+    // Delete range: inode 10's blocks from index 200 on, in every shard.
+    for s in 0..SHARDS {
+        let shard = ShardRef { volume: VOL, shard: ShardId(s), epoch: Epoch(1) };
+        client.call(node.addr, RequestBody::DeleteRange { shard, ino: Ino(10), from_index: 200 }).await.unwrap();
+    }
+    for i in (0..N).filter(|i| i % 3 == 0) {
+        let got = read(&client, &node, BlockId::new(Ino(10), i), None).await.unwrap();
+        if i >= 200 {
+            assert!(got.is_empty(), "block {i} deleted");
+        } else {
+            assert_eq!(got, expected(i));
+        }
+    }
+    let got = read(&client, &node, BlockId::new(Ino(11), 301), None).await.unwrap();
+    assert_eq!(got, content(301, 0), "other inodes untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_writes_survive_kill_9() {
+    let cluster = Cluster::new();
+    let mut node = cluster.node("node-k", "127.0.0.3");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = Arc::new(cluster.client(Role::Client, "client"));
+    place(&admin, &node, 1).await;
+
+    for round in 0..3u8 {
+        // Many writers; the node is killed the moment the 150th ack arrives, with writes in flight.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..16u64 {
+            let (client, tx, addr) = (client.clone(), tx.clone(), node.addr);
+            tasks.spawn(async move {
+                for k in 0..1000u64 {
+                    let i = w * 1000 + k;
+                    let block = BlockId::new(Ino(77), i);
+                    let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset: 0, data: ByteBuf::from(content(i, round)) };
+                    match client.call(addr, body).await {
+                        Ok(_) => {
+                            if tx.send(i).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut acked = Vec::new();
+        while let Some(i) = rx.recv().await {
+            acked.push(i);
+            if acked.len() == 150 {
+                node.kill9();
+                break;
+            }
+        }
+        // Acks that raced the kill are acked too.
+        while let Ok(i) = rx.try_recv() {
+            acked.push(i);
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        node.restart();
+        for &i in &acked {
+            let got = read(&client, &node, BlockId::new(Ino(77), i), None).await.unwrap();
+            assert_eq!(got, content(i, round), "acked block {i} lost or damaged after kill -9 (round {round})");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_bytes_on_disk_are_never_returned() {
+    let cluster = Cluster::new();
+    let mut node = cluster.node("node-c", "127.0.0.4");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = cluster.client(Role::Client, "client");
+    place(&admin, &node, 1).await;
+    for i in 0..64 {
+        write(&client, &node, BlockId::new(Ino(5), i), 0, vec![i as u8; BS as usize]).await.unwrap();
+    }
+    assert!(node.terminate().success());
+
+    // 1. Flip a byte inside one stored value, leaving RocksDB's own structures intact.
+    let victim = BlockId::new(Ino(5), 3);
+    {
+        use augur_storage_node::store::{BLOCKS_CF, NODE_CF, PLACEMENT_CF, block_key};
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &node.data, [BLOCKS_CF, PLACEMENT_CF, NODE_CF]).unwrap();
+        let cf = db.cf_handle(BLOCKS_CF).unwrap();
+        let key = block_key(VOL, shard_of(victim).shard, victim);
+        let mut raw = db.get_cf(cf, key).unwrap().unwrap();
+        raw[4096] ^= 0x01;
+        db.put_cf(cf, key, raw).unwrap();
+        db.flush_cf(cf).unwrap();
+    }
+    node.restart();
+    expect_code(read(&client, &node, victim, None).await, |c| *c == ErrorCode::ChecksumMismatch);
+    expect_code(read(&client, &node, victim, Some(ByteRange { offset: 0, len: 16 })).await, |c| *c == ErrorCode::ChecksumMismatch);
+    // A batch holding the bad block answers it with an error and serves the rest.
+    let reads = [2u64, 3, 4].map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(5), i)), block: BlockId::new(Ino(5), i), range: None });
+    let ResponseBody::Blocks(results) = client.call(node.addr, RequestBody::ReadBlocks { reads: reads.to_vec() }).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(results[0].as_ref().unwrap().data.as_slice(), &[2u8; BS as usize][..]);
+    assert_eq!(results[1].as_ref().unwrap_err().code, ErrorCode::ChecksumMismatch);
+    assert_eq!(results[2].as_ref().unwrap().data.as_slice(), &[4u8; BS as usize][..]);
+    // A partial write cannot build on a corrupt block either.
+    expect_code(write(&client, &node, victim, 10, vec![1, 2, 3]).await, |c| *c == ErrorCode::ChecksumMismatch);
+    // A whole-block rewrite heals it (what repair from a replica will do).
+    write(&client, &node, victim, 0, vec![9u8; BS as usize]).await.unwrap();
+    assert_eq!(read(&client, &node, victim, None).await.unwrap(), vec![9u8; BS as usize]);
+
+    // 2. Flip bytes in the blob files themselves (what a bad disk does): every block either
+    //    reads back exactly as written or fails; damaged bytes are never returned as data.
+    assert!(node.terminate().success());
+    let mut flipped = 0;
+    for entry in std::fs::read_dir(&node.data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "blob") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mut pos = 4096;
+            while pos < bytes.len().saturating_sub(4096) {
+                bytes[pos] ^= 0xFF;
+                pos += 64 * 1024;
+                flipped += 1;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    assert!(flipped > 0, "no blob file found to damage");
+    node.restart();
+    let mut errors = 0;
+    for i in 0..64u64 {
+        let want = if i == 3 { vec![9u8; BS as usize] } else { vec![i as u8; BS as usize] };
+        match read(&client, &node, BlockId::new(Ino(5), i), None).await {
+            Ok(got) => assert_eq!(got, want, "block {i} returned damaged bytes"),
+            Err(e) => {
+                assert!(e.code().is_some(), "block {i}: {e}");
+                errors += 1;
+            }
+        }
+    }
+    assert!(errors > 0, "flipping {flipped} blob bytes went unnoticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_wrong_roles_are_refused() {
+    let cluster = Cluster::new();
+    let node = cluster.node("node-s", "127.0.0.5");
+    let admin = cluster.client(Role::Admin, "admin");
+    place(&admin, &node, 1).await;
+
+    // A certificate from another CA gets no service at all.
+    let other = Cluster::new();
+    let stranger = other.client(Role::Admin, "stranger");
+    let err = stranger.call(node.addr, RequestBody::NodeStatus).await.unwrap_err();
+    assert!(matches!(err, RpcError::Connect { .. } | RpcError::Connection { .. }), "{err}");
+
+    // A client may read and write but not call admin RPCs.
+    let client = cluster.client(Role::Client, "client");
+    let layout = VolumeLayout { volume: VOL, block_size_bytes: BS };
+    let err = client.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::PermissionDenied), "{err}");
+    client.call(node.addr, RequestBody::NodeStatus).await.unwrap();
+
+    // A node certificate on the calling side may not set placement either (only meta/admin).
+    let peer_node = cluster.client(Role::Node, "node-peer");
+    let err = peer_node.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), Some(&ErrorCode::PermissionDenied));
+
+    // A client certificate cannot run a server: callers refuse a peer presenting one.
+    let fake_tls = cluster.tls(Role::Client, "fake-node");
+    let out = std::process::Command::new(common::AUGUR)
+        .args(["node", "serve", "--listen", "127.0.0.5:0", "--data-dir"])
+        .arg(cluster.path().join("fake"))
+        .arg("--tls")
+        .arg(&fake_tls)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("role client"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_epochs_are_refused_and_placement_never_regresses() {
+    let cluster = Cluster::new();
+    let node = cluster.node("node-e", "127.0.0.6");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = cluster.client(Role::Client, "client");
+    place(&admin, &node, 1).await;
+    let block = BlockId::new(Ino(1), 0);
+    write(&client, &node, block, 0, b"epoch one".to_vec()).await.unwrap();
+    place(&admin, &node, 2).await;
+    // The client still routes with epoch 1: refused, told the current epoch.
+    expect_code(read(&client, &node, block, None).await, |c| *c == ErrorCode::StaleEpoch { current: Epoch(2) });
+    let fresh = ShardRef { epoch: Epoch(2), ..shard_of(block) };
+    let ResponseBody::Block(b) = client
+        .call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: fresh, block, range: None } })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(b.data.as_slice(), b"epoch one");
+    // An epoch from the future is refused too, and placement cannot go back.
+    let future = ShardRef { epoch: Epoch(9), ..shard_of(block) };
+    expect_code(
+        client.call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: future, block, range: None } }).await,
+        |c| matches!(c, ErrorCode::EpochAhead { .. }),
+    );
+    let me = node_id(&admin, &node).await;
+    let back = ShardPlacement { shard: ShardId(0), epoch: Epoch(1), replicas: vec![Replica { node: me, addr: node.addr.to_string() }] };
+    let layout = VolumeLayout { volume: VOL, block_size_bytes: BS };
+    expect_code(admin.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![back] }).await, |c| *c == ErrorCode::InvalidArgument);
+    // A shard the node does not hold.
+    let elsewhere = ShardRef { volume: VolumeId(99), shard: ShardId(0), epoch: Epoch(1) };
+    expect_code(
+        client.call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: elsewhere, block, range: None } }).await,
+        |c| *c == ErrorCode::ShardNotHere,
+    );
+    // Writes past the block end are refused with a message naming the sizes.
+    let err = client
+        .call(node.addr, RequestBody::WriteBlock { shard: fresh, block, offset: BS - 1, data: ByteBuf::from(vec![0u8; 2]) })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("overruns"), "{err}");
+}
+
+async fn raw_exchange(client: &RpcClient, addr: std::net::SocketAddr, bytes: &[u8], finish: bool) -> Response {
+    let (mut send, mut recv) = client.open_stream(addr).await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), read_frame::<Response, _>(&mut recv, FRAME_BODY_MAX_BYTES))
+        .await
+        .expect("server answers a bad frame promptly")
+        .expect("the answer is a well-formed error frame")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_oversized_and_wrong_version_frames_close_only_their_stream() {
+    let cluster = Cluster::new();
+    let node = cluster.node("node-f", "127.0.0.7");
+    let client = cluster.client(Role::Client, "client");
+    client.call(node.addr, RequestBody::NodeStatus).await.unwrap();
+
+    // A stream that sends half a frame and stalls must not hold up anyone else.
+    let (mut stalled, _stalled_recv) = client.open_stream(node.addr).await.unwrap();
+    stalled.write_all(&[FRAME_MAGIC[0], FRAME_MAGIC[1], 1, 0, 100, 0, 0, 0, 1, 2]).await.unwrap();
+
+    let header = |version: u16, len: u32| {
+        let mut h = FRAME_MAGIC.to_vec();
+        h.extend_from_slice(&version.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+        h
+    };
+    // Garbage body under a good header.
+    let mut garbage = header(PROTOCOL_VERSION, 16);
+    garbage.extend_from_slice(&[0xFF; 16]);
+    let r = raw_exchange(&client, node.addr, &garbage, true).await;
+    assert_eq!(r.unwrap_err().code, ErrorCode::Malformed);
+    // Not even a header: bad magic.
+    let r = raw_exchange(&client, node.addr, b"GET / HTTP/1.1\r\n", true).await;
+    assert_eq!(r.unwrap_err().code, ErrorCode::Malformed);
+    // Oversized: refused from the header alone; the body is never read.
+    let r = raw_exchange(&client, node.addr, &header(PROTOCOL_VERSION, 1 << 30), false).await;
+    assert_eq!(r.unwrap_err().code, ErrorCode::FrameTooLarge { max_bytes: FRAME_BODY_MAX_BYTES });
+    // Wrong protocol version: refused, naming the version this node speaks.
+    let mut future = header(PROTOCOL_VERSION + 1, 4);
+    future.extend_from_slice(&[0; 4]);
+    let r = raw_exchange(&client, node.addr, &future, true).await;
+    let err = r.unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnsupportedVersion { supported: PROTOCOL_VERSION });
+    assert!(err.message.contains(&(PROTOCOL_VERSION + 1).to_string()), "{}", err.message);
+    // Truncated frame: the stream ends early.
+    let mut good = augur_proto::frame::encode_frame(&Request { deadline_ms: 1000, body: RequestBody::NodeStatus }).unwrap();
+    good.pop();
+    let r = raw_exchange(&client, node.addr, &good, true).await;
+    assert_eq!(r.unwrap_err().code, ErrorCode::Malformed);
+
+    // Through all of that, the same connection and fresh ones are served.
+    client.call(node.addr, RequestBody::NodeStatus).await.unwrap();
+    cluster.client(Role::Client, "client2").call(node.addr, RequestBody::NodeStatus).await.unwrap();
+}
+
+#[test]
+fn bad_configs_and_flags_are_named() {
+    let cluster = Cluster::new();
+    let tls = cluster.tls(Role::Node, "node-cfg");
+    let tls = tls.to_str().unwrap();
+    let cfg = cluster.path().join("bad.toml");
+    let data = cluster.path().join("d");
+    let data = data.to_str().unwrap();
+
+    std::fs::write(&cfg, "cache-bytes = 5\n").unwrap();
+    let (ok, _, err) = augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
+    assert!(!ok && err.contains("cache-bytes"), "{err}");
+
+    std::fs::write(&cfg, "connections-max = 0\n").unwrap();
+    let (ok, _, err) = augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
+    assert!(!ok && err.contains("connections-max"), "{err}");
+
+    std::fs::write(&cfg, "listen = 7\n").unwrap();
+    let (ok, _, err) = augur(&["node", "serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok && err.contains("listen"), "{err}");
+
+    let (ok, _, err) = augur(&["node", "serve", "--config", "/nonexistent/augur.toml"]);
+    assert!(!ok && err.contains("/nonexistent/augur.toml"), "{err}");
+
+    let (ok, _, err) = augur(&["node", "serve", "--listen", "not-an-address", "--data-dir", data, "--tls", tls]);
+    assert!(!ok && err.contains("--listen") && err.contains("not-an-address"), "{err}");
+
+    let (ok, _, err) = augur(&["node", "serve", "--tls", tls]);
+    assert!(!ok && err.contains("data-dir"), "{err}");
+
+    let (ok, _, err) = augur(&["node", "serve", "--data-dir", data, "--tls", "/nonexistent/tls"]);
+    assert!(!ok && err.contains("/nonexistent/tls"), "{err}");
+
+    let (ok, _, err) = augur(&["cert", "issue", "--ca", cluster.path().join("ca").to_str().unwrap(), "--role", "root", "--name", "x", "--out", data]);
+    assert!(!ok && err.contains("root"), "{err}");
+
+    let (ok, _, err) = augur(&["cert", "init", "--dir", cluster.path().join("ca").to_str().unwrap()]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn status_command_reports_the_node() {
+    let cluster = Cluster::new();
+    let node = cluster.node("node-st", "127.0.0.8");
+    let tls = cluster.tls(Role::Client, "client");
+    let addr = node.addr.to_string();
+    let (ok, out, err) = augur(&["node", "status", "--node", &addr, "--tls", tls.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let status: HashMap<String, serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["listen"], serde_json::Value::String(addr.clone()));
+    assert!(status["capacity_bytes"].as_u64().unwrap() > 0);
+    let (ok, out, _) = augur(&["node", "status", "--node", &addr, "--tls", tls.to_str().unwrap()]);
+    assert!(ok && out.contains("cache"), "{out}");
+}
