@@ -57,6 +57,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let me = node.node_id;
     println!("storage node {me} serving on {addr} (data in {})", state.join("node-1").display());
     let shutdown = CancellationToken::new();
+    crate::cancel_on_signal(shutdown.clone())?;
     let server = tokio::spawn(node.serve(shutdown.clone()));
 
     let client = RpcClient::new(&TlsIdentity::load(&state.join("tls/admin"))?)?;
@@ -94,7 +95,6 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
     client.close().await;
 
-    crate::shutdown_on_signal(shutdown.clone()).await;
     server.await??;
     println!("stopped; state kept in {}", state.display());
     Ok(())

@@ -204,24 +204,26 @@ async fn node_serve(args: NodeServeArgs) -> Result<()> {
         config.cache_bytes_max = v;
     }
     let node = augur_storage_node::Node::start(&config)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
     // The one line on stdout: scripts and tests wait for it to know the node is ready.
     println!("augur node {} serving on {}", node.node_id, node.local_addr);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
     node.serve(shutdown).await?;
     Ok(())
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_on_signal(token: CancellationToken) {
+/// Cancels `token` on SIGTERM or SIGINT. The handlers are installed before this returns, so a
+/// signal sent right after a ready line is printed is never lost to the default action.
+pub(crate) fn cancel_on_signal(token: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    token.cancel();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
 }

@@ -296,7 +296,7 @@ async fn corrupted_bytes_on_disk_are_never_returned() {
         match read(&client, &node, BlockId::new(Ino(5), i), None).await {
             Ok(got) => assert_eq!(got, want, "block {i} returned damaged bytes"),
             Err(e) => {
-                assert!(e.code().is_some(), "block {i}: {e}");
+                assert_eq!(e.code(), Some(&ErrorCode::ChecksumMismatch), "block {i}: {e}");
                 errors += 1;
             }
         }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait for a QUIC + TLS handshake before a peer is considered unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a shutting-down server waits for in-flight requests before closing connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Deadline of requests sent without an explicit one.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -42,7 +45,6 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 const CODE_SHUTDOWN: VarInt = VarInt::from_u32(1);
 const CODE_BAD_PEER: VarInt = VarInt::from_u32(2);
 const CODE_BAD_FRAME: VarInt = VarInt::from_u32(3);
-const CODE_TOO_MANY_CONNECTIONS: VarInt = VarInt::from_u32(4);
 
 fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -73,7 +75,13 @@ pub fn server_endpoint(identity: &TlsIdentity, listen: SocketAddr) -> Result<End
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(false)));
-    let mut endpoint = Endpoint::server(config, listen)?;
+    let (reset_key, cid_key) = identity.restart_stable_keys();
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let socket = std::net::UdpSocket::bind(listen)?;
+    let mut endpoint = Endpoint::new(endpoint_config, Some(config), socket, runtime)?;
     endpoint.set_default_client_config(client_config(identity).map_err(to_io)?);
     Ok(endpoint)
 }
@@ -145,7 +153,7 @@ pub async fn serve<S: Service>(
                 None => break,
             },
         };
-        if endpoint.open_connections() > limits.connections_max {
+        if endpoint.open_connections() >= limits.connections_max {
             warn!(peer = %incoming.remote_address(), max = limits.connections_max, "refusing connection: too many open");
             incoming.refuse();
             continue;
@@ -175,9 +183,13 @@ pub async fn serve<S: Service>(
             serve_connection(conn, peer, service, in_flight, shutdown).await;
         });
     }
-    endpoint.close(CODE_SHUTDOWN, b"server shutting down");
+    // Stop taking requests, let those in flight finish (bounded), then say goodbye.
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        warn!(grace_ms = SHUTDOWN_GRACE.as_millis() as u64, "requests still running at shutdown; closing anyway");
+    }
+    endpoint.close(CODE_SHUTDOWN, b"server shutting down");
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
 }
 
 async fn serve_connection<S: Service>(
@@ -337,6 +349,11 @@ impl RpcClient {
     }
 
     /// Sends `body` to `addr`; the server abandons it after `deadline`, and so do we.
+    ///
+    /// A request that fails because its connection was lost (a peer restarted on the same
+    /// address answers a stale connection with a reset) is sent once more on a fresh
+    /// connection, within the same deadline. Every request of the protocol is idempotent
+    /// (block writes name their offset, deletes their range), so a repeat is harmless.
     pub async fn call_with_deadline(
         &self,
         addr: SocketAddr,
@@ -345,31 +362,41 @@ impl RpcClient {
     ) -> Result<ResponseBody, RpcError> {
         let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX).min(DEADLINE_MS_MAX);
         let request = Request { deadline_ms, body };
-        let attempt = async {
-            let (mut send, mut recv) = self.open_stream(addr).await?;
-            let lost = |e: &dyn std::fmt::Display| RpcError::Connection { addr: addr.to_string(), reason: e.to_string() };
-            write_frame(&mut send, &request).await.map_err(|e| match e {
-                FrameError::Io(io) => lost(&io),
-                other => RpcError::Frame { addr: addr.to_string(), source: other },
-            })?;
-            let _ = send.finish();
-            let response = read_frame::<Response, _>(&mut recv, FRAME_BODY_MAX_BYTES)
-                .await
-                .map_err(|e| match e {
-                    FrameError::Io(io) => lost(&io),
-                    FrameError::Truncated => lost(&"stream closed before the response"),
-                    other => RpcError::Frame { addr: addr.to_string(), source: other },
-                })?;
-            response.map_err(|source| RpcError::Remote { addr: addr.to_string(), source })
+        let attempts = async {
+            match self.exchange(addr, &request).await {
+                Err(RpcError::Connection { .. }) => {
+                    self.forget(addr);
+                    self.exchange(addr, &request).await
+                }
+                other => other,
+            }
         };
-        match tokio::time::timeout(deadline, attempt).await {
+        match tokio::time::timeout(deadline, attempts).await {
             Ok(Err(e)) if e.is_transport() => {
                 self.forget(addr);
                 Err(e)
             }
             Ok(result) => result,
-            Err(_) => Err(RpcError::Timeout { addr: addr.to_string(), ms: deadline.as_millis() as u64 }),
+            Err(_) => {
+                self.forget(addr);
+                Err(RpcError::Timeout { addr: addr.to_string(), ms: deadline.as_millis() as u64 })
+            }
         }
+    }
+
+    /// One request/response exchange on a new stream.
+    async fn exchange(&self, addr: SocketAddr, request: &Request) -> Result<ResponseBody, RpcError> {
+        let lost = |e: &dyn std::fmt::Display| RpcError::Connection { addr: addr.to_string(), reason: e.to_string() };
+        let frame_err = |e: FrameError| match e {
+            FrameError::Io(io) => lost(&io),
+            FrameError::Truncated => lost(&"stream closed before the response"),
+            other => RpcError::Frame { addr: addr.to_string(), source: other },
+        };
+        let (mut send, mut recv) = self.open_stream(addr).await?;
+        write_frame(&mut send, request).await.map_err(frame_err)?;
+        let _ = send.finish();
+        let response = read_frame::<Response, _>(&mut recv, FRAME_BODY_MAX_BYTES).await.map_err(frame_err)?;
+        response.map_err(|source| RpcError::Remote { addr: addr.to_string(), source })
     }
 
     /// Opens a raw request stream to `addr`, reconnecting once if the cached connection died.
@@ -406,10 +433,4 @@ impl RpcClient {
         self.endpoint.close(CODE_SHUTDOWN, b"client closing");
         self.endpoint.wait_idle().await;
     }
-}
-
-/// Closes a connection that sent too many connections' worth of trouble (kept for servers
-/// that track abusive peers).
-pub fn refuse_connection(conn: &Connection) {
-    conn.close(CODE_TOO_MANY_CONNECTIONS, b"too many connections");
 }

@@ -1,6 +1,7 @@
 //! The node's bounded memory cache of hot and warmed blocks, weighed in bytes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use augur_proto::{BlockId, Ino, ShardId, VolumeId};
 use quick_cache::Weighter;
@@ -35,20 +36,27 @@ impl Weighter<CacheKey, CachedBlock> for BytesWeighter {
 pub struct BlockCache {
     cache: Cache<CacheKey, CachedBlock, BytesWeighter>,
     bytes_max: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl BlockCache {
     /// A cache holding at most `bytes_max` bytes; `typical_block_bytes` sizes its index.
     pub fn new(bytes_max: u64, typical_block_bytes: u64) -> Self {
         let items = (bytes_max / typical_block_bytes.max(1)).max(16) as usize;
-        Self { cache: Cache::with_weighter(items, bytes_max.max(1), BytesWeighter), bytes_max }
+        Self {
+            cache: Cache::with_weighter(items, bytes_max.max(1), BytesWeighter),
+            bytes_max,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<CachedBlock> {
-        if self.bytes_max == 0 {
-            return None;
-        }
-        self.cache.get(key)
+        let found = if self.bytes_max == 0 { None } else { self.cache.get(key) };
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
     }
 
     pub fn insert(&self, key: CacheKey, block: CachedBlock) {
@@ -77,11 +85,11 @@ impl BlockCache {
     }
 
     pub fn hits(&self) -> u64 {
-        self.cache.hits()
+        self.hits.load(Ordering::Relaxed)
     }
 
     pub fn misses(&self) -> u64 {
-        self.cache.misses()
+        self.misses.load(Ordering::Relaxed)
     }
 }
 

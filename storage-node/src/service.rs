@@ -32,7 +32,9 @@ pub struct NodeService {
 
 fn wire(e: StoreError) -> WireError {
     let code = match &e {
-        StoreError::Checksum { .. } | StoreError::Corrupt { .. } => ErrorCode::ChecksumMismatch,
+        StoreError::Checksum { .. } | StoreError::Corrupt { .. } | StoreError::Corruption(_) => {
+            ErrorCode::ChecksumMismatch
+        }
         StoreError::NoSpace => ErrorCode::NoSpace,
         StoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
         StoreError::Rocks(_) | StoreError::Format(_) => ErrorCode::Internal,

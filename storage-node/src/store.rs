@@ -46,6 +46,8 @@ pub enum StoreError {
     Checksum { volume: VolumeId, shard: ShardId, block: BlockId, stored: u32, computed: u32 },
     #[error("stored value of block {volume}/{shard}/{block} is malformed: {reason}")]
     Corrupt { volume: VolumeId, shard: ShardId, block: BlockId, reason: String },
+    #[error("rocksdb detected corruption: {0}")]
+    Corruption(String),
     #[error("no space left on the data directory's file system")]
     NoSpace,
     #[error("{0}")]
@@ -60,7 +62,7 @@ impl StoreError {
         if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().contains("No space left") {
             StoreError::NoSpace
         } else if e.kind() == rocksdb::ErrorKind::Corruption {
-            StoreError::Format(format!("rocksdb reports corruption: {e}"))
+            StoreError::Corruption(e.to_string())
         } else {
             StoreError::Rocks(e)
         }

@@ -69,7 +69,8 @@ impl NodeProc {
             .arg("--tls")
             .arg(tls)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // AUGUR_TEST_NODE_LOG sets the nodes' log filter when debugging a test.
+            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -98,12 +99,12 @@ impl NodeProc {
         self.child.wait().expect("wait for node")
     }
 
-    /// Starts the node again on the same address and data directory.
+    /// Starts the node again on the same address and data directory (after `kill9` or `terminate`).
     pub fn restart(&mut self) {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let next = NodeProc::spawn(&self.addr.to_string(), &self.data, &self.tls, &extra);
         let old = std::mem::replace(self, next);
-        std::mem::forget(old.child);
+        drop(old); // already stopped: its Drop only reaps it
     }
 }
 
