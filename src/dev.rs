@@ -86,7 +86,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         std::process::id(),
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
     );
-    let write = RequestBody::WriteBlock { shard, block: GREETING, offset: 0, data: ByteBuf::from(greeting.clone()) };
+    let write =
+        RequestBody::WriteBlock { shard, block: GREETING, offset: 0, data: ByteBuf::from(greeting.clone()) };
     client.call(addr, write).await?;
     println!("wrote {greeting:?} (durable before the ack); restart `augur dev` to read it back");
     println!(

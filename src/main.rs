@@ -165,7 +165,9 @@ async fn run(command: Command) -> Result<()> {
             println!("issued {role} certificate for {name} in {}", out.display());
         }
         Command::Node(NodeCommand::Serve(args)) => node_serve(args).await?,
-        Command::Node(NodeCommand::Status { node, tls, json }) => status::node_status(node, &tls, json).await?,
+        Command::Node(NodeCommand::Status { node, tls, json }) => {
+            status::node_status(node, &tls, json).await?
+        }
         Command::Bench(BenchCommand::Node { json, runs, blocks, samples }) => {
             let options = bench::node::BenchOptions { runs, blocks, samples };
             let report = bench::node::run(options).await?;

@@ -11,7 +11,9 @@ use augur_proto::msg::{
     BlockRead, ByteRange, PROTOCOL_VERSION, Replica, Request, RequestBody, Response, ResponseBody,
     ShardPlacement, VolumeLayout,
 };
-use augur_proto::{BlockId, Epoch, ErrorCode, Ino, NodeId, Role, RpcClient, RpcError, ShardId, ShardRef, VolumeId};
+use augur_proto::{
+    BlockId, Epoch, ErrorCode, Ino, NodeId, Role, RpcClient, RpcError, ShardId, ShardRef, VolumeId,
+};
 use common::{Cluster, NodeProc, augur};
 use serde_bytes::ByteBuf;
 
@@ -54,12 +56,23 @@ fn content(i: u64, salt: u8) -> Vec<u8> {
     (0..len).map(|j| (j as u64 ^ i.wrapping_mul(31) ^ u64::from(salt)) as u8).collect()
 }
 
-async fn write(client: &RpcClient, node: &NodeProc, block: BlockId, offset: u32, data: Vec<u8>) -> Result<ResponseBody, RpcError> {
+async fn write(
+    client: &RpcClient,
+    node: &NodeProc,
+    block: BlockId,
+    offset: u32,
+    data: Vec<u8>,
+) -> Result<ResponseBody, RpcError> {
     let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset, data: ByteBuf::from(data) };
     client.call(node.addr, body).await
 }
 
-async fn read(client: &RpcClient, node: &NodeProc, block: BlockId, range: Option<ByteRange>) -> Result<Vec<u8>, RpcError> {
+async fn read(
+    client: &RpcClient,
+    node: &NodeProc,
+    block: BlockId,
+    range: Option<ByteRange>,
+) -> Result<Vec<u8>, RpcError> {
     let read = BlockRead { shard: shard_of(block), block, range };
     match client.call(node.addr, RequestBody::ReadBlock { read }).await? {
         ResponseBody::Block(b) => {
@@ -92,7 +105,12 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
         let addr = node.addr;
         tasks.spawn(async move {
             let block = BlockId::new(Ino(10 + i % 3), i);
-            let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset: 0, data: ByteBuf::from(content(i, 0)) };
+            let body = RequestBody::WriteBlock {
+                shard: shard_of(block),
+                block,
+                offset: 0,
+                data: ByteBuf::from(content(i, 0)),
+            };
             client.call(addr, body).await.unwrap();
         });
     }
@@ -101,7 +119,7 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
     }
     // A partial write in the middle of an existing block is read-modify-write on the node.
     let patched = BlockId::new(Ino(10), 0);
-    write(&client, &node, patched, 1000, vec![0xEE; 100], ).await.unwrap();
+    write(&client, &node, patched, 1000, vec![0xEE; 100]).await.unwrap();
 
     let expected = |i: u64| {
         let mut c = content(i, 0);
@@ -114,7 +132,9 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
         for i in 0..N {
             let block = BlockId::new(Ino(10 + i % 3), i);
             let read = BlockRead { shard: shard_of(block), block, range: None };
-            let ResponseBody::Block(b) = client.call(node_addr, RequestBody::ReadBlock { read }).await.unwrap() else {
+            let ResponseBody::Block(b) =
+                client.call(node_addr, RequestBody::ReadBlock { read }).await.unwrap()
+            else {
                 panic!("not a block")
             };
             assert_eq!(b.data.as_slice(), expected(i).as_slice(), "block {i}");
@@ -123,9 +143,12 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
     check_all(client.clone(), node.addr).await;
 
     // Byte ranges, including past the stored length (zeros are implicit, so the reply is short).
-    let got = read(&client, &node, BlockId::new(Ino(13), 1), Some(ByteRange { offset: 0, len: 10 })).await.unwrap();
+    let got =
+        read(&client, &node, BlockId::new(Ino(13), 1), Some(ByteRange { offset: 0, len: 10 })).await.unwrap();
     assert!(got.is_empty(), "never-written block reads empty");
-    let got = read(&client, &node, BlockId::new(Ino(11), 1), Some(ByteRange { offset: 0, len: 4096 })).await.unwrap();
+    let got = read(&client, &node, BlockId::new(Ino(11), 1), Some(ByteRange { offset: 0, len: 4096 }))
+        .await
+        .unwrap();
     assert_eq!(got, content(1, 0), "1-byte block read with a larger range");
     let got = read(&client, &node, patched, Some(ByteRange { offset: 990, len: 20 })).await.unwrap();
     assert_eq!(got, expected(0)[990..1010].to_vec());
@@ -137,7 +160,9 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
             BlockRead { shard: shard_of(block), block, range: None }
         })
         .collect();
-    let ResponseBody::Blocks(results) = client.call(node.addr, RequestBody::ReadBlocks { reads }).await.unwrap() else {
+    let ResponseBody::Blocks(results) =
+        client.call(node.addr, RequestBody::ReadBlocks { reads }).await.unwrap()
+    else {
         panic!("not blocks")
     };
     for (i, r) in results.into_iter().enumerate() {
@@ -145,15 +170,28 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
     }
     // Oversized batches are refused before any work.
     let too_many: Vec<BlockRead> = (0..300)
-        .map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(10), i)), block: BlockId::new(Ino(10), i), range: None })
+        .map(|i| BlockRead {
+            shard: shard_of(BlockId::new(Ino(10), i)),
+            block: BlockId::new(Ino(10), i),
+            range: None,
+        })
         .collect();
-    expect_code(client.call(node.addr, RequestBody::ReadBlocks { reads: too_many }).await, |c| *c == ErrorCode::InvalidArgument);
+    expect_code(client.call(node.addr, RequestBody::ReadBlocks { reads: too_many }).await, |c| {
+        *c == ErrorCode::InvalidArgument
+    });
 
     // Warm loads into the node cache.
     let warm: Vec<BlockRead> = (0..8u64)
-        .map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(10 + i % 3), i)), block: BlockId::new(Ino(10 + i % 3), i), range: None })
+        .map(|i| BlockRead {
+            shard: shard_of(BlockId::new(Ino(10 + i % 3), i)),
+            block: BlockId::new(Ino(10 + i % 3), i),
+            range: None,
+        })
         .collect();
-    assert_eq!(client.call(node.addr, RequestBody::Warm { blocks: warm }).await.unwrap(), ResponseBody::Warmed { loaded: 8 });
+    assert_eq!(
+        client.call(node.addr, RequestBody::Warm { blocks: warm }).await.unwrap(),
+        ResponseBody::Warmed { loaded: 8 }
+    );
 
     // Clean restart: everything is still there.
     assert!(node.terminate().success(), "SIGTERM exits cleanly");
@@ -163,7 +201,10 @@ async fn many_blocks_round_trip_batch_delete_and_survive_restart() {
     // Delete range: inode 10's blocks from index 200 on, in every shard.
     for s in 0..SHARDS {
         let shard = ShardRef { volume: VOL, shard: ShardId(s), epoch: Epoch(1) };
-        client.call(node.addr, RequestBody::DeleteRange { shard, ino: Ino(10), from_index: 200 }).await.unwrap();
+        client
+            .call(node.addr, RequestBody::DeleteRange { shard, ino: Ino(10), from_index: 200 })
+            .await
+            .unwrap();
     }
     for i in (0..N).filter(|i| i % 3 == 0) {
         let got = read(&client, &node, BlockId::new(Ino(10), i), None).await.unwrap();
@@ -195,7 +236,12 @@ async fn acked_writes_survive_kill_9() {
                 for k in 0..1000u64 {
                     let i = w * 1000 + k;
                     let block = BlockId::new(Ino(77), i);
-                    let body = RequestBody::WriteBlock { shard: shard_of(block), block, offset: 0, data: ByteBuf::from(content(i, round)) };
+                    let body = RequestBody::WriteBlock {
+                        shard: shard_of(block),
+                        block,
+                        offset: 0,
+                        data: ByteBuf::from(content(i, round)),
+                    };
                     match client.call(addr, body).await {
                         Ok(_) => {
                             if tx.send(i).is_err() {
@@ -225,7 +271,11 @@ async fn acked_writes_survive_kill_9() {
         node.restart();
         for &i in &acked {
             let got = read(&client, &node, BlockId::new(Ino(77), i), None).await.unwrap();
-            assert_eq!(got, content(i, round), "acked block {i} lost or damaged after kill -9 (round {round})");
+            assert_eq!(
+                got,
+                content(i, round),
+                "acked block {i} lost or damaged after kill -9 (round {round})"
+            );
         }
     }
 }
@@ -246,7 +296,12 @@ async fn corrupted_bytes_on_disk_are_never_returned() {
     let victim = BlockId::new(Ino(5), 3);
     {
         use augur_storage_node::store::{BLOCKS_CF, NODE_CF, PLACEMENT_CF, block_key};
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &node.data, [BLOCKS_CF, PLACEMENT_CF, NODE_CF]).unwrap();
+        let db = rocksdb::DB::open_cf(
+            &rocksdb::Options::default(),
+            &node.data,
+            [BLOCKS_CF, PLACEMENT_CF, NODE_CF],
+        )
+        .unwrap();
         let cf = db.cf_handle(BLOCKS_CF).unwrap();
         let key = block_key(VOL, shard_of(victim).shard, victim);
         let mut raw = db.get_cf(cf, key).unwrap().unwrap();
@@ -256,17 +311,27 @@ async fn corrupted_bytes_on_disk_are_never_returned() {
     }
     node.restart();
     expect_code(read(&client, &node, victim, None).await, |c| *c == ErrorCode::ChecksumMismatch);
-    expect_code(read(&client, &node, victim, Some(ByteRange { offset: 0, len: 16 })).await, |c| *c == ErrorCode::ChecksumMismatch);
+    expect_code(read(&client, &node, victim, Some(ByteRange { offset: 0, len: 16 })).await, |c| {
+        *c == ErrorCode::ChecksumMismatch
+    });
     // A batch holding the bad block answers it with an error and serves the rest.
-    let reads = [2u64, 3, 4].map(|i| BlockRead { shard: shard_of(BlockId::new(Ino(5), i)), block: BlockId::new(Ino(5), i), range: None });
-    let ResponseBody::Blocks(results) = client.call(node.addr, RequestBody::ReadBlocks { reads: reads.to_vec() }).await.unwrap() else {
+    let reads = [2u64, 3, 4].map(|i| BlockRead {
+        shard: shard_of(BlockId::new(Ino(5), i)),
+        block: BlockId::new(Ino(5), i),
+        range: None,
+    });
+    let ResponseBody::Blocks(results) =
+        client.call(node.addr, RequestBody::ReadBlocks { reads: reads.to_vec() }).await.unwrap()
+    else {
         panic!()
     };
     assert_eq!(results[0].as_ref().unwrap().data.as_slice(), &[2u8; BS as usize][..]);
     assert_eq!(results[1].as_ref().unwrap_err().code, ErrorCode::ChecksumMismatch);
     assert_eq!(results[2].as_ref().unwrap().data.as_slice(), &[4u8; BS as usize][..]);
     // A partial write cannot build on a corrupt block either.
-    expect_code(write(&client, &node, victim, 10, vec![1, 2, 3]).await, |c| *c == ErrorCode::ChecksumMismatch);
+    expect_code(write(&client, &node, victim, 10, vec![1, 2, 3]).await, |c| {
+        *c == ErrorCode::ChecksumMismatch
+    });
     // A whole-block rewrite heals it (what repair from a replica will do).
     write(&client, &node, victim, 0, vec![9u8; BS as usize]).await.unwrap();
     assert_eq!(read(&client, &node, victim, None).await.unwrap(), vec![9u8; BS as usize]);
@@ -326,7 +391,8 @@ async fn strangers_and_wrong_roles_are_refused() {
 
     // A node certificate on the calling side may not set placement either (only meta/admin).
     let peer_node = cluster.client(Role::Node, "node-peer");
-    let err = peer_node.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![] }).await.unwrap_err();
+    let err =
+        peer_node.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), Some(&ErrorCode::PermissionDenied));
 
     // A client certificate cannot run a server: callers refuse a peer presenting one.
@@ -339,7 +405,11 @@ async fn strangers_and_wrong_roles_are_refused() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("role client"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("role client"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +423,9 @@ async fn stale_epochs_are_refused_and_placement_never_regresses() {
     write(&client, &node, block, 0, b"epoch one".to_vec()).await.unwrap();
     place(&admin, &node, 2).await;
     // The client still routes with epoch 1: refused, told the current epoch.
-    expect_code(read(&client, &node, block, None).await, |c| *c == ErrorCode::StaleEpoch { current: Epoch(2) });
+    expect_code(read(&client, &node, block, None).await, |c| {
+        *c == ErrorCode::StaleEpoch { current: Epoch(2) }
+    });
     let fresh = ShardRef { epoch: Epoch(2), ..shard_of(block) };
     let ResponseBody::Block(b) = client
         .call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: fresh, block, range: None } })
@@ -366,28 +438,54 @@ async fn stale_epochs_are_refused_and_placement_never_regresses() {
     // An epoch from the future is refused too, and placement cannot go back.
     let future = ShardRef { epoch: Epoch(9), ..shard_of(block) };
     expect_code(
-        client.call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: future, block, range: None } }).await,
+        client
+            .call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: future, block, range: None } })
+            .await,
         |c| matches!(c, ErrorCode::EpochAhead { .. }),
     );
     let me = node_id(&admin, &node).await;
-    let back = ShardPlacement { shard: ShardId(0), epoch: Epoch(1), replicas: vec![Replica { node: me, addr: node.addr.to_string() }] };
+    let back = ShardPlacement {
+        shard: ShardId(0),
+        epoch: Epoch(1),
+        replicas: vec![Replica { node: me, addr: node.addr.to_string() }],
+    };
     let layout = VolumeLayout { volume: VOL, block_size_bytes: BS };
-    expect_code(admin.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![back] }).await, |c| *c == ErrorCode::InvalidArgument);
+    expect_code(admin.call(node.addr, RequestBody::SetPlacement { layout, shards: vec![back] }).await, |c| {
+        *c == ErrorCode::InvalidArgument
+    });
     // A shard the node does not hold.
     let elsewhere = ShardRef { volume: VolumeId(99), shard: ShardId(0), epoch: Epoch(1) };
     expect_code(
-        client.call(node.addr, RequestBody::ReadBlock { read: BlockRead { shard: elsewhere, block, range: None } }).await,
+        client
+            .call(
+                node.addr,
+                RequestBody::ReadBlock { read: BlockRead { shard: elsewhere, block, range: None } },
+            )
+            .await,
         |c| *c == ErrorCode::ShardNotHere,
     );
     // Writes past the block end are refused with a message naming the sizes.
     let err = client
-        .call(node.addr, RequestBody::WriteBlock { shard: fresh, block, offset: BS - 1, data: ByteBuf::from(vec![0u8; 2]) })
+        .call(
+            node.addr,
+            RequestBody::WriteBlock {
+                shard: fresh,
+                block,
+                offset: BS - 1,
+                data: ByteBuf::from(vec![0u8; 2]),
+            },
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("overruns"), "{err}");
 }
 
-async fn raw_exchange(client: &RpcClient, addr: std::net::SocketAddr, bytes: &[u8], finish: bool) -> Response {
+async fn raw_exchange(
+    client: &RpcClient,
+    addr: std::net::SocketAddr,
+    bytes: &[u8],
+    finish: bool,
+) -> Response {
     let (mut send, mut recv) = client.open_stream(addr).await.unwrap();
     send.write_all(bytes).await.unwrap();
     if finish {
@@ -435,7 +533,9 @@ async fn malformed_oversized_and_wrong_version_frames_close_only_their_stream() 
     assert_eq!(err.code, ErrorCode::UnsupportedVersion { supported: PROTOCOL_VERSION });
     assert!(err.message.contains(&(PROTOCOL_VERSION + 1).to_string()), "{}", err.message);
     // Truncated frame: the stream ends early.
-    let mut good = augur_proto::frame::encode_frame(&Request { deadline_ms: 1000, body: RequestBody::NodeStatus }).unwrap();
+    let mut good =
+        augur_proto::frame::encode_frame(&Request { deadline_ms: 1000, body: RequestBody::NodeStatus })
+            .unwrap();
     good.pop();
     let r = raw_exchange(&client, node.addr, &good, true).await;
     assert_eq!(r.unwrap_err().code, ErrorCode::Malformed);
@@ -455,11 +555,13 @@ fn bad_configs_and_flags_are_named() {
     let data = data.to_str().unwrap();
 
     std::fs::write(&cfg, "cache-bytes = 5\n").unwrap();
-    let (ok, _, err) = augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
+    let (ok, _, err) =
+        augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
     assert!(!ok && err.contains("cache-bytes"), "{err}");
 
     std::fs::write(&cfg, "connections-max = 0\n").unwrap();
-    let (ok, _, err) = augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
+    let (ok, _, err) =
+        augur(&["node", "serve", "--config", cfg.to_str().unwrap(), "--data-dir", data, "--tls", tls]);
     assert!(!ok && err.contains("connections-max"), "{err}");
 
     std::fs::write(&cfg, "listen = 7\n").unwrap();
@@ -469,7 +571,8 @@ fn bad_configs_and_flags_are_named() {
     let (ok, _, err) = augur(&["node", "serve", "--config", "/nonexistent/augur.toml"]);
     assert!(!ok && err.contains("/nonexistent/augur.toml"), "{err}");
 
-    let (ok, _, err) = augur(&["node", "serve", "--listen", "not-an-address", "--data-dir", data, "--tls", tls]);
+    let (ok, _, err) =
+        augur(&["node", "serve", "--listen", "not-an-address", "--data-dir", data, "--tls", tls]);
     assert!(!ok && err.contains("--listen") && err.contains("not-an-address"), "{err}");
 
     let (ok, _, err) = augur(&["node", "serve", "--tls", tls]);
@@ -478,7 +581,18 @@ fn bad_configs_and_flags_are_named() {
     let (ok, _, err) = augur(&["node", "serve", "--data-dir", data, "--tls", "/nonexistent/tls"]);
     assert!(!ok && err.contains("/nonexistent/tls"), "{err}");
 
-    let (ok, _, err) = augur(&["cert", "issue", "--ca", cluster.path().join("ca").to_str().unwrap(), "--role", "root", "--name", "x", "--out", data]);
+    let (ok, _, err) = augur(&[
+        "cert",
+        "issue",
+        "--ca",
+        cluster.path().join("ca").to_str().unwrap(),
+        "--role",
+        "root",
+        "--name",
+        "x",
+        "--out",
+        data,
+    ]);
     assert!(!ok && err.contains("root"), "{err}");
 
     let (ok, _, err) = augur(&["cert", "init", "--dir", cluster.path().join("ca").to_str().unwrap()]);
@@ -491,7 +605,8 @@ fn status_command_reports_the_node() {
     let node = cluster.node("node-st", "127.0.0.8");
     let tls = cluster.tls(Role::Client, "client");
     let addr = node.addr.to_string();
-    let (ok, out, err) = augur(&["node", "status", "--node", &addr, "--tls", tls.to_str().unwrap(), "--json"]);
+    let (ok, out, err) =
+        augur(&["node", "status", "--node", &addr, "--tls", tls.to_str().unwrap(), "--json"]);
     assert!(ok, "{err}");
     let status: HashMap<String, serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(status["listen"], serde_json::Value::String(addr.clone()));

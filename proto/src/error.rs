@@ -105,9 +105,7 @@ impl FrameError {
             }
             FrameError::TooLarge { max, .. } => ErrorCode::FrameTooLarge { max_bytes: *max },
             FrameError::Io(_) => ErrorCode::Internal,
-            FrameError::BadMagic(_) | FrameError::Truncated | FrameError::Decode(_) => {
-                ErrorCode::Malformed
-            }
+            FrameError::BadMagic(_) | FrameError::Truncated | FrameError::Decode(_) => ErrorCode::Malformed,
         };
         WireError::new(code, self.to_string())
     }
@@ -160,9 +158,6 @@ impl RpcError {
 
     /// True when another replica or a retry could succeed (transport trouble, not a refusal).
     pub fn is_transport(&self) -> bool {
-        matches!(
-            self,
-            RpcError::Connect { .. } | RpcError::Connection { .. } | RpcError::Timeout { .. }
-        )
+        matches!(self, RpcError::Connect { .. } | RpcError::Connection { .. } | RpcError::Timeout { .. })
     }
 }

@@ -27,13 +27,9 @@ pub const FRAME_BODY_MAX_BYTES: u32 = 9 * 1024 * 1024;
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let buf = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_BYTES])?;
     let body_len = buf.len() - FRAME_HEADER_BYTES;
-    let len = u32::try_from(body_len)
-        .ok()
-        .filter(|len| *len <= FRAME_BODY_MAX_BYTES)
-        .ok_or(FrameError::TooLarge {
-            len: u32::try_from(body_len).unwrap_or(u32::MAX),
-            max: FRAME_BODY_MAX_BYTES,
-        })?;
+    let len = u32::try_from(body_len).ok().filter(|len| *len <= FRAME_BODY_MAX_BYTES).ok_or(
+        FrameError::TooLarge { len: u32::try_from(body_len).unwrap_or(u32::MAX), max: FRAME_BODY_MAX_BYTES },
+    )?;
     let mut buf = buf;
     buf[0..2].copy_from_slice(&FRAME_MAGIC);
     buf[2..4].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -154,8 +150,7 @@ mod tests {
         trailing.push(0);
         let len = (trailing.len() - FRAME_HEADER_BYTES) as u32;
         trailing[4..8].copy_from_slice(&len.to_le_bytes());
-        let err =
-            read_frame::<Request, _>(&mut &trailing[..], FRAME_BODY_MAX_BYTES).await.unwrap_err();
+        let err = read_frame::<Request, _>(&mut &trailing[..], FRAME_BODY_MAX_BYTES).await.unwrap_err();
         assert!(matches!(err, FrameError::Decode(_)), "{err}");
     }
 

@@ -60,8 +60,9 @@ fn transport_config(keep_alive: bool) -> quinn::TransportConfig {
 }
 
 fn client_config(identity: &TlsIdentity) -> Result<quinn::ClientConfig, TlsError> {
-    let crypto = QuicClientConfig::try_from(identity.client_config()?)
-        .map_err(|e| TlsError::BadMaterial { path: identity.dir.display().to_string(), reason: e.to_string() })?;
+    let crypto = QuicClientConfig::try_from(identity.client_config()?).map_err(|e| {
+        TlsError::BadMaterial { path: identity.dir.display().to_string(), reason: e.to_string() }
+    })?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(true)));
     Ok(config)
@@ -186,7 +187,10 @@ pub async fn serve<S: Service>(
     // Stop taking requests, let those in flight finish (bounded), then say goodbye.
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
-        warn!(grace_ms = SHUTDOWN_GRACE.as_millis() as u64, "requests still running at shutdown; closing anyway");
+        warn!(
+            grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+            "requests still running at shutdown; closing anyway"
+        );
     }
     endpoint.close(CODE_SHUTDOWN, b"server shutting down");
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
@@ -245,8 +249,7 @@ async fn serve_stream<S: Service>(
                 let msg = format!("role {} may not call {name}", peer.role);
                 (name, Err(WireError::new(ErrorCode::PermissionDenied, msg)))
             } else {
-                let deadline =
-                    Duration::from_millis(u64::from(request.deadline_ms.min(DEADLINE_MS_MAX)));
+                let deadline = Duration::from_millis(u64::from(request.deadline_ms.min(DEADLINE_MS_MAX)));
                 let response = tokio::time::timeout(deadline, service.handle(peer, request.body))
                     .await
                     .unwrap_or_else(|_| {
@@ -280,7 +283,9 @@ fn error_label(code: &ErrorCode) -> &'static str {
         ErrorCode::InvalidArgument => "invalid",
         ErrorCode::PermissionDenied => "denied",
         ErrorCode::NoSpace => "no_space",
-        ErrorCode::UnsupportedVersion { .. } | ErrorCode::FrameTooLarge { .. } | ErrorCode::Malformed => "bad_frame",
+        ErrorCode::UnsupportedVersion { .. } | ErrorCode::FrameTooLarge { .. } | ErrorCode::Malformed => {
+            "bad_frame"
+        }
         ErrorCode::DeadlineExceeded => "deadline",
         ErrorCode::Overloaded => "overloaded",
         ErrorCode::Internal => "internal",
@@ -320,10 +325,8 @@ impl RpcClient {
             return Ok(conn.clone());
         }
         let connect_err = |reason: String| RpcError::Connect { addr: addr.to_string(), reason };
-        let connecting = self
-            .endpoint
-            .connect(addr, CLUSTER_SERVER_NAME)
-            .map_err(|e| connect_err(e.to_string()))?;
+        let connecting =
+            self.endpoint.connect(addr, CLUSTER_SERVER_NAME).map_err(|e| connect_err(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| connect_err(format!("no handshake within {} ms", CONNECT_TIMEOUT.as_millis())))?
@@ -386,7 +389,10 @@ impl RpcClient {
 
     /// One request/response exchange on a new stream.
     async fn exchange(&self, addr: SocketAddr, request: &Request) -> Result<ResponseBody, RpcError> {
-        let lost = |e: &dyn std::fmt::Display| RpcError::Connection { addr: addr.to_string(), reason: e.to_string() };
+        let lost = |e: &dyn std::fmt::Display| RpcError::Connection {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
         let frame_err = |e: FrameError| match e {
             FrameError::Io(io) => lost(&io),
             FrameError::Truncated => lost(&"stream closed before the response"),

@@ -76,10 +76,7 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = TlsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| TlsError::UnknownRole(s.to_string()))
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| TlsError::UnknownRole(s.to_string()))
     }
 }
 
@@ -149,8 +146,7 @@ fn validate_name(name: &str) -> Result<(), TlsError> {
     } else {
         Err(TlsError::BadMaterial {
             path: name.to_string(),
-            reason: "a certificate name must be 1-63 characters of letters, digits, '-' and '.'"
-                .into(),
+            reason: "a certificate name must be 1-63 characters of letters, digits, '-' and '.'".into(),
         })
     }
 }
@@ -167,14 +163,11 @@ pub fn issue(ca_dir: &Path, role: Role, name: &str, out_dir: &Path) -> Result<()
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| bad(&ca_cert_path, e))?;
 
     let key = KeyPair::generate()?;
-    let mut params =
-        CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string(), name.to_string()])?;
+    let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string(), name.to_string()])?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
     params.distinguished_name.push(DnType::OrganizationName, "augur");
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, format!("{ROLE_OU_PREFIX}{role}"));
+    params.distinguished_name.push(DnType::OrganizationalUnitName, format!("{ROLE_OU_PREFIX}{role}"));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // Every holder may act as both ends: nodes serve and also call other nodes.
     params.extended_key_usages =
@@ -281,7 +274,8 @@ impl TlsIdentity {
     /// connection ids its previous process issued and answers them with a valid stateless
     /// reset: callers then reconnect at once instead of waiting for an idle timeout.
     pub fn restart_stable_keys(&self) -> (ring::hmac::Key, u64) {
-        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.derived_secret("stateless reset").as_ref());
+        let reset =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.derived_secret("stateless reset").as_ref());
         let cid = self.derived_secret("connection id");
         let mut cid_key = [0u8; 8];
         cid_key.copy_from_slice(&cid.as_ref()[..8]);

@@ -65,10 +65,30 @@ impl BenchReport {
             self.concurrency
         );
         out += &format!("{:<26}{:>12}{:>14}{:>10}\n", "metric", "quic", "in-process", "ratio");
-        out += &row("write 64 KiB (MiB/s)", self.quic.write_mib_s, self.in_process.write_mib_s, self.ratio.write_mib_s);
-        out += &row("read 64 KiB (MiB/s)", self.quic.read_mib_s, self.in_process.read_mib_s, self.ratio.read_mib_s);
-        out += &row("read 4 KiB p50 (us)", self.quic.read_4k_us_p50, self.in_process.read_4k_us_p50, self.ratio.read_4k_us_p50);
-        out += &row("read 4 KiB p99 (us)", self.quic.read_4k_us_p99, self.in_process.read_4k_us_p99, self.ratio.read_4k_us_p99);
+        out += &row(
+            "write 64 KiB (MiB/s)",
+            self.quic.write_mib_s,
+            self.in_process.write_mib_s,
+            self.ratio.write_mib_s,
+        );
+        out += &row(
+            "read 64 KiB (MiB/s)",
+            self.quic.read_mib_s,
+            self.in_process.read_mib_s,
+            self.ratio.read_mib_s,
+        );
+        out += &row(
+            "read 4 KiB p50 (us)",
+            self.quic.read_4k_us_p50,
+            self.in_process.read_4k_us_p50,
+            self.ratio.read_4k_us_p50,
+        );
+        out += &row(
+            "read 4 KiB p99 (us)",
+            self.quic.read_4k_us_p99,
+            self.in_process.read_4k_us_p99,
+            self.ratio.read_4k_us_p99,
+        );
         out
     }
 }
@@ -132,7 +152,12 @@ where
     Ok(())
 }
 
-async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &TlsIdentity, o: BenchOptions) -> anyhow::Result<Figures> {
+async fn run_quic(
+    dir: &std::path::Path,
+    tls: &std::path::Path,
+    client_tls: &TlsIdentity,
+    o: BenchOptions,
+) -> anyhow::Result<Figures> {
     let config = NodeConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: Some(dir.to_path_buf()),
@@ -148,11 +173,21 @@ async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &Tls
     let server = tokio::spawn(node.serve(shutdown.clone()));
     let client = Arc::new(RpcClient::new(client_tls)?);
     let admin_shards = (0..SHARDS)
-        .map(|s| ShardPlacement { shard: ShardId(s), epoch: Epoch(1), replicas: vec![Replica { node: me, addr: addr.to_string() }] })
+        .map(|s| ShardPlacement {
+            shard: ShardId(s),
+            epoch: Epoch(1),
+            replicas: vec![Replica { node: me, addr: addr.to_string() }],
+        })
         .collect();
     // The bench's client holds an admin certificate so it can also set placement.
     client
-        .call(addr, RequestBody::SetPlacement { layout: VolumeLayout { volume: VolumeId(1), block_size_bytes: BLOCK_BYTES }, shards: admin_shards })
+        .call(
+            addr,
+            RequestBody::SetPlacement {
+                layout: VolumeLayout { volume: VolumeId(1), block_size_bytes: BLOCK_BYTES },
+                shards: admin_shards,
+            },
+        )
         .await?;
 
     let n = u64::from(o.blocks);
@@ -160,7 +195,12 @@ async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &Tls
     drive(n, |i| {
         let client = client.clone();
         async move {
-            let body = RequestBody::WriteBlock { shard: shard_ref(i), block: BlockId::new(Ino(1), i), offset: 0, data: ByteBuf::from(block_payload(i)) };
+            let body = RequestBody::WriteBlock {
+                shard: shard_ref(i),
+                block: BlockId::new(Ino(1), i),
+                offset: 0,
+                data: ByteBuf::from(block_payload(i)),
+            };
             client.call(addr, body).await?;
             Ok(())
         }
@@ -174,7 +214,11 @@ async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &Tls
         async move {
             let read = BlockRead { shard: shard_ref(i), block: BlockId::new(Ino(1), i), range: None };
             match client.call(addr, RequestBody::ReadBlock { read }).await? {
-                augur_proto::msg::ResponseBody::Block(b) if b.data.len() == BLOCK_BYTES as usize && crc32fast::hash(&b.data) == b.crc32 => Ok(()),
+                augur_proto::msg::ResponseBody::Block(b)
+                    if b.data.len() == BLOCK_BYTES as usize && crc32fast::hash(&b.data) == b.crc32 =>
+                {
+                    Ok(())
+                }
                 other => anyhow::bail!("bad read of block {i}: {:?}", other_kind(&other)),
             }
         }
@@ -187,7 +231,11 @@ async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &Tls
     for _ in 0..o.samples {
         let i = rng.next() % n;
         let offset = (rng.next() % u64::from(BLOCK_BYTES / SMALL_READ_BYTES)) as u32 * SMALL_READ_BYTES;
-        let read = BlockRead { shard: shard_ref(i), block: BlockId::new(Ino(1), i), range: Some(ByteRange { offset, len: SMALL_READ_BYTES }) };
+        let read = BlockRead {
+            shard: shard_ref(i),
+            block: BlockId::new(Ino(1), i),
+            range: Some(ByteRange { offset, len: SMALL_READ_BYTES }),
+        };
         let t = Instant::now();
         client.call(addr, RequestBody::ReadBlock { read }).await?;
         lat.push(t.elapsed().as_nanos() as u64);
@@ -196,7 +244,12 @@ async fn run_quic(dir: &std::path::Path, tls: &std::path::Path, client_tls: &Tls
     client.close().await;
     shutdown.cancel();
     server.await??;
-    Ok(Figures { write_mib_s, read_mib_s, read_4k_us_p50: percentile_us(&lat, 0.5), read_4k_us_p99: percentile_us(&lat, 0.99) })
+    Ok(Figures {
+        write_mib_s,
+        read_mib_s,
+        read_4k_us_p50: percentile_us(&lat, 0.5),
+        read_4k_us_p99: percentile_us(&lat, 0.99),
+    })
 }
 
 fn other_kind(r: &augur_proto::msg::ResponseBody) -> String {
@@ -244,17 +297,25 @@ async fn run_local(dir: &std::path::Path, o: BenchOptions) -> anyhow::Result<Fig
     let mut lat = Vec::with_capacity(o.samples as usize);
     for _ in 0..o.samples {
         let i = rng.next() % n;
-        let offset = (rng.next() % u64::from(BLOCK_BYTES / SMALL_READ_BYTES)) as usize * SMALL_READ_BYTES as usize;
+        let offset =
+            (rng.next() % u64::from(BLOCK_BYTES / SMALL_READ_BYTES)) as usize * SMALL_READ_BYTES as usize;
         let s = shard_ref(i);
         let t = Instant::now();
         let store2 = store.clone();
-        let block = tokio::task::spawn_blocking(move || store2.read(s.volume, s.shard, BlockId::new(Ino(1), i))).await??;
+        let block =
+            tokio::task::spawn_blocking(move || store2.read(s.volume, s.shard, BlockId::new(Ino(1), i)))
+                .await??;
         let slice = block.map(|b| b.data[offset..offset + SMALL_READ_BYTES as usize].to_vec());
         lat.push(t.elapsed().as_nanos() as u64);
         anyhow::ensure!(slice.is_some(), "block {i} missing");
     }
     lat.sort_unstable();
-    Ok(Figures { write_mib_s, read_mib_s, read_4k_us_p50: percentile_us(&lat, 0.5), read_4k_us_p99: percentile_us(&lat, 0.99) })
+    Ok(Figures {
+        write_mib_s,
+        read_mib_s,
+        read_4k_us_p50: percentile_us(&lat, 0.5),
+        read_4k_us_p99: percentile_us(&lat, 0.99),
+    })
 }
 
 pub async fn run(o: BenchOptions) -> anyhow::Result<BenchReport> {
@@ -296,5 +357,14 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchReport> {
         read_4k_us_p50: quic.read_4k_us_p50 / in_process.read_4k_us_p50,
         read_4k_us_p99: quic.read_4k_us_p99 / in_process.read_4k_us_p99,
     };
-    Ok(BenchReport { runs: o.runs, blocks_per_run: o.blocks, block_bytes: BLOCK_BYTES, concurrency: CONCURRENCY, quic, in_process, ratio, per_run })
+    Ok(BenchReport {
+        runs: o.runs,
+        blocks_per_run: o.blocks,
+        block_bytes: BLOCK_BYTES,
+        concurrency: CONCURRENCY,
+        quic,
+        in_process,
+        ratio,
+        per_run,
+    })
 }

@@ -84,16 +84,25 @@ impl NodeConfig {
             return invalid("tls-dir is required (flag --tls or key tls-dir)".into());
         }
         if self.cache_bytes_max > CACHE_BYTES_CEILING {
-            return invalid(format!("cache-bytes-max = {} exceeds the ceiling of {CACHE_BYTES_CEILING}", self.cache_bytes_max));
+            return invalid(format!(
+                "cache-bytes-max = {} exceeds the ceiling of {CACHE_BYTES_CEILING}",
+                self.cache_bytes_max
+            ));
         }
         if self.rocksdb_cache_bytes < 1 << 20 || self.rocksdb_cache_bytes > CACHE_BYTES_CEILING {
-            return invalid(format!("rocksdb-cache-bytes = {} must be between 1 MiB and 1 TiB", self.rocksdb_cache_bytes));
+            return invalid(format!(
+                "rocksdb-cache-bytes = {} must be between 1 MiB and 1 TiB",
+                self.rocksdb_cache_bytes
+            ));
         }
         if self.blob_min_bytes == 0 {
             return invalid("blob-min-bytes must be at least 1".into());
         }
         if self.connections_max == 0 || self.connections_max > 100_000 {
-            return invalid(format!("connections-max = {} must be between 1 and 100000", self.connections_max));
+            return invalid(format!(
+                "connections-max = {} must be between 1 and 100000",
+                self.connections_max
+            ));
         }
         if self.requests_in_flight_max == 0 || self.requests_in_flight_max > 100_000 {
             return invalid(format!(

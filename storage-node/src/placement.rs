@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use augur_proto::msg::{BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, ShardPlacement, ShardStatus, VolumeLayout};
+use augur_proto::msg::{
+    BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, ShardPlacement, ShardStatus, VolumeLayout,
+};
 use augur_proto::{ErrorCode, NodeId, ShardId, ShardRef, VolumeId, WireError};
 
 #[derive(Debug, Default)]
@@ -17,7 +19,10 @@ impl PlacementTable {
     /// block size.
     pub fn check(&self, me: NodeId, shard: ShardRef) -> Result<u32, WireError> {
         let placement = self.shards.get(&(shard.volume, shard.shard)).ok_or_else(|| {
-            WireError::new(ErrorCode::ShardNotHere, format!("{} has no placement for {}/{}", me, shard.volume, shard.shard))
+            WireError::new(
+                ErrorCode::ShardNotHere,
+                format!("{} has no placement for {}/{}", me, shard.volume, shard.shard),
+            )
         })?;
         if shard.epoch < placement.epoch {
             return Err(WireError::new(
@@ -110,7 +115,10 @@ mod tests {
         ShardPlacement {
             shard: ShardId(0),
             epoch: Epoch(epoch),
-            replicas: nodes.iter().map(|n| Replica { node: NodeId(*n), addr: format!("127.0.0.{n}:1") }).collect(),
+            replicas: nodes
+                .iter()
+                .map(|n| Replica { node: NodeId(*n), addr: format!("127.0.0.{n}:1") })
+                .collect(),
         }
     }
 

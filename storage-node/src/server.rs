@@ -55,17 +55,22 @@ impl Node {
         }
         let store_err = |source| NodeError::Store { dir: data_dir.display().to_string(), source };
         std::fs::create_dir_all(&data_dir).map_err(|e| store_err(StoreError::Format(e.to_string())))?;
-        let options = StoreOptions { rocksdb_cache_bytes: config.rocksdb_cache_bytes, blob_min_bytes: config.blob_min_bytes };
-        let store = Arc::new(BlockStore::open(&data_dir, options, config.node_id.map(NodeId)).map_err(store_err)?);
+        let options = StoreOptions {
+            rocksdb_cache_bytes: config.rocksdb_cache_bytes,
+            blob_min_bytes: config.blob_min_bytes,
+        };
+        let store =
+            Arc::new(BlockStore::open(&data_dir, options, config.node_id.map(NodeId)).map_err(store_err)?);
         if let Some(addr) = config.metrics_listen {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
                 .install()
                 .map_err(|e| NodeError::Metrics { addr, reason: e.to_string() })?;
         }
-        let endpoint =
-            server_endpoint(&identity, config.listen).map_err(|source| NodeError::Bind { addr: config.listen, source })?;
-        let local_addr = endpoint.local_addr().map_err(|source| NodeError::Bind { addr: config.listen, source })?;
+        let endpoint = server_endpoint(&identity, config.listen)
+            .map_err(|source| NodeError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            endpoint.local_addr().map_err(|source| NodeError::Bind { addr: config.listen, source })?;
         let cache = BlockCache::new(config.cache_bytes_max, TYPICAL_BLOCK_BYTES);
         let space = SpaceMonitor::new(data_dir.clone(), config.reserve_bytes);
         let service = Arc::new(

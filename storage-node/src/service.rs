@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use augur_proto::msg::{
-    BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockData, BlockRead, NodeStatus, RequestBody, Response,
-    ResponseBody, ShardPlacement, VolumeLayout,
+    BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockData, BlockRead, NodeStatus, RequestBody, Response, ResponseBody,
+    ShardPlacement, VolumeLayout,
 };
 use augur_proto::{BlockId, ErrorCode, Ino, NodeId, Peer, Service, ShardRef, WireError};
 use serde_bytes::ByteBuf;
@@ -51,7 +51,12 @@ fn invalid(msg: String) -> WireError {
 }
 
 impl NodeService {
-    pub fn new(store: Arc<BlockStore>, cache: BlockCache, space: SpaceMonitor, listen: String) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Arc<BlockStore>,
+        cache: BlockCache,
+        space: SpaceMonitor,
+        listen: String,
+    ) -> Result<Self, StoreError> {
         let mut table = PlacementTable::default();
         let (layouts, shards) = store.load_placement()?;
         for layout in layouts {
@@ -121,7 +126,10 @@ impl NodeService {
             return Ok(BlockData { data: ByteBuf::new(), crc32: crc32fast::hash(&[]) });
         };
         let data = match read.range {
-            None => return Ok(self.count_read(BlockData { data: ByteBuf::from(block.data.to_vec()), crc32: block.crc32 })),
+            None => {
+                return Ok(self
+                    .count_read(BlockData { data: ByteBuf::from(block.data.to_vec()), crc32: block.crc32 }));
+            }
             Some(r) => {
                 let start = (r.offset as usize).min(block.data.len());
                 let end = (r.offset as usize + r.len as usize).min(block.data.len());
@@ -141,7 +149,10 @@ impl NodeService {
     /// Checks a batch's size against its limits before any of it is served.
     fn check_batch(&self, reads: &[BlockRead]) -> Result<(), WireError> {
         if reads.len() > BATCH_BLOCKS_MAX {
-            return Err(invalid(format!("{} blocks in one batch; the maximum is {BATCH_BLOCKS_MAX}", reads.len())));
+            return Err(invalid(format!(
+                "{} blocks in one batch; the maximum is {BATCH_BLOCKS_MAX}",
+                reads.len()
+            )));
         }
         let mut bytes = 0u64;
         for read in reads {
@@ -155,7 +166,13 @@ impl NodeService {
         Ok(())
     }
 
-    async fn write(&self, shard: ShardRef, block: BlockId, offset: u32, data: ByteBuf) -> Result<ResponseBody, WireError> {
+    async fn write(
+        &self,
+        shard: ShardRef,
+        block: BlockId,
+        offset: u32,
+        data: ByteBuf,
+    ) -> Result<ResponseBody, WireError> {
         let block_size = self.check(shard)?;
         if u64::from(offset) + data.len() as u64 > u64::from(block_size) {
             return Err(invalid(format!(
@@ -176,7 +193,12 @@ impl NodeService {
         Ok(ResponseBody::Written)
     }
 
-    async fn delete_range(&self, shard: ShardRef, ino: Ino, from_index: u64) -> Result<ResponseBody, WireError> {
+    async fn delete_range(
+        &self,
+        shard: ShardRef,
+        ino: Ino,
+        from_index: u64,
+    ) -> Result<ResponseBody, WireError> {
         self.check(shard)?;
         self.cache.remove_from(shard.volume, shard.shard, ino, from_index);
         self.blocking(move |s| s.delete_from(shard.volume, shard.shard, ino, from_index)).await?;
@@ -196,7 +218,12 @@ impl NodeService {
         Ok(ResponseBody::Warmed { loaded })
     }
 
-    async fn set_placement(&self, peer: &Peer, layout: VolumeLayout, shards: Vec<ShardPlacement>) -> Result<ResponseBody, WireError> {
+    async fn set_placement(
+        &self,
+        peer: &Peer,
+        layout: VolumeLayout,
+        shards: Vec<ShardPlacement>,
+    ) -> Result<ResponseBody, WireError> {
         self.placement.read().unwrap_or_else(|p| p.into_inner()).validate(&layout, &shards)?;
         let (l, s) = (layout, shards.clone());
         self.blocking(move |store| store.save_placement(&l, &s)).await?;
@@ -242,8 +269,12 @@ impl Service for NodeService {
                     Ok(ResponseBody::Blocks(out))
                 }
             },
-            RequestBody::WriteBlock { shard, block, offset, data } => self.write(shard, block, offset, data).await,
-            RequestBody::DeleteRange { shard, ino, from_index } => self.delete_range(shard, ino, from_index).await,
+            RequestBody::WriteBlock { shard, block, offset, data } => {
+                self.write(shard, block, offset, data).await
+            }
+            RequestBody::DeleteRange { shard, ino, from_index } => {
+                self.delete_range(shard, ino, from_index).await
+            }
             RequestBody::Warm { blocks } => self.warm(blocks).await,
             RequestBody::NodeStatus => Ok(ResponseBody::NodeStatus(Box::new(self.status()))),
             RequestBody::SetPlacement { layout, shards } => self.set_placement(peer, layout, shards).await,

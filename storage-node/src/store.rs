@@ -42,7 +42,9 @@ const KEY_NODE_ID: &[u8] = b"node-id";
 pub enum StoreError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
-    #[error("checksum mismatch in stored block {volume}/{shard}/{block}: stored {stored:08x}, computed {computed:08x}")]
+    #[error(
+        "checksum mismatch in stored block {volume}/{shard}/{block}: stored {stored:08x}, computed {computed:08x}"
+    )]
     Checksum { volume: VolumeId, shard: ShardId, block: BlockId, stored: u32, computed: u32 },
     #[error("stored value of block {volume}/{shard}/{block} is malformed: {reason}")]
     Corrupt { volume: VolumeId, shard: ShardId, block: BlockId, reason: String },
@@ -176,9 +178,7 @@ impl BlockStore {
             .map(|b| NodeId(u64::from_le_bytes(b)))
             .ok_or_else(|| StoreError::Format("missing node id".into()))?;
         if let Some(wanted) = wanted.filter(|w| *w != stored) {
-            return Err(StoreError::Format(format!(
-                "this data directory belongs to {stored}, not {wanted}"
-            )));
+            return Err(StoreError::Format(format!("this data directory belongs to {stored}, not {wanted}")));
         }
         Ok(stored)
     }
@@ -197,9 +197,15 @@ impl BlockStore {
     }
 
     /// Reads a block and verifies its checksum. `None` when the block was never written.
-    pub fn read(&self, volume: VolumeId, shard: ShardId, block: BlockId) -> Result<Option<VerifiedBlock>, StoreError> {
+    pub fn read(
+        &self,
+        volume: VolumeId,
+        shard: ShardId,
+        block: BlockId,
+    ) -> Result<Option<VerifiedBlock>, StoreError> {
         let key = block_key(volume, shard, block);
-        let Some(value) = self.db.get_pinned_cf(self.blocks_cf(), key).map_err(StoreError::from_rocks)? else {
+        let Some(value) = self.db.get_pinned_cf(self.blocks_cf(), key).map_err(StoreError::from_rocks)?
+        else {
             return Ok(None);
         };
         let corrupt = |reason: &str| StoreError::Corrupt { volume, shard, block, reason: reason.into() };
@@ -253,14 +259,18 @@ impl BlockStore {
         let value = encode_value(&content);
         // Paired with the check in `read`: what goes to disk is verified right before it goes.
         debug_assert_eq!(crc32fast::hash(&value[VALUE_HEADER_BYTES..]).to_le_bytes(), value[1..5]);
-        self.db
-            .put_cf_opt(self.blocks_cf(), key, value, &sync_write())
-            .map_err(StoreError::from_rocks)?;
+        self.db.put_cf_opt(self.blocks_cf(), key, value, &sync_write()).map_err(StoreError::from_rocks)?;
         Ok(content)
     }
 
     /// Deletes, durably, the blocks of `ino` in this shard whose index is at least `from_index`.
-    pub fn delete_from(&self, volume: VolumeId, shard: ShardId, ino: Ino, from_index: u64) -> Result<(), StoreError> {
+    pub fn delete_from(
+        &self,
+        volume: VolumeId,
+        shard: ShardId,
+        ino: Ino,
+        from_index: u64,
+    ) -> Result<(), StoreError> {
         let start = block_key(volume, shard, BlockId::new(ino, from_index));
         let mut end = block_key(volume, shard, BlockId::new(ino, u64::MAX)).to_vec();
         // delete_range's end is exclusive: extend past index u64::MAX.
@@ -352,7 +362,9 @@ fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS; mixing in the time makes two ids in one process differ.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
     h.finish() >> 1
 }
 
