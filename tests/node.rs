@@ -600,9 +600,15 @@ fn bad_configs_and_flags_are_named() {
 }
 
 #[test]
-fn status_command_reports_the_node() {
+fn status_command_and_metrics_report_the_node() {
     let cluster = Cluster::new();
-    let node = cluster.node("node-st", "127.0.0.8");
+    let metrics = "127.0.0.8:19188";
+    let node = NodeProc::spawn(
+        "127.0.0.8:0",
+        &cluster.path().join("data/node-st"),
+        &cluster.tls(Role::Node, "node-st"),
+        &["--metrics", metrics],
+    );
     let tls = cluster.tls(Role::Client, "client");
     let addr = node.addr.to_string();
     let (ok, out, err) =
@@ -613,4 +619,20 @@ fn status_command_reports_the_node() {
     assert!(status["capacity_bytes"].as_u64().unwrap() > 0);
     let (ok, out, _) = augur(&["node", "status", "--node", &addr, "--tls", tls.to_str().unwrap()]);
     assert!(ok && out.contains("cache"), "{out}");
+
+    // Prometheus text over HTTP, counting the status requests just made.
+    let body = (0..50)
+        .find_map(|_| {
+            use std::io::{Read, Write};
+            let mut conn = std::net::TcpStream::connect(metrics).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            })?;
+            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+            let mut body = String::new();
+            conn.read_to_string(&mut body).ok()?;
+            Some(body)
+        })
+        .expect("metrics endpoint answers");
+    assert!(body.contains("augur_rpc_requests_total") && body.contains("node_status"), "{body}");
 }
