@@ -114,13 +114,13 @@ impl NodeService {
 
     async fn read(&self, read: BlockRead) -> Result<BlockData, WireError> {
         let block_size = self.check(read.shard)?;
-        if let Some(r) = read.range {
-            if u64::from(r.offset) + u64::from(r.len) > u64::from(block_size) {
-                return Err(invalid(format!(
-                    "range {}+{} overruns the {block_size}-byte block",
-                    r.offset, r.len
-                )));
-            }
+        if let Some(r) = read.range
+            && u64::from(r.offset) + u64::from(r.len) > u64::from(block_size)
+        {
+            return Err(invalid(format!(
+                "range {}+{} overruns the {block_size}-byte block",
+                r.offset, r.len
+            )));
         }
         let Some(block) = self.load(read.shard, read.block).await? else {
             return Ok(BlockData { data: ByteBuf::new(), crc32: crc32fast::hash(&[]) });
@@ -279,10 +279,10 @@ impl Service for NodeService {
             RequestBody::NodeStatus => Ok(ResponseBody::NodeStatus(Box::new(self.status()))),
             RequestBody::SetPlacement { layout, shards } => self.set_placement(peer, layout, shards).await,
         };
-        if let Err(e) = &result {
-            if matches!(e.code, ErrorCode::InvalidArgument) {
-                warn!(peer = %peer.addr, error = %e, "refused request");
-            }
+        if let Err(e) = &result
+            && matches!(e.code, ErrorCode::InvalidArgument)
+        {
+            warn!(peer = %peer.addr, error = %e, "refused request");
         }
         result
     }

@@ -25,8 +25,8 @@ impl SpaceMonitor {
     pub fn refresh(&self) -> (u64, u64) {
         let (capacity, free) = match nix::sys::statvfs::statvfs(&self.dir) {
             Ok(st) => {
-                let frag = st.fragment_size() as u64;
-                (st.blocks() as u64 * frag, st.blocks_available() as u64 * frag)
+                let frag = st.fragment_size();
+                (st.blocks() * frag, st.blocks_available() * frag)
             }
             // Unknown is reported as full rather than guessed as empty.
             Err(_) => (0, 0),

@@ -104,6 +104,9 @@ fn encode_value(data: &[u8]) -> Vec<u8> {
     value
 }
 
+/// Volume layouts and shard placements as saved in the `placement` column family.
+pub type SavedPlacement = (Vec<VolumeLayout>, Vec<(VolumeId, ShardPlacement)>);
+
 /// A block read from disk whose checksum matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedBlock {
@@ -292,7 +295,7 @@ impl BlockStore {
     }
 
     /// Loads every saved layout and placement.
-    pub fn load_placement(&self) -> Result<(Vec<VolumeLayout>, Vec<(VolumeId, ShardPlacement)>), StoreError> {
+    pub fn load_placement(&self) -> Result<SavedPlacement, StoreError> {
         let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
         let mut layouts = Vec::new();
         let mut shards = Vec::new();
