@@ -63,6 +63,21 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn spawn(listen: &str, data: &Path, tls: &Path, extra: &[&str]) -> Self {
+        // Node logs go to `<data>.log` (fault tests make nodes log expected errors); with
+        // AUGUR_TEST_NODE_LOG set they go to the test's stderr at that filter instead.
+        let stderr = match std::env::var_os("AUGUR_TEST_NODE_LOG") {
+            Some(_) => Stdio::inherit(),
+            None => {
+                std::fs::create_dir_all(data.parent().expect("data dir has a parent"))
+                    .expect("create data parent");
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.with_extension("log"))
+                    .expect("open node log");
+                Stdio::from(log)
+            }
+        };
         let mut child = Command::new(AUGUR)
             .args(["node", "serve", "--listen", listen, "--data-dir"])
             .arg(data)
@@ -72,7 +87,7 @@ impl NodeProc {
             // AUGUR_TEST_NODE_LOG sets the nodes' log filter when debugging a test.
             .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn augur node serve");
         let addr = wait_for_ready(&mut child, " serving on ");
