@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo build --bin augur
+# Same selection as the test command, so both share one set of features and one RocksDB build.
+cargo build --workspace --all-targets
 exec "$CARGO_TARGET_DIR/debug/augur" dev "$@"
