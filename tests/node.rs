@@ -636,3 +636,31 @@ fn status_command_and_metrics_report_the_node() {
         .expect("metrics endpoint answers");
     assert!(body.contains("augur_rpc_requests_total") && body.contains("node_status"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_space_reserve_writes_get_no_space_and_data_is_kept() {
+    let cluster = Cluster::new();
+    let mut node = cluster.node("node-full", "127.0.0.10");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = cluster.client(Role::Client, "client");
+    place(&admin, &node, 1).await;
+    let kept = BlockId::new(Ino(3), 0);
+    write(&client, &node, kept, 0, vec![5u8; BS as usize]).await.unwrap();
+    assert!(node.terminate().success());
+
+    // Restart demanding more free space than any disk has: the node is "full".
+    let cfg = cluster.path().join("full.toml");
+    std::fs::write(&cfg, "reserve-bytes = 1152921504606846976\n").unwrap();
+    let full =
+        NodeProc::spawn(&node.addr.to_string(), &node.data, &node.tls, &["--config", cfg.to_str().unwrap()]);
+    expect_code(write(&client, &full, BlockId::new(Ino(3), 1), 0, vec![1u8; 10]).await, |c| {
+        *c == ErrorCode::NoSpace
+    });
+    expect_code(write(&client, &full, kept, 0, vec![1u8; 10]).await, |c| *c == ErrorCode::NoSpace);
+    assert_eq!(
+        read(&client, &full, kept, None).await.unwrap(),
+        vec![5u8; BS as usize],
+        "stored data unharmed"
+    );
+    assert!(read(&client, &full, BlockId::new(Ino(3), 1), None).await.unwrap().is_empty());
+}
