@@ -1,7 +1,6 @@
 //! The storage node's RPC service: every block request is checked against the placement table,
 //! served from the memory cache or the RocksDB store, and checksummed on the way out.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -26,8 +25,6 @@ pub struct NodeService {
     node_id: NodeId,
     listen: String,
     started: Instant,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
 }
 
 fn wire(e: StoreError) -> WireError {
@@ -72,8 +69,6 @@ impl NodeService {
             space,
             listen,
             started: Instant::now(),
-            bytes_read: AtomicU64::new(0),
-            bytes_written: AtomicU64::new(0),
         })
     }
 
@@ -141,7 +136,6 @@ impl NodeService {
     }
 
     fn count_read(&self, data: BlockData) -> BlockData {
-        self.bytes_read.fetch_add(data.data.len() as u64, Ordering::Relaxed);
         metrics::counter!("augur_node_read_bytes_total").increment(data.data.len() as u64);
         data
     }
@@ -188,7 +182,6 @@ impl NodeService {
         let len = data.len() as u64;
         self.blocking(move |s| s.write(shard.volume, shard.shard, block, offset, &data, block_size)).await?;
         self.cache.remove(&key);
-        self.bytes_written.fetch_add(len, Ordering::Relaxed);
         metrics::counter!("augur_node_write_bytes_total").increment(len);
         Ok(ResponseBody::Written)
     }
