@@ -9,6 +9,7 @@ use augur_storage_node::NodeConfig;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod admin;
 mod bench;
 mod dev;
 mod status;
@@ -33,6 +34,99 @@ enum Command {
     Bench(BenchCommand),
     /// Start a self-contained development cluster under one state directory.
     Dev(dev::DevArgs),
+    /// Metadata group: run a member, see its status, change membership.
+    #[command(subcommand)]
+    Meta(MetaCommand),
+    /// Volumes: create, list, info, delete.
+    #[command(subcommand)]
+    Volume(admin::VolumeCommand),
+    /// Where a volume's shards live (replicas, primaries, epochs).
+    Shards {
+        volume: String,
+        /// Say why each shard sits where it does.
+        #[arg(long)]
+        explain: bool,
+        #[command(flatten)]
+        meta: admin::MetaArgs,
+    },
+    /// Set a volume's prefetch hint: TYPE `prefetch` with auto|sequential|random|off|readahead:N,
+    /// or TYPE `filetype` with image|database|other|auto.
+    Hint {
+        volume: String,
+        #[arg(value_name = "TYPE")]
+        hint_type: String,
+        value: String,
+        #[command(flatten)]
+        meta: admin::MetaArgs,
+    },
+    /// Admin: give one shard a new replica list (first = primary); its epoch increases.
+    MoveShard {
+        volume: String,
+        shard: u32,
+        /// Node ids, comma-separated, primary first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        #[command(flatten)]
+        meta: admin::MetaArgs,
+    },
+    /// Cluster overview: meta leader, storage nodes (liveness, capacity, load), volumes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Show the cluster as the meta leader sees it.
+    Status {
+        #[command(flatten)]
+        meta: admin::MetaArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum MetaCommand {
+    /// Run a meta member until SIGTERM or SIGINT. Flags override the config file.
+    Serve(MetaServeArgs),
+    #[command(flatten)]
+    Admin(admin::MetaAdminCommand),
+}
+
+#[derive(Args)]
+struct MetaServeArgs {
+    /// TOML config file (kebab-case keys as in `MetaConfig`; see ARCHITECTURE.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This member's Raft id (non-zero, unique).
+    #[arg(long)]
+    id: Option<u64>,
+    /// UDP address to serve QUIC on [default: 127.0.0.1:7000].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Initial members as ID=ADDR,... including this one (used to bootstrap a new group).
+    #[arg(long, value_parser = parse_peers)]
+    peers: Option<std::collections::BTreeMap<u64, String>>,
+    /// Start empty and wait to be added with `augur meta add-member` (new or wiped member).
+    #[arg(long)]
+    join: bool,
+    /// Directory for the Raft log and the state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory with this member's certificate (role `meta`).
+    #[arg(long, env = "AUGUR_TLS")]
+    tls: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Compact the Raft log every this many applied entries [default: 10000].
+    #[arg(long)]
+    compact_entries: Option<u64>,
+    /// Drop a storage node from its shards after this long without a heartbeat [default: 10000].
+    #[arg(long)]
+    node_dead_after_ms: Option<u64>,
+}
+
+fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
+    augur_meta::MetaConfig::parse_peers(s)
 }
 
 #[derive(Subcommand)]
@@ -108,6 +202,18 @@ struct NodeServeArgs {
     /// Memory cache for hot and warmed blocks, in bytes [default: 268435456].
     #[arg(long)]
     cache_bytes_max: Option<u64>,
+    /// Meta members to register and heartbeat with, comma-separated.
+    #[arg(long, env = "AUGUR_META", value_delimiter = ',')]
+    meta: Vec<SocketAddr>,
+    /// Failure domain (rack, host...) used to spread replicas.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Storage performance class: hdd, ssd or nvme [default: ssd].
+    #[arg(long)]
+    perf_class: Option<String>,
+    /// Test/bench only: delay every block read/write by this many ms (stands in for distance).
+    #[arg(long)]
+    inject_latency_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +284,13 @@ async fn run(command: Command) -> Result<()> {
             }
         }
         Command::Dev(args) => dev::run(args).await?,
+        Command::Meta(MetaCommand::Serve(args)) => meta_serve(args).await?,
+        Command::Meta(MetaCommand::Admin(cmd)) => admin::meta_admin(cmd).await?,
+        Command::Volume(cmd) => admin::volume(cmd).await?,
+        Command::Shards { volume, explain, meta } => admin::shards(volume, explain, meta).await?,
+        Command::Hint { volume, hint_type, value, meta } => admin::hint(volume, hint_type, value, meta).await?,
+        Command::MoveShard { volume, shard, nodes, meta } => admin::move_shard(volume, shard, nodes, meta).await?,
+        Command::Cluster(ClusterCommand::Status { meta }) => admin::cluster_status(meta).await?,
     }
     Ok(())
 }
@@ -205,12 +318,65 @@ async fn node_serve(args: NodeServeArgs) -> Result<()> {
     if let Some(v) = args.cache_bytes_max {
         config.cache_bytes_max = v;
     }
+    if !args.meta.is_empty() {
+        config.meta = args.meta;
+    }
+    if let Some(v) = args.zone {
+        config.zone = Some(v);
+    }
+    if let Some(v) = args.perf_class {
+        config.perf_class = v;
+    }
+    if let Some(v) = args.inject_latency_ms {
+        config.inject_latency_ms = v;
+    }
     let node = augur_storage_node::Node::start(&config)?;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     // The one line on stdout: scripts and tests wait for it to know the node is ready.
     println!("augur node {} serving on {}", node.node_id, node.local_addr);
     node.serve(shutdown).await?;
+    Ok(())
+}
+
+async fn meta_serve(args: MetaServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => augur_meta::MetaConfig::from_file(path)?,
+        None => augur_meta::MetaConfig::default(),
+    };
+    if let Some(v) = args.id {
+        config.id = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.peers {
+        config.peers = v;
+    }
+    if args.join {
+        config.join = true;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = Some(v);
+    }
+    if let Some(v) = args.tls {
+        config.tls_dir = Some(v);
+    }
+    if let Some(v) = args.metrics {
+        config.metrics_listen = Some(v);
+    }
+    if let Some(v) = args.compact_entries {
+        config.compact_entries = v;
+    }
+    if let Some(v) = args.node_dead_after_ms {
+        config.node_dead_after_ms = v;
+    }
+    let server = augur_meta::MetaServer::start(&config)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    // The one line on stdout: scripts and tests wait for it.
+    println!("augur meta {} serving on {}", config.id, server.local_addr);
+    server.serve(shutdown).await;
     Ok(())
 }
 

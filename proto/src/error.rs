@@ -38,6 +38,24 @@ pub enum ErrorCode {
     Internal,
     /// The named object does not exist.
     NotFound,
+    /// This meta member is not the leader; ask `leader` (when known) instead.
+    NotLeader { leader: Option<String> },
+    /// No quorum or no leader right now; retry later.
+    Unavailable,
+    /// The name (or attribute) already exists.
+    AlreadyExists,
+    /// The directory is not empty.
+    NotEmpty,
+    /// A path component or target is not a directory.
+    NotDirectory,
+    /// The target is a directory where a non-directory was expected.
+    IsDirectory,
+    /// The extended attribute does not exist (ENODATA).
+    NoData,
+    /// A name is longer than the file system allows.
+    NameTooLong,
+    /// The write went to a replica that is not the shard's primary.
+    NotPrimary,
 }
 
 impl fmt::Display for ErrorCode {
@@ -61,6 +79,16 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Overloaded => f.write_str("overloaded"),
             ErrorCode::Internal => f.write_str("internal error"),
             ErrorCode::NotFound => f.write_str("not found"),
+            ErrorCode::NotLeader { leader: Some(l) } => write!(f, "not the meta leader (leader is {l})"),
+            ErrorCode::NotLeader { leader: None } => f.write_str("not the meta leader (leader unknown)"),
+            ErrorCode::Unavailable => f.write_str("unavailable"),
+            ErrorCode::AlreadyExists => f.write_str("already exists"),
+            ErrorCode::NotEmpty => f.write_str("directory not empty"),
+            ErrorCode::NotDirectory => f.write_str("not a directory"),
+            ErrorCode::IsDirectory => f.write_str("is a directory"),
+            ErrorCode::NoData => f.write_str("no such attribute"),
+            ErrorCode::NameTooLong => f.write_str("name too long"),
+            ErrorCode::NotPrimary => f.write_str("not the shard's primary"),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod meta;
 pub mod msg;
 pub mod rpc;
 pub mod tls;

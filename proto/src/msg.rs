@@ -6,6 +6,10 @@ use serde_bytes::ByteBuf;
 
 use crate::error::WireError;
 use crate::ids::{BlockId, Epoch, Ino, NodeId, ShardId, ShardRef, VolumeId};
+use crate::meta::{
+    ClusterStatus, MetaStatus, NodeAssignment, NodeRegistration, NsOp, NsReply, RequestTag, ShardLoad,
+    ShardingInfo, VolumeInfo, VolumeSpec,
+};
 use crate::tls::Role;
 
 /// Protocol version carried in every frame header. Bump on any incompatible change of the
@@ -84,6 +88,39 @@ pub enum RequestBody {
     NodeStatus,
     /// Admin: set a volume's layout and the placement of some of its shards on this node.
     SetPlacement { layout: VolumeLayout, shards: Vec<ShardPlacement> },
+
+    // ---- primary -> backup replication (node to node) ----
+    /// Store this whole block exactly as the shard's primary now holds it.
+    ReplicateBlock { shard: ShardRef, block: BlockId, data: ByteBuf, crc32: u32 },
+    /// Delete a range of blocks, as the primary did.
+    ReplicateDelete { shard: ShardRef, ino: Ino, from_index: u64 },
+
+    // ---- meta group ----
+    /// Raft messages between members (raft-rs `eraftpb::Message`, protobuf-encoded).
+    Raft { msgs: Vec<ByteBuf> },
+    /// Part of the snapshot at `index` that the member serving it holds, from byte `offset`.
+    SnapshotChunk { index: u64, offset: u64 },
+    /// This member's view of the group.
+    MetaStatus,
+    /// Admin: add a voting member (it must be started with `--join`).
+    AddMember { id: u64, addr: String },
+    /// Admin: remove a member.
+    RemoveMember { id: u64 },
+    /// A storage node announces itself (and its address) to the group.
+    RegisterNode(NodeRegistration),
+    /// A storage node's periodic report; the answer carries its placement when it changed.
+    Heartbeat { node: NodeId, capacity_bytes: u64, used_bytes: u64, loads: Vec<ShardLoad>, placement_version: u64 },
+    CreateVolume(VolumeSpec),
+    DeleteVolume { name: String },
+    ListVolumes,
+    GetVolume { name: String },
+    GetVolumeShardingInfo { volume: String },
+    SetPrefetchHint { volume: String, hint_type: String, hint_value: String },
+    /// Admin: give a shard a new replica list (first = primary); its epoch increases.
+    SetShardReplicas { volume: String, shard: ShardId, nodes: Vec<NodeId> },
+    ClusterStatus,
+    /// A namespace operation on a volume.
+    Ns { volume: VolumeId, op: NsOp, tag: Option<RequestTag> },
 }
 
 impl RequestBody {
@@ -98,6 +135,19 @@ impl RequestBody {
             | RequestBody::Warm { .. } => &[Client, Node, Admin],
             RequestBody::NodeStatus => &[Client, Node, Meta, Admin],
             RequestBody::SetPlacement { .. } => &[Meta, Admin],
+            RequestBody::ReplicateBlock { .. } | RequestBody::ReplicateDelete { .. } => &[Node],
+            RequestBody::Raft { .. } | RequestBody::SnapshotChunk { .. } => &[Meta],
+            RequestBody::MetaStatus | RequestBody::ClusterStatus => &[Client, Node, Meta, Admin],
+            RequestBody::AddMember { .. }
+            | RequestBody::RemoveMember { .. }
+            | RequestBody::CreateVolume(_)
+            | RequestBody::DeleteVolume { .. }
+            | RequestBody::SetShardReplicas { .. } => &[Admin],
+            RequestBody::RegisterNode(_) | RequestBody::Heartbeat { .. } => &[Node],
+            RequestBody::ListVolumes | RequestBody::GetVolume { .. } | RequestBody::GetVolumeShardingInfo { .. } => {
+                &[Client, Node, Admin]
+            }
+            RequestBody::SetPrefetchHint { .. } | RequestBody::Ns { .. } => &[Client, Admin],
         }
     }
 
@@ -111,6 +161,24 @@ impl RequestBody {
             RequestBody::Warm { .. } => "warm",
             RequestBody::NodeStatus => "node_status",
             RequestBody::SetPlacement { .. } => "set_placement",
+            RequestBody::ReplicateBlock { .. } => "replicate_block",
+            RequestBody::ReplicateDelete { .. } => "replicate_delete",
+            RequestBody::Raft { .. } => "raft",
+            RequestBody::SnapshotChunk { .. } => "snapshot_chunk",
+            RequestBody::MetaStatus => "meta_status",
+            RequestBody::AddMember { .. } => "add_member",
+            RequestBody::RemoveMember { .. } => "remove_member",
+            RequestBody::RegisterNode(_) => "register_node",
+            RequestBody::Heartbeat { .. } => "heartbeat",
+            RequestBody::CreateVolume(_) => "create_volume",
+            RequestBody::DeleteVolume { .. } => "delete_volume",
+            RequestBody::ListVolumes => "list_volumes",
+            RequestBody::GetVolume { .. } => "get_volume",
+            RequestBody::GetVolumeShardingInfo { .. } => "get_volume_sharding_info",
+            RequestBody::SetPrefetchHint { .. } => "set_prefetch_hint",
+            RequestBody::SetShardReplicas { .. } => "set_shard_replicas",
+            RequestBody::ClusterStatus => "cluster_status",
+            RequestBody::Ns { op, .. } => op.name(),
         }
     }
 }
@@ -159,6 +227,19 @@ pub enum ResponseBody {
     Warmed { loaded: u32 },
     NodeStatus(Box<NodeStatus>),
     PlacementSet,
+    Replicated,
+    RaftAccepted,
+    SnapshotChunk { data: ByteBuf, total_bytes: u64 },
+    MetaStatus(Box<MetaStatus>),
+    /// Registration or heartbeat answer: the node's placement when it changed since
+    /// `placement_version` (None: unchanged).
+    NodeAck { placement_version: u64, assignments: Option<Vec<NodeAssignment>> },
+    Volume(Box<VolumeInfo>),
+    Volumes(Vec<VolumeInfo>),
+    Sharding(Box<ShardingInfo>),
+    Cluster(Box<ClusterStatus>),
+    Ns(NsReply),
+    Done,
 }
 
 pub type Response = Result<ResponseBody, WireError>;

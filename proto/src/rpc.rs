@@ -290,6 +290,15 @@ fn error_label(code: &ErrorCode) -> &'static str {
         ErrorCode::Overloaded => "overloaded",
         ErrorCode::Internal => "internal",
         ErrorCode::NotFound => "not_found",
+        ErrorCode::NotLeader { .. } => "not_leader",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::AlreadyExists
+        | ErrorCode::NotEmpty
+        | ErrorCode::NotDirectory
+        | ErrorCode::IsDirectory
+        | ErrorCode::NoData
+        | ErrorCode::NameTooLong => "namespace",
+        ErrorCode::NotPrimary => "not_primary",
     }
 }
 

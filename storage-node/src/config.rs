@@ -43,6 +43,18 @@ pub struct NodeConfig {
     pub connections_max: usize,
     /// Most requests handled at once over all connections; more wait. Default 1024.
     pub requests_in_flight_max: usize,
+    /// Meta members to register and heartbeat with (`--meta`). Default: none (standalone node,
+    /// placement set by an admin).
+    pub meta: Vec<SocketAddr>,
+    /// Failure domain this node is in, used to spread replicas. Default: none.
+    pub zone: Option<String>,
+    /// Storage performance class: `hdd`, `ssd` or `nvme`. Default `ssd`.
+    pub perf_class: String,
+    /// Interval between heartbeats to the meta leader. Default 1000 ms.
+    pub heartbeat_ms: u64,
+    /// Test/bench only: delay every block read and write by this many milliseconds, to stand in
+    /// for network distance where `tc netem` is unavailable. Default 0 (never set it in production).
+    pub inject_latency_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -59,6 +71,11 @@ impl Default for NodeConfig {
             blob_min_bytes: 4096,
             connections_max: 1024,
             requests_in_flight_max: 1024,
+            meta: Vec::new(),
+            zone: None,
+            perf_class: "ssd".into(),
+            heartbeat_ms: 1000,
+            inject_latency_ms: 0,
         }
     }
 }
@@ -77,6 +94,15 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if let Err(e) = self.perf_class.parse::<augur_proto::meta::PerfClass>() {
+            return invalid(e);
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            return invalid(format!("heartbeat-ms {} is not between 100 and 60000", self.heartbeat_ms));
+        }
+        if self.inject_latency_ms > 10_000 {
+            return invalid(format!("inject-latency-ms {} exceeds 10000", self.inject_latency_ms));
+        }
         if self.data_dir.is_none() {
             return invalid("data-dir is required (flag --data-dir or key data-dir)".into());
         }

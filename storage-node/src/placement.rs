@@ -88,6 +88,49 @@ impl PlacementTable {
         self.layouts.insert(layout.volume, layout);
     }
 
+    /// Replaces the whole table with the meta group's assignment. A shard whose new epoch is
+    /// older than the one held (an answer from a lagging leader) keeps what it has. Returns the
+    /// table as it now is, for persisting.
+    pub fn replace_all(
+        &mut self,
+        assignments: Vec<(VolumeLayout, Vec<ShardPlacement>)>,
+    ) -> Vec<(VolumeLayout, Vec<ShardPlacement>)> {
+        let mut layouts = HashMap::new();
+        let mut shards = HashMap::new();
+        for (layout, list) in assignments {
+            layouts.insert(layout.volume, layout);
+            for new in list {
+                let k = (layout.volume, new.shard);
+                let keep = self.shards.get(&k).filter(|old| old.epoch > new.epoch).cloned();
+                shards.insert(k, keep.unwrap_or(new));
+            }
+        }
+        self.layouts = layouts;
+        self.shards = shards;
+        self.snapshot()
+    }
+
+    /// Every layout with its shards.
+    pub fn snapshot(&self) -> Vec<(VolumeLayout, Vec<ShardPlacement>)> {
+        let mut out: Vec<(VolumeLayout, Vec<ShardPlacement>)> = self
+            .layouts
+            .values()
+            .map(|l| {
+                let mut list: Vec<ShardPlacement> =
+                    self.shards.iter().filter(|((v, _), _)| *v == l.volume).map(|(_, p)| p.clone()).collect();
+                list.sort_by_key(|p| p.shard);
+                (*l, list)
+            })
+            .collect();
+        out.sort_by_key(|(l, _)| l.volume);
+        out
+    }
+
+    /// The placement of one shard, if held.
+    pub fn get(&self, volume: VolumeId, shard: ShardId) -> Option<&ShardPlacement> {
+        self.shards.get(&(volume, shard))
+    }
+
     pub fn status(&self, me: NodeId) -> Vec<ShardStatus> {
         let mut out: Vec<ShardStatus> = self
             .shards

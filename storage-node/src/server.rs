@@ -2,14 +2,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use augur_meta::MetaClient;
 
 use augur_proto::rpc::{ServerLimits, serve, server_endpoint};
-use augur_proto::{NodeId, Role, TlsIdentity};
+use augur_proto::{NodeId, Role, RpcClient, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cache::BlockCache;
 use crate::config::{ConfigError, NodeConfig};
+use crate::heartbeat::Heartbeat;
 use crate::service::NodeService;
 use crate::space::SpaceMonitor;
 use crate::store::{BlockStore, StoreError, StoreOptions};
@@ -41,6 +45,7 @@ pub struct Node {
     service: Arc<NodeService>,
     store: Arc<BlockStore>,
     limits: ServerLimits,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl Node {
@@ -73,20 +78,34 @@ impl Node {
             endpoint.local_addr().map_err(|source| NodeError::Bind { addr: config.listen, source })?;
         let cache = BlockCache::new(config.cache_bytes_max, TYPICAL_BLOCK_BYTES);
         let space = SpaceMonitor::new(data_dir.clone(), config.reserve_bytes);
-        let service = Arc::new(
-            NodeService::new(store.clone(), cache, space, local_addr.to_string()).map_err(store_err)?,
-        );
+        let rpc = Arc::new(RpcClient::with_endpoint(endpoint.clone()));
+        let mut service =
+            NodeService::new(store.clone(), cache, space, local_addr.to_string(), rpc.clone()).map_err(store_err)?;
+        service.inject_latency = Duration::from_millis(config.inject_latency_ms);
+        let service = Arc::new(service);
+        let heartbeat = (!config.meta.is_empty()).then(|| Heartbeat {
+            meta: Arc::new(MetaClient::new(rpc, config.meta.clone())),
+            service: service.clone(),
+            addr: local_addr.to_string(),
+            zone: config.zone.clone(),
+            perf_class: config.perf_class.parse().unwrap_or_default(),
+            interval: Duration::from_millis(config.heartbeat_ms),
+        });
         let limits = ServerLimits {
             connections_max: config.connections_max,
             requests_in_flight_max: config.requests_in_flight_max,
         };
-        Ok(Self { node_id: store.node_id(), local_addr, endpoint, service, store, limits })
+        Ok(Self { node_id: store.node_id(), local_addr, endpoint, service, store, limits, heartbeat })
     }
 
     /// Serves until `shutdown` is cancelled, then finishes in-flight requests and flushes.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         info!(node = %self.node_id, addr = %self.local_addr, "storage node serving");
+        let heartbeat = self.heartbeat.map(|h| tokio::spawn(h.run(shutdown.clone())));
         serve(self.endpoint, self.service, self.limits, shutdown).await;
+        if let Some(h) = heartbeat {
+            let _ = h.await;
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await

@@ -1,29 +1,53 @@
 //! The storage node's RPC service: every block request is checked against the placement table,
 //! served from the memory cache or the RocksDB store, and checksummed on the way out.
 
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use augur_proto::meta::{NodeAssignment, ShardLoad};
 use augur_proto::msg::{
-    BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockData, BlockRead, NodeStatus, RequestBody, Response, ResponseBody,
-    ShardPlacement, VolumeLayout,
+    BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockData, BlockRead, NodeStatus, Replica, RequestBody, Response,
+    ResponseBody, ShardPlacement, VolumeLayout,
 };
-use augur_proto::{BlockId, ErrorCode, Ino, NodeId, Peer, Service, ShardRef, WireError};
+use augur_proto::{BlockId, ErrorCode, Ino, NodeId, Peer, RpcClient, Service, ShardId, ShardRef, VolumeId, WireError};
 use serde_bytes::ByteBuf;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::cache::{BlockCache, CacheKey, CachedBlock};
 use crate::placement::PlacementTable;
 use crate::space::SpaceMonitor;
 use crate::store::{BlockStore, StoreError};
 
+/// Stripes of the per-block write locks that order a primary's writes and their forwarding.
+const WRITE_LOCK_STRIPES: usize = 1024;
+/// Deadline of one forwarded write to a backup.
+const REPLICATE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One shard's load since the last heartbeat.
+#[derive(Default, Clone, Copy)]
+struct LoadAcc {
+    load: ShardLoad,
+    latency_sum_us: u64,
+}
+
 pub struct NodeService {
     store: Arc<BlockStore>,
+    rpc: Arc<RpcClient>,
+    /// Writes hold their shard's lock shared, range deletes exclusive, so every replica sees
+    /// a delete and the writes around it in the same order.
+    shard_locks: Mutex<HashMap<(VolumeId, ShardId), Arc<tokio::sync::RwLock<()>>>>,
+    /// Held by a primary from its local write until every backup has the block.
+    write_locks: Vec<tokio::sync::Mutex<()>>,
+    loads: Mutex<HashMap<(VolumeId, ShardId), LoadAcc>>,
     cache: BlockCache,
     placement: RwLock<PlacementTable>,
     space: SpaceMonitor,
     node_id: NodeId,
     listen: String,
+    /// Test/bench only: added to every block request (`inject-latency-ms`).
+    pub(crate) inject_latency: Duration,
     started: Instant,
 }
 
@@ -53,6 +77,7 @@ impl NodeService {
         cache: BlockCache,
         space: SpaceMonitor,
         listen: String,
+        rpc: Arc<RpcClient>,
     ) -> Result<Self, StoreError> {
         let mut table = PlacementTable::default();
         let (layouts, shards) = store.load_placement()?;
@@ -64,10 +89,15 @@ impl NodeService {
         Ok(Self {
             node_id: store.node_id(),
             store,
+            rpc,
+            shard_locks: Mutex::new(HashMap::new()),
+            write_locks: (0..WRITE_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            loads: Mutex::new(HashMap::new()),
             cache,
             placement: RwLock::new(table),
             space,
             listen,
+            inject_latency: Duration::ZERO,
             started: Instant::now(),
         })
     }
@@ -108,6 +138,15 @@ impl NodeService {
     }
 
     async fn read(&self, read: BlockRead) -> Result<BlockData, WireError> {
+        let started = Instant::now();
+        let result = self.read_inner(read).await;
+        if let Ok(d) = &result {
+            self.record(read.shard, false, d.data.len() as u64, started);
+        }
+        result
+    }
+
+    async fn read_inner(&self, read: BlockRead) -> Result<BlockData, WireError> {
         let block_size = self.check(read.shard)?;
         if let Some(r) = read.range
             && u64::from(r.offset) + u64::from(r.len) > u64::from(block_size)
@@ -160,6 +199,99 @@ impl NodeService {
         Ok(())
     }
 
+    fn shard_lock(&self, shard: ShardRef) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self.shard_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry((shard.volume, shard.shard)).or_default().clone()
+    }
+
+    /// The backups of a shard this node is primary of; `NotPrimary` otherwise.
+    fn backups(&self, shard: ShardRef) -> Result<Vec<Replica>, WireError> {
+        let table = self.placement.read().unwrap_or_else(|p| p.into_inner());
+        let p = table.get(shard.volume, shard.shard).ok_or_else(|| {
+            WireError::new(ErrorCode::ShardNotHere, format!("{} holds no {shard}", self.node_id))
+        })?;
+        match p.replicas.first() {
+            Some(r) if r.node == self.node_id => Ok(p.replicas[1..].to_vec()),
+            first => Err(WireError::new(
+                ErrorCode::NotPrimary,
+                format!(
+                    "{} is not the primary of {shard}; {} is",
+                    self.node_id,
+                    first.map(|r| r.node.to_string()).unwrap_or_default()
+                ),
+            )),
+        }
+    }
+
+    /// Sends `body` to every backup; all must persist it before the primary acks.
+    async fn forward(&self, backups: Vec<Replica>, body: RequestBody) -> Result<(), WireError> {
+        let mut calls = tokio::task::JoinSet::new();
+        for r in backups {
+            let (rpc, body) = (self.rpc.clone(), body.clone());
+            calls.spawn(async move {
+                let addr: SocketAddr = r.addr.parse().map_err(|e| {
+                    WireError::new(ErrorCode::Internal, format!("backup {} has a bad address {:?}: {e}", r.node, r.addr))
+                })?;
+                rpc.call_with_deadline(addr, body, REPLICATE_DEADLINE).await.map(|_| ()).map_err(|e| {
+                    let code = match e.code() {
+                        Some(c @ (ErrorCode::StaleEpoch { .. } | ErrorCode::EpochAhead { .. } | ErrorCode::NoSpace)) => {
+                            c.clone()
+                        }
+                        Some(ErrorCode::ShardNotHere) => ErrorCode::ShardNotHere,
+                        _ => ErrorCode::Unavailable,
+                    };
+                    WireError::new(code, format!("backup {} ({addr}): {e}", r.node))
+                })
+            });
+        }
+        let mut first_error = None;
+        while let Some(done) = calls.join_next().await {
+            let result = done.unwrap_or_else(|e| Err(WireError::new(ErrorCode::Internal, e.to_string())));
+            if let Err(e) = result {
+                warn!(error = %e, "replication to a backup failed; the write is not acked");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn record(&self, shard: ShardRef, write: bool, bytes: u64, started: Instant) {
+        let us = started.elapsed().as_micros() as u64;
+        let mut loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+        let acc = loads.entry((shard.volume, shard.shard)).or_default();
+        if write {
+            acc.load.writes += 1;
+            acc.load.write_bytes += bytes;
+        } else {
+            acc.load.reads += 1;
+            acc.load.read_bytes += bytes;
+        }
+        acc.latency_sum_us += us;
+        acc.load.latency_max_us = acc.load.latency_max_us.max(us);
+    }
+
+    /// Per-shard load since the last call (sent with each heartbeat).
+    pub fn take_loads(&self) -> Vec<ShardLoad> {
+        let loads = std::mem::take(&mut *self.loads.lock().unwrap_or_else(|p| p.into_inner()));
+        loads
+            .into_iter()
+            .map(|((volume, shard), acc)| {
+                let ops = (acc.load.reads + acc.load.writes).max(1);
+                ShardLoad { volume, shard, latency_mean_us: acc.latency_sum_us / ops, ..acc.load }
+            })
+            .collect()
+    }
+
+    /// Installs the meta group's full assignment for this node.
+    pub async fn apply_assignments(&self, assignments: Vec<NodeAssignment>) -> Result<(), WireError> {
+        let list = assignments.into_iter().map(|a| (a.layout, a.shards)).collect();
+        let table = self.placement.write().unwrap_or_else(|p| p.into_inner()).replace_all(list);
+        let shards: usize = table.iter().map(|(_, s)| s.len()).sum();
+        self.blocking(move |s| s.replace_placement(&table)).await?;
+        info!(node = %self.node_id, shards, "placement from the meta group installed");
+        Ok(())
+    }
+
     async fn write(
         &self,
         shard: ShardRef,
@@ -167,7 +299,9 @@ impl NodeService {
         offset: u32,
         data: ByteBuf,
     ) -> Result<ResponseBody, WireError> {
+        let started = Instant::now();
         let block_size = self.check(shard)?;
+        let backups = self.backups(shard)?;
         if u64::from(offset) + data.len() as u64 > u64::from(block_size) {
             return Err(invalid(format!(
                 "write of {} bytes at offset {offset} overruns the {block_size}-byte block",
@@ -175,15 +309,54 @@ impl NodeService {
             )));
         }
         self.space.check_room(data.len() as u64).map_err(wire)?;
+        let shard_lock = self.shard_lock(shard);
+        let _shard_guard = shard_lock.read().await;
+        let stripe = (crc32fast::hash(&crate::store::block_key(shard.volume, shard.shard, block)) as usize)
+            % self.write_locks.len();
+        let _block_guard = self.write_locks[stripe].lock().await;
         let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
         // Drop the cached copy before and after: a concurrent read may re-cache the old bytes
         // between our removal and the store write.
         self.cache.remove(&key);
         let len = data.len() as u64;
-        self.blocking(move |s| s.write(shard.volume, shard.shard, block, offset, &data, block_size)).await?;
+        let content = self
+            .blocking(move |s| s.write(shard.volume, shard.shard, block, offset, &data, block_size))
+            .await?;
         self.cache.remove(&key);
+        if !backups.is_empty() {
+            let crc32 = crc32fast::hash(&content);
+            let body = RequestBody::ReplicateBlock { shard, block, data: ByteBuf::from(content), crc32 };
+            self.forward(backups, body).await?;
+        }
         metrics::counter!("augur_node_write_bytes_total").increment(len);
+        self.record(shard, true, len, started);
         Ok(ResponseBody::Written)
+    }
+
+    /// A backup stores a block exactly as its primary has it.
+    async fn replicate_block(
+        &self,
+        shard: ShardRef,
+        block: BlockId,
+        data: ByteBuf,
+        crc32: u32,
+    ) -> Result<ResponseBody, WireError> {
+        let started = Instant::now();
+        let block_size = self.check(shard)?;
+        if data.len() > block_size as usize {
+            return Err(invalid(format!("replicated block of {} bytes exceeds {block_size}", data.len())));
+        }
+        if crc32fast::hash(&data) != crc32 {
+            return Err(WireError::new(ErrorCode::ChecksumMismatch, format!("replicated {block} arrived damaged")));
+        }
+        self.space.check_room(data.len() as u64).map_err(wire)?;
+        let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
+        self.cache.remove(&key);
+        let len = data.len() as u64;
+        self.blocking(move |s| s.put(shard.volume, shard.shard, block, &data)).await?;
+        self.cache.remove(&key);
+        self.record(shard, true, len, started);
+        Ok(ResponseBody::Replicated)
     }
 
     async fn delete_range(
@@ -191,12 +364,19 @@ impl NodeService {
         shard: ShardRef,
         ino: Ino,
         from_index: u64,
+        forward: bool,
     ) -> Result<ResponseBody, WireError> {
         self.check(shard)?;
+        let backups = if forward { self.backups(shard)? } else { Vec::new() };
+        let shard_lock = self.shard_lock(shard);
+        let _guard = shard_lock.write().await;
         self.cache.remove_from(shard.volume, shard.shard, ino, from_index);
         self.blocking(move |s| s.delete_from(shard.volume, shard.shard, ino, from_index)).await?;
         self.cache.remove_from(shard.volume, shard.shard, ino, from_index);
-        Ok(ResponseBody::Deleted)
+        if !backups.is_empty() {
+            self.forward(backups, RequestBody::ReplicateDelete { shard, ino, from_index }).await?;
+        }
+        Ok(if forward { ResponseBody::Deleted } else { ResponseBody::Replicated })
     }
 
     async fn warm(&self, blocks: Vec<BlockRead>) -> Result<ResponseBody, WireError> {
@@ -250,6 +430,17 @@ impl NodeService {
 
 impl Service for NodeService {
     async fn handle(&self, peer: &Peer, body: RequestBody) -> Response {
+        if !self.inject_latency.is_zero()
+            && matches!(
+                body,
+                RequestBody::ReadBlock { .. }
+                    | RequestBody::ReadBlocks { .. }
+                    | RequestBody::WriteBlock { .. }
+                    | RequestBody::Warm { .. }
+            )
+        {
+            tokio::time::sleep(self.inject_latency).await;
+        }
         let result = match body {
             RequestBody::ReadBlock { read } => self.read(read).await.map(ResponseBody::Block),
             RequestBody::ReadBlocks { reads } => match self.check_batch(&reads) {
@@ -266,11 +457,18 @@ impl Service for NodeService {
                 self.write(shard, block, offset, data).await
             }
             RequestBody::DeleteRange { shard, ino, from_index } => {
-                self.delete_range(shard, ino, from_index).await
+                self.delete_range(shard, ino, from_index, true).await
+            }
+            RequestBody::ReplicateBlock { shard, block, data, crc32 } => {
+                self.replicate_block(shard, block, data, crc32).await
+            }
+            RequestBody::ReplicateDelete { shard, ino, from_index } => {
+                self.delete_range(shard, ino, from_index, false).await
             }
             RequestBody::Warm { blocks } => self.warm(blocks).await,
             RequestBody::NodeStatus => Ok(ResponseBody::NodeStatus(Box::new(self.status()))),
             RequestBody::SetPlacement { layout, shards } => self.set_placement(peer, layout, shards).await,
+            other => Err(invalid(format!("{} is a meta request; this is a storage node", other.name()))),
         };
         if let Err(e) = &result
             && matches!(e.code, ErrorCode::InvalidArgument)

@@ -266,6 +266,14 @@ impl BlockStore {
         Ok(content)
     }
 
+    /// Replaces a whole block with `content`, durably (a backup storing what its primary holds).
+    pub fn put(&self, volume: VolumeId, shard: ShardId, block: BlockId, content: &[u8]) -> Result<(), StoreError> {
+        let key = block_key(volume, shard, block);
+        let _guard = self.lock(&key);
+        let value = encode_value(content);
+        self.db.put_cf_opt(self.blocks_cf(), key, value, &sync_write()).map_err(StoreError::from_rocks)
+    }
+
     /// Deletes, durably, the blocks of `ino` in this shard whose index is at least `from_index`.
     pub fn delete_from(
         &self,
@@ -290,6 +298,20 @@ impl BlockStore {
         batch.put_cf(cf, layout_key(layout.volume), encode(layout));
         for shard in shards {
             batch.put_cf(cf, shard_key(layout.volume, shard.shard), encode(shard));
+        }
+        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+    }
+
+    /// Replaces every saved layout and placement at once (the meta group's full assignment).
+    pub fn replace_placement(&self, assignments: &[(VolumeLayout, Vec<ShardPlacement>)]) -> Result<(), StoreError> {
+        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, &[0u8][..], &[0xffu8; 16][..]);
+        for (layout, shards) in assignments {
+            batch.put_cf(cf, layout_key(layout.volume), encode(layout));
+            for shard in shards {
+                batch.put_cf(cf, shard_key(layout.volume, shard.shard), encode(shard));
+            }
         }
         self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
     }
