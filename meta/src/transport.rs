@@ -129,13 +129,18 @@ impl Receiver {
 
     pub fn receive(&self, msgs: Vec<ByteBuf>) -> Result<(), WireError> {
         for bytes in msgs {
-            let msg = decode(&bytes).map_err(|m| WireError::new(ErrorCode::Malformed, m))?;
+            let mut msg = decode(&bytes).map_err(|m| WireError::new(ErrorCode::Malformed, m))?;
+            let initialized = self.handle.shared.initialized.load(Ordering::Acquire);
+            if !initialized && msg.get_msg_type() == MessageType::MsgHeartbeat {
+                // A leader that still counts entries this (wiped) member once held would make
+                // raft-rs commit past the empty log and panic; the member commits nothing
+                // until its snapshot arrives (re-added, the leader sends one).
+                msg.commit = 0;
+            }
             match msg.get_msg_type() {
                 // A member that lost its state (or never had any) does not vote: it may have
                 // voted in this term before it was wiped.
-                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-                    if !self.handle.shared.initialized.load(Ordering::Acquire) =>
-                {
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote if !initialized => {
                     debug!(from = msg.from, "not voting before the first snapshot");
                 }
                 MessageType::MsgSnapshot => {

@@ -167,10 +167,10 @@ pub enum RpcError {
     Connection { addr: String, reason: String },
     #[error("request to {addr} timed out after {ms} ms")]
     Timeout { addr: String, ms: u64 },
-    #[error("frame from {addr}: {source}")]
-    Frame { addr: String, source: FrameError },
-    #[error("{addr} answered: {source}")]
-    Remote { addr: String, source: WireError },
+    #[error("frame from {addr}: {error}")]
+    Frame { addr: String, error: FrameError },
+    #[error("{addr} answered: {error}")]
+    Remote { addr: String, error: WireError },
     #[error("{addr} answered with an unexpected response: {what}")]
     Unexpected { addr: String, what: String },
 }
@@ -179,7 +179,7 @@ impl RpcError {
     /// The remote error code, when the peer answered with an error.
     pub fn code(&self) -> Option<&ErrorCode> {
         match self {
-            RpcError::Remote { source, .. } => Some(&source.code),
+            RpcError::Remote { error, .. } => Some(&error.code),
             _ => None,
         }
     }

@@ -405,13 +405,13 @@ impl RpcClient {
         let frame_err = |e: FrameError| match e {
             FrameError::Io(io) => lost(&io),
             FrameError::Truncated => lost(&"stream closed before the response"),
-            other => RpcError::Frame { addr: addr.to_string(), source: other },
+            other => RpcError::Frame { addr: addr.to_string(), error: other },
         };
         let (mut send, mut recv) = self.open_stream(addr).await?;
         write_frame(&mut send, request).await.map_err(frame_err)?;
         let _ = send.finish();
         let response = read_frame::<Response, _>(&mut recv, FRAME_BODY_MAX_BYTES).await.map_err(frame_err)?;
-        response.map_err(|source| RpcError::Remote { addr: addr.to_string(), source })
+        response.map_err(|error| RpcError::Remote { addr: addr.to_string(), error })
     }
 
     /// Opens a raw request stream to `addr`, reconnecting once if the cached connection died.

@@ -165,3 +165,112 @@ pub fn augur(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A running `augur meta serve` process on a fixed address; killed when dropped.
+pub struct MetaProc {
+    pub child: Child,
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    args: Vec<String>,
+}
+
+impl MetaProc {
+    /// Starts member `id` listening on `addr` with `peers` (`ID=ADDR,...`) and `extra` flags.
+    pub fn spawn(cluster: &Cluster, id: u64, addr: SocketAddr, peers: &str, extra: &[&str]) -> Self {
+        let tls = cluster.tls(Role::Meta, &format!("meta-{id}"));
+        let data = cluster.path().join("data").join(format!("meta-{id}-{}", addr.ip()));
+        let mut args: Vec<String> = ["meta", "serve", "--id", &id.to_string(), "--listen", &addr.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["--peers".into(), peers.into(), "--data-dir".into(), data.display().to_string()]);
+        args.extend(["--tls".into(), tls.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start(id, addr, data, args)
+    }
+
+    fn start(id: u64, addr: SocketAddr, data: PathBuf, args: Vec<String>) -> Self {
+        std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+        let mut child = Command::new(AUGUR)
+            .args(&args)
+            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn augur meta serve");
+        let bound = wait_for_ready(&mut child, " serving on ");
+        assert_eq!(bound, addr);
+        Self { child, id, addr, data, args }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+        self.child.wait().expect("wait for meta member")
+    }
+
+    /// Starts the member again with the same flags plus `extra` (e.g. `--join` after a wipe).
+    pub fn restart(&mut self, extra: &[&str]) {
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let next = Self::start(self.id, self.addr, self.data.clone(), args);
+        drop(std::mem::replace(self, next));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MetaProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `n` meta members on `{net}.1:7000`, `{net}.2:7000`, ... Returns them and the
+/// comma-separated address list.
+pub fn meta_group(cluster: &Cluster, net: &str, n: u64, extra: &[&str]) -> (Vec<MetaProc>, String) {
+    let addr = |i: u64| -> SocketAddr { format!("{net}.{i}:7000").parse().unwrap() };
+    let peers: Vec<String> = (1..=n).map(|i| format!("{i}={}", addr(i))).collect();
+    let peers = peers.join(",");
+    let members: Vec<MetaProc> = (1..=n).map(|i| MetaProc::spawn(cluster, i, addr(i), &peers, extra)).collect();
+    let addrs: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
+    (members, addrs.join(","))
+}
+
+/// An in-process meta client with the given role.
+pub fn meta_client(cluster: &Cluster, role: Role, addrs: &str) -> std::sync::Arc<augur_meta::MetaClient> {
+    let rpc = std::sync::Arc::new(cluster.client(role, &format!("{role}-test")));
+    std::sync::Arc::new(augur_meta::MetaClient::new(rpc, augur_meta::parse_addrs(addrs).unwrap()))
+}
+
+/// A member's own view of the group.
+pub async fn meta_status(rpc: &RpcClient, addr: SocketAddr) -> Option<augur_proto::meta::MetaStatus> {
+    match rpc.call_with_deadline(addr, augur_proto::msg::RequestBody::MetaStatus, Duration::from_secs(2)).await {
+        Ok(augur_proto::msg::ResponseBody::MetaStatus(s)) => Some(*s),
+        _ => None,
+    }
+}
+
+/// Polls until `cond` holds, failing the test with `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,235 @@
+//! The block data path: route each block to its shard's replicas, read from the nearest
+//! in-sync replica and fail over, write through the primary, and refresh placement from the
+//! meta group whenever a node says the client's epoch is stale.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use augur_meta::MetaClient;
+use augur_proto::meta::VolumeInfo;
+use augur_proto::msg::{BlockRead, Replica, RequestBody, ResponseBody, ShardPlacement};
+use augur_proto::{BlockId, ErrorCode, Ino, RpcClient, RpcError, ShardId, ShardRef};
+use serde_bytes::ByteBuf;
+use tracing::{debug, warn};
+
+/// How long one block operation keeps retrying (through node loss, placement changes and
+/// elections) before it fails. Longer than the meta group's default dead-node timeout, so a
+/// write outlives the failover that makes it possible again.
+pub const BLOCK_OP_DEADLINE: Duration = Duration::from_secs(30);
+/// Deadline of one attempt against one replica.
+pub const BLOCK_ATTEMPT_DEADLINE: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(1000);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("no space left on the storage nodes of {0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("meta group: {0}")]
+    Meta(RpcError),
+}
+
+pub struct BlockClient {
+    meta: Arc<MetaClient>,
+    rpc: Arc<RpcClient>,
+    pub volume: VolumeInfo,
+    placement: RwLock<HashMap<ShardId, ShardPlacement>>,
+    pub deadline: Duration,
+}
+
+fn addr_of(r: &Replica) -> Option<SocketAddr> {
+    r.addr.parse().ok()
+}
+
+impl BlockClient {
+    /// Opens `volume` by name: learns its parameters and placement.
+    pub async fn open(meta: Arc<MetaClient>, rpc: Arc<RpcClient>, volume: &str) -> Result<Self, BlockError> {
+        let info = sharding(&meta, volume).await?;
+        let client = Self {
+            meta,
+            rpc,
+            volume: info.0,
+            placement: RwLock::new(info.1.into_iter().map(|p| (p.shard, p)).collect()),
+            deadline: BLOCK_OP_DEADLINE,
+        };
+        Ok(client)
+    }
+
+    /// Fetches the placement again (after a node refused our epoch).
+    pub async fn refresh(&self) -> Result<(), BlockError> {
+        let (_, shards) = sharding(&self.meta, &self.volume.name).await?;
+        let mut table = self.placement.write().unwrap_or_else(|p| p.into_inner());
+        for p in shards {
+            // Never go back to an older epoch than one already learnt.
+            if table.get(&p.shard).is_none_or(|old| old.epoch <= p.epoch) {
+                table.insert(p.shard, p);
+            }
+        }
+        Ok(())
+    }
+
+    /// The placement the client currently routes `shard` with.
+    pub fn placement_of(&self, shard: ShardId) -> Option<ShardPlacement> {
+        self.placement.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
+    }
+
+    fn route(&self, block: BlockId) -> Result<(ShardRef, Vec<Replica>), BlockError> {
+        let shard = self.volume.shard_of(block.ino, block.index);
+        let p = self
+            .placement_of(shard)
+            .ok_or_else(|| BlockError::Unavailable(format!("no placement known for {shard}")))?;
+        Ok((ShardRef { volume: self.volume.id, shard, epoch: p.epoch }, p.replicas))
+    }
+
+    /// Replicas ordered for reading: lowest measured round trip first, the primary first
+    /// among those not measured yet.
+    fn read_order(&self, replicas: Vec<Replica>) -> Vec<Replica> {
+        let mut ranked: Vec<(Duration, usize, Replica)> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let rtt = addr_of(&r).and_then(|a| self.rpc.rtt(a)).unwrap_or(Duration::from_secs(1));
+                (rtt, i, r)
+            })
+            .collect();
+        ranked.sort_by_key(|(rtt, i, _)| (*rtt, *i));
+        ranked.into_iter().map(|(_, _, r)| r).collect()
+    }
+
+    /// Reads a whole block (bytes past what was ever written read as zeros: the result may be
+    /// shorter than the block size). Verifies the CRC again on arrival.
+    pub async fn read(&self, block: BlockId) -> Result<Vec<u8>, BlockError> {
+        let started = Instant::now();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let (shard, replicas) = self.route(block)?;
+            let mut refresh = false;
+            let mut last = String::from("no replicas");
+            for r in self.read_order(replicas) {
+                let Some(addr) = addr_of(&r) else { continue };
+                let body = RequestBody::ReadBlock { read: BlockRead { shard, block, range: None } };
+                match self.rpc.call_with_deadline(addr, body, BLOCK_ATTEMPT_DEADLINE).await {
+                    Ok(ResponseBody::Block(b)) if crc32fast::hash(&b.data) == b.crc32 => return Ok(b.data.into_vec()),
+                    Ok(ResponseBody::Block(_)) => {
+                        warn!(%block, node = %r.node, "block failed its checksum in transit; trying another replica");
+                        last = format!("{} sent a damaged block", r.node);
+                    }
+                    Ok(other) => last = format!("{} answered {other:?}", r.node),
+                    Err(e) => {
+                        if matches!(
+                            e.code(),
+                            Some(ErrorCode::StaleEpoch { .. } | ErrorCode::ShardNotHere | ErrorCode::EpochAhead { .. })
+                        ) {
+                            refresh = true;
+                        }
+                        debug!(%block, node = %r.node, error = %e, "read failed on one replica");
+                        last = e.to_string();
+                    }
+                }
+            }
+            if started.elapsed() >= self.deadline {
+                return Err(BlockError::Unavailable(format!("reading {block}: every replica failed; last: {last}")));
+            }
+            if refresh {
+                self.refresh().await?;
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let _ = self.refresh().await;
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` in a block through the shard's primary, which acks once every
+    /// in-sync replica has it.
+    pub async fn write(&self, block: BlockId, offset: u32, data: &[u8]) -> Result<(), BlockError> {
+        if u64::from(offset) + data.len() as u64 > u64::from(self.volume.block_size_bytes) {
+            return Err(BlockError::Invalid(format!(
+                "write of {} bytes at {offset} overruns the {}-byte block",
+                data.len(),
+                self.volume.block_size_bytes
+            )));
+        }
+        let data = ByteBuf::from(data.to_vec());
+        let shard = self.volume.shard_of(block.ino, block.index);
+        self.through_primary(shard, block, |shard| RequestBody::WriteBlock {
+            shard,
+            block,
+            offset,
+            data: data.clone(),
+        })
+        .await
+    }
+
+    /// Deletes the blocks of `ino` from `from_index` on, in every shard (truncate, unlink).
+    pub async fn delete_from(&self, ino: Ino, from_index: u64) -> Result<(), BlockError> {
+        for s in 0..self.volume.shard_count {
+            let shard = ShardId(s);
+            let probe = BlockId::new(ino, 0);
+            self.through_primary(shard, probe, |shard| RequestBody::DeleteRange { shard, ino, from_index }).await?;
+        }
+        Ok(())
+    }
+
+    async fn through_primary(
+        &self,
+        shard: ShardId,
+        what: BlockId,
+        body: impl Fn(ShardRef) -> RequestBody,
+    ) -> Result<(), BlockError> {
+        let started = Instant::now();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let p = self
+                .placement_of(shard)
+                .ok_or_else(|| BlockError::Unavailable(format!("no placement known for {shard}")))?;
+            let shard_ref = ShardRef { volume: self.volume.id, shard, epoch: p.epoch };
+            let primary = p.replicas.first().cloned();
+            let result = match primary.as_ref().and_then(addr_of) {
+                Some(addr) => self.rpc.call_with_deadline(addr, body(shard_ref), BLOCK_ATTEMPT_DEADLINE).await,
+                None => Err(RpcError::Unexpected { addr: String::new(), what: format!("{shard} has no primary") }),
+            };
+            let err = match result {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            match err.code() {
+                Some(ErrorCode::NoSpace) => return Err(BlockError::NoSpace(shard.to_string())),
+                Some(ErrorCode::InvalidArgument | ErrorCode::PermissionDenied) => {
+                    return Err(BlockError::Invalid(err.to_string()));
+                }
+                _ => {}
+            }
+            if started.elapsed() >= self.deadline {
+                return Err(BlockError::Unavailable(format!("writing {what} to {shard}: {err}")));
+            }
+            debug!(%shard, error = %err, "write attempt failed; retrying");
+            match err.code() {
+                // The client is behind: learn the new placement and go again at once.
+                Some(ErrorCode::StaleEpoch { .. } | ErrorCode::ShardNotHere | ErrorCode::NotPrimary) => {
+                    self.refresh().await?;
+                }
+                // The node is behind, or a replica is down: give the meta group time to act.
+                _ => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let _ = self.refresh().await;
+                }
+            }
+        }
+    }
+}
+
+async fn sharding(meta: &MetaClient, volume: &str) -> Result<(VolumeInfo, Vec<ShardPlacement>), BlockError> {
+    match meta.call(RequestBody::GetVolumeShardingInfo { volume: volume.to_string() }).await {
+        Ok(ResponseBody::Sharding(info)) => Ok((info.volume, info.shards)),
+        Ok(other) => Err(BlockError::Unavailable(format!("unexpected answer to GetVolumeShardingInfo: {other:?}"))),
+        Err(e) => Err(BlockError::Meta(e)),
+    }
+}
