@@ -218,6 +218,21 @@ struct NodeServeArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Namespace ops/s (create, stat, rename) and commit latency: 1-member vs 3-member group.
+    Meta {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+        /// Operations of each kind per run.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+        ops: u32,
+        /// Sequential creates timed per run for commit latency.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(10..=100_000))]
+        samples: u32,
+    },
     /// Block write/read throughput and 4 KiB read latency: over QUIC vs the store in-process.
     Node {
         /// Print JSON instead of a table.
@@ -273,6 +288,14 @@ async fn run(command: Command) -> Result<()> {
         Command::Node(NodeCommand::Serve(args)) => node_serve(args).await?,
         Command::Node(NodeCommand::Status { node, tls, json }) => {
             status::node_status(node, &tls, json).await?
+        }
+        Command::Bench(BenchCommand::Meta { json, runs, ops, samples }) => {
+            let report = bench::meta::run(bench::meta::BenchOptions { runs, ops, samples }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
         }
         Command::Bench(BenchCommand::Node { json, runs, blocks, samples }) => {
             let options = bench::node::BenchOptions { runs, blocks, samples };

@@ -1,3 +1,4 @@
 //! Benchmarks: programs that measure side by side in one run and print ratios.
 
+pub mod meta;
 pub mod node;
