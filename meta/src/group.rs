@@ -38,6 +38,9 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// A proposal not applied within this long fails with `Unavailable` (the client retries).
 pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Ready rounds handled back to back before the loop looks at its inputs again.
+const READY_ROUNDS_MAX: usize = 16;
+
 /// Tunables of the group (defaults suit a LAN; tests shorten nothing but the compaction).
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
@@ -278,7 +281,19 @@ impl Group {
                 self.raw.tick();
                 self.expire();
             }
-            if let Err(e) = self.on_ready() {
+            // Advancing can make more work ready at once (a single member commits its own
+            // append): drain it now rather than at the next tick.
+            let mut failed = None;
+            for _ in 0..READY_ROUNDS_MAX {
+                if !self.raw.has_ready() {
+                    break;
+                }
+                if let Err(e) = self.on_ready() {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
                 error!(error = %e, "meta member cannot continue: storage failed");
                 break;
             }

@@ -6,7 +6,7 @@
 //! `m…` group metadata, `n<node>` storage nodes, `v<vol>` volumes, `w<name>` volume by name,
 //! `s<vol><shard>` shard placement, `i<vol><ino>` inodes, `d<vol><parent><name>` directory
 //! entries, `x<vol><ino><name>` xattrs, `o<vol><ino>` orphans (unlinked, maybe still open),
-//! `r<client><seq>` answers kept for exactly-once retries.
+//! `r<client>` answers kept for exactly-once retries (a client session).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -151,8 +151,8 @@ fn k_xattr(v: VolumeId, i: Ino, name: &[u8]) -> Vec<u8> {
 fn k_orphan(v: VolumeId, i: Ino) -> Vec<u8> {
     key(b'o', &[&v.0.to_be_bytes(), &i.0.to_be_bytes()])
 }
-fn k_reply(client: u64, seq: u64) -> Vec<u8> {
-    key(b'r', &[&client.to_be_bytes(), &seq.to_be_bytes()])
+fn k_session(client: u64) -> Vec<u8> {
+    key(b'r', &[&client.to_be_bytes()])
 }
 
 /// The smallest key greater than every key starting with `prefix`.
@@ -340,9 +340,10 @@ impl StateMachine {
         for p in proposals {
             // A retried request that was applied before gets its first answer again.
             if let Cmd::Ns { tag: Some(tag), .. } = &p.cmd
-                && let Ok(Some(prev)) = txn.get::<CmdResult>(&k_reply(tag.client, tag.seq))
+                && let Ok(Some(session)) = txn.get::<Session>(&k_session(tag.client))
+                && let Some(prev) = session.answers.get(&tag.seq)
             {
-                results.push(prev);
+                results.push(prev.clone());
                 continue;
             }
             let sp = txn.savepoint();
@@ -352,19 +353,12 @@ impl StateMachine {
             }
             // Remember tagged answers (errors too) so a retry gets the same answer.
             if let Cmd::Ns { tag: Some(tag), .. } = &p.cmd {
-                forget_answered(&mut txn, tag);
-                txn.put(k_reply(tag.client, tag.seq), &result);
+                remember_answer(&mut txn, tag, &result);
             }
             results.push(result);
         }
         self.write(txn.into_batch(), index, false)?;
         Ok(results)
-    }
-
-    /// The answer already given to a tagged request, if it was applied before.
-    pub fn answered(&self, tag: &RequestTag) -> Result<Option<CmdResult>, StateError> {
-        let k = k_reply(tag.client, tag.seq);
-        self.db.get(&k)?.map(|b| dec(&k, &b)).transpose()
     }
 
     /// Makes every applied write durable (before the log behind it is compacted away).
@@ -576,13 +570,24 @@ impl StateMachine {
     }
 }
 
-fn forget_answered(txn: &mut Txn<'_>, tag: &RequestTag) {
-    if tag.done_below > 0 {
-        let start = k_reply(tag.client, 0);
-        let end = k_reply(tag.client, tag.done_below);
-        // A bounded range delete (the prefix helper deletes whole prefixes only).
-        txn.ranges.push((start, end));
+/// Answers a client may still retry, by sequence number. Answers below the client's
+/// `done_below` are dropped; at most `SESSION_ANSWERS_MAX` are kept (the oldest go first).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Session {
+    answers: BTreeMap<u64, CmdResult>,
+}
+
+/// Most remembered answers per client (a client has at most this many requests in flight).
+pub const SESSION_ANSWERS_MAX: usize = 4096;
+
+fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult) {
+    let mut session: Session = txn.get(&k_session(tag.client)).ok().flatten().unwrap_or_default();
+    session.answers = session.answers.split_off(&tag.done_below);
+    session.answers.insert(tag.seq, result.clone());
+    while session.answers.len() > SESSION_ANSWERS_MAX {
+        session.answers.pop_first();
     }
+    txn.put(k_session(tag.client), &session);
 }
 
 fn check_name(name: &[u8]) -> Result<(), WireError> {
@@ -1120,4 +1125,216 @@ fn adjust_dir(txn: &mut Txn<'_>, vol: VolumeId, dir: Ino, entries: i64, links: i
     d.attr.ctime = now;
     txn.put(k_inode(vol, dir), &d);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct T {
+        _dir: tempfile::TempDir,
+        sm: StateMachine,
+        index: u64,
+        vol: VolumeId,
+    }
+
+    impl T {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let sm = StateMachine::open(&dir.path().join("s")).unwrap();
+            let mut t = Self { _dir: dir, sm, index: 1, vol: VolumeId(0) };
+            let spec = VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("v") };
+            let reg = NodeRegistration {
+                node: NodeId(1),
+                addr: "127.0.0.1:1".into(),
+                zone: None,
+                perf_class: Default::default(),
+                capacity_bytes: 1,
+                used_bytes: 0,
+            };
+            t.cmd(Cmd::RegisterNode(reg)).unwrap();
+            match t.cmd(Cmd::CreateVolume { spec, shards: vec![vec![NodeId(1)]], now_ms: 0 }).unwrap() {
+                CmdOutput::Volume(v) => t.vol = v.id,
+                other => panic!("{other:?}"),
+            }
+            t
+        }
+
+        fn batch(&mut self, cmds: Vec<Cmd>) -> Vec<CmdResult> {
+            self.index += 1;
+            let proposals: Vec<Proposal> = cmds.into_iter().enumerate().map(|(i, cmd)| Proposal { id: i as u64, cmd }).collect();
+            self.sm.apply(self.index, &proposals).unwrap()
+        }
+
+        fn cmd(&mut self, cmd: Cmd) -> CmdResult {
+            self.batch(vec![cmd]).pop().unwrap()
+        }
+
+        fn ns(&mut self, op: NsOp) -> Result<NsReply, WireError> {
+            let cmd = Cmd::Ns { volume: self.vol, op, now: Timestamp { secs: self.index as i64, nanos: 0 }, tag: None };
+            self.cmd(cmd).map(|o| match o {
+                CmdOutput::Ns(r) => r,
+                other => panic!("{other:?}"),
+            })
+        }
+
+        fn mk(&mut self, parent: Ino, name: &str, kind: FileKind) -> Result<Attr, WireError> {
+            let target = (kind == FileKind::Symlink).then(|| ByteBuf::from(b"/target".to_vec()));
+            match self.ns(NsOp::MkNode {
+                parent,
+                name: ByteBuf::from(name.as_bytes().to_vec()),
+                kind,
+                perm: 0o755,
+                uid: 1,
+                gid: 1,
+                rdev: 0,
+                target,
+            })? {
+                NsReply::Attr(a) => Ok(a),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn attr(&self, ino: Ino) -> Attr {
+            match self.sm.ns_read(self.vol, &NsOp::GetAttr { ino }).unwrap() {
+                NsReply::Attr(a) => a,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn rename(&mut self, p: Ino, a: &str, np: Ino, b: &str, no_replace: bool, exchange: bool) -> Result<NsReply, WireError> {
+            self.ns(NsOp::Rename {
+                parent: p,
+                name: ByteBuf::from(a.as_bytes().to_vec()),
+                new_parent: np,
+                new_name: ByteBuf::from(b.as_bytes().to_vec()),
+                no_replace,
+                exchange,
+            })
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(r: Result<T, WireError>) -> ErrorCode {
+        r.unwrap_err().code
+    }
+
+    fn n(s: &str) -> ByteBuf {
+        ByteBuf::from(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn directories_count_links_and_refuse_bad_removals() {
+        let mut t = T::new();
+        let d = t.mk(ROOT_INO, "d", FileKind::Dir).unwrap();
+        let f = t.mk(d.ino, "f", FileKind::File).unwrap();
+        assert_eq!(t.attr(ROOT_INO).nlink, 3);
+        assert_eq!(code(t.mk(d.ino, "f", FileKind::File)), ErrorCode::AlreadyExists);
+        assert_eq!(code(t.mk(f.ino, "x", FileKind::File)), ErrorCode::NotDirectory);
+        assert_eq!(code(t.mk(ROOT_INO, &"n".repeat(256), FileKind::File)), ErrorCode::NameTooLong);
+        assert_eq!(code(t.ns(NsOp::Rmdir { parent: ROOT_INO, name: n("d") })), ErrorCode::NotEmpty);
+        assert_eq!(code(t.ns(NsOp::Unlink { parent: ROOT_INO, name: n("d") })), ErrorCode::IsDirectory);
+        assert_eq!(code(t.ns(NsOp::Rmdir { parent: d.ino, name: n("f") })), ErrorCode::NotDirectory);
+        let r = t.ns(NsOp::Unlink { parent: d.ino, name: n("f") }).unwrap();
+        assert!(matches!(r, NsReply::Removed { orphan: Some(ref a) } if a.ino == f.ino && a.nlink == 0));
+        t.ns(NsOp::Reclaim { ino: f.ino }).unwrap();
+        t.ns(NsOp::Rmdir { parent: ROOT_INO, name: n("d") }).unwrap();
+        assert_eq!(t.attr(ROOT_INO).nlink, 2);
+        let NsReply::StatFs { inodes, .. } = t.sm.ns_read(t.vol, &NsOp::StatFs).unwrap() else { panic!() };
+        assert_eq!(inodes, 1);
+    }
+
+    #[test]
+    fn rename_follows_posix() {
+        let mut t = T::new();
+        let a = t.mk(ROOT_INO, "a", FileKind::Dir).unwrap();
+        let b = t.mk(a.ino, "b", FileKind::Dir).unwrap();
+        let f = t.mk(ROOT_INO, "f", FileKind::File).unwrap();
+        let g = t.mk(ROOT_INO, "g", FileKind::File).unwrap();
+        assert_eq!(code(t.rename(ROOT_INO, "a", b.ino, "a2", false, false)), ErrorCode::InvalidArgument);
+        assert_eq!(code(t.rename(ROOT_INO, "f", ROOT_INO, "a", false, false)), ErrorCode::IsDirectory);
+        assert_eq!(code(t.rename(ROOT_INO, "a", ROOT_INO, "f", false, false)), ErrorCode::NotDirectory);
+        assert_eq!(code(t.rename(ROOT_INO, "f", ROOT_INO, "g", true, false)), ErrorCode::AlreadyExists);
+        let r = t.rename(ROOT_INO, "f", ROOT_INO, "g", false, false).unwrap();
+        assert!(matches!(r, NsReply::Removed { orphan: Some(ref o) } if o.ino == g.ino));
+        assert_eq!(t.attr(f.ino).nlink, 1);
+        // Moving a directory moves its parent link.
+        t.rename(a.ino, "b", ROOT_INO, "b", false, false).unwrap();
+        assert_eq!((t.attr(a.ino).nlink, t.attr(ROOT_INO).nlink), (2, 4));
+        // Replacing a non-empty directory is refused; an empty one is replaced.
+        t.mk(b.ino, "inner", FileKind::File).unwrap();
+        assert_eq!(code(t.rename(ROOT_INO, "a", ROOT_INO, "b", false, false)), ErrorCode::NotEmpty);
+        t.rename(ROOT_INO, "b", ROOT_INO, "a", false, false).unwrap();
+        assert_eq!(t.attr(ROOT_INO).nlink, 3);
+        // Exchange swaps two names atomically.
+        let h = t.mk(ROOT_INO, "h", FileKind::Symlink).unwrap();
+        t.rename(ROOT_INO, "g", ROOT_INO, "h", false, true).unwrap();
+        let look = |t: &T, s: &str| match t.sm.ns_read(t.vol, &NsOp::Lookup { parent: ROOT_INO, name: n(s) }).unwrap() {
+            NsReply::Attr(a) => a.ino,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((look(&t, "g"), look(&t, "h")), (h.ino, f.ino));
+    }
+
+    #[test]
+    fn xattrs_modes_validation_and_inheritance() {
+        let mut t = T::new();
+        let d = t.mk(ROOT_INO, "d", FileKind::Dir).unwrap();
+        let set = |ino, name: &str, value: &str, mode| NsOp::SetXattr { ino, name: n(name), value: n(value), mode };
+        assert_eq!(code(t.ns(set(d.ino, "user.x", "1", XattrMode::ReplaceOnly))), ErrorCode::NoData);
+        t.ns(set(d.ino, "user.x", "1", XattrMode::CreateOnly)).unwrap();
+        assert_eq!(code(t.ns(set(d.ino, "user.x", "2", XattrMode::CreateOnly))), ErrorCode::AlreadyExists);
+        let bad = t.ns(set(d.ino, "user.augur.prefetch", "readahead:0", XattrMode::Upsert)).unwrap_err();
+        assert!(bad.code == ErrorCode::InvalidArgument && bad.message.contains("readahead:0"));
+        assert_eq!(code(t.ns(set(d.ino, "user.augur.shards", "x", XattrMode::Upsert))), ErrorCode::PermissionDenied);
+        t.ns(set(d.ino, "user.augur.prefetch", "sequential", XattrMode::Upsert)).unwrap();
+        let f = t.mk(d.ino, "f", FileKind::File).unwrap();
+        let got = t.sm.ns_read(t.vol, &NsOp::GetXattr { ino: f.ino, name: n("user.augur.prefetch") }).unwrap();
+        assert_eq!(got, NsReply::Value(n("sequential")));
+        t.ns(NsOp::RemoveXattr { ino: d.ino, name: n("user.x") }).unwrap();
+        assert_eq!(code(t.ns(NsOp::RemoveXattr { ino: d.ino, name: n("user.x") })), ErrorCode::NoData);
+    }
+
+    #[test]
+    fn a_failed_command_leaves_nothing_and_retries_are_answered_not_reapplied() {
+        let mut t = T::new();
+        let mk = |name: &str, tag| Cmd::Ns {
+            volume: VolumeId(1),
+            op: NsOp::MkNode {
+                parent: ROOT_INO,
+                name: n(name),
+                kind: FileKind::File,
+                perm: 0o600,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                target: None,
+            },
+            now: Timestamp::default(),
+            tag,
+        };
+        let tag = RequestTag { client: 9, seq: 1, done_below: 1 };
+        let first = t.batch(vec![mk("a", Some(tag)), mk("a", None), mk("b", None)]);
+        assert!(first[0].is_ok() && first[2].is_ok());
+        assert_eq!(first[1].as_ref().unwrap_err().code, ErrorCode::AlreadyExists);
+        // The same tagged request again: the first answer, no second inode.
+        let again = t.cmd(mk("a", Some(tag)));
+        assert_eq!(again, first[0]);
+        let NsReply::StatFs { inodes, .. } = t.sm.ns_read(t.vol, &NsOp::StatFs).unwrap() else { panic!() };
+        assert_eq!(inodes, 3);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_state() {
+        let mut t = T::new();
+        for i in 0..50 {
+            t.mk(ROOT_INO, &format!("f{i}"), FileKind::File).unwrap();
+        }
+        let (applied, _, data) = t.sm.snapshot().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(other.restore(&data).unwrap(), applied);
+        let list = |sm: &StateMachine| sm.ns_read(t.vol, &NsOp::ReadDir { ino: ROOT_INO, after: None, limit: 1000 }).unwrap();
+        assert_eq!(list(&other), list(&t.sm));
+        assert_eq!(other.volumes().unwrap(), t.sm.volumes().unwrap());
+    }
 }
