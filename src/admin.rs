@@ -152,11 +152,7 @@ pub async fn volume(cmd: VolumeCommand) -> Result<()> {
             let ResponseBody::Volumes(list) = meta.client()?.call(RequestBody::ListVolumes).await? else {
                 bail!("unexpected answer to ListVolumes");
             };
-            if meta.json {
-                print_json(&list)?
-            } else {
-                list.iter().for_each(print_volume)
-            }
+            if meta.json { print_json(&list)? } else { list.iter().for_each(print_volume) }
         }
         VolumeCommand::Info { name, meta } => {
             let v = expect_volume(&meta.client()?, RequestBody::GetVolume { name }).await?;
@@ -194,7 +190,9 @@ pub async fn shards(volume: String, explain: bool, meta: MetaArgs) -> Result<()>
 pub async fn hint(volume: String, hint_type: String, value: String, meta: MetaArgs) -> Result<()> {
     let body = RequestBody::SetPrefetchHint { volume, hint_type, hint_value: value };
     let v = expect_volume(&meta.client()?, body).await?;
-    if meta.json { print_json(&v) } else {
+    if meta.json {
+        print_json(&v)
+    } else {
         print_volume(&v);
         Ok(())
     }
@@ -232,7 +230,9 @@ pub async fn meta_admin(cmd: MetaAdminCommand) -> Result<()> {
                 match rpc.call(*addr, RequestBody::MetaStatus).await {
                     Ok(ResponseBody::MetaStatus(s)) => views.push(serde_json::to_value(&*s)?),
                     Ok(other) => bail!("{addr} answered MetaStatus with {other:?}"),
-                    Err(e) => views.push(serde_json::json!({ "addr": addr.to_string(), "error": e.to_string() })),
+                    Err(e) => {
+                        views.push(serde_json::json!({ "addr": addr.to_string(), "error": e.to_string() }))
+                    }
                 }
             }
             if meta.json {
@@ -269,7 +269,8 @@ pub async fn meta_admin(cmd: MetaAdminCommand) -> Result<()> {
 }
 
 pub async fn cluster_status(meta: MetaArgs) -> Result<()> {
-    let ResponseBody::Cluster(c) = meta.client()?.call(RequestBody::ClusterStatus).await.context("cluster status")?
+    let ResponseBody::Cluster(c) =
+        meta.client()?.call(RequestBody::ClusterStatus).await.context("cluster status")?
     else {
         bail!("unexpected answer to ClusterStatus");
     };

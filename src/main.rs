@@ -311,8 +311,12 @@ async fn run(command: Command) -> Result<()> {
         Command::Meta(MetaCommand::Admin(cmd)) => admin::meta_admin(cmd).await?,
         Command::Volume(cmd) => admin::volume(cmd).await?,
         Command::Shards { volume, explain, meta } => admin::shards(volume, explain, meta).await?,
-        Command::Hint { volume, hint_type, value, meta } => admin::hint(volume, hint_type, value, meta).await?,
-        Command::MoveShard { volume, shard, nodes, meta } => admin::move_shard(volume, shard, nodes, meta).await?,
+        Command::Hint { volume, hint_type, value, meta } => {
+            admin::hint(volume, hint_type, value, meta).await?
+        }
+        Command::MoveShard { volume, shard, nodes, meta } => {
+            admin::move_shard(volume, shard, nodes, meta).await?
+        }
         Command::Cluster(ClusterCommand::Status { meta }) => admin::cluster_status(meta).await?,
     }
     Ok(())

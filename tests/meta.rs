@@ -47,7 +47,9 @@ async fn list_root(client: &MetaClient, vol: &VolumeInfo) -> Vec<String> {
     let mut after = None;
     loop {
         let op = NsOp::ReadDir { ino: ROOT_INO, after: after.clone(), limit: 100 };
-        let NsReply::Entries { entries, more } = client.ns(vol.id, op).await.expect("readdir") else { panic!() };
+        let NsReply::Entries { entries, more } = client.ns(vol.id, op).await.expect("readdir") else {
+            panic!()
+        };
         for e in &entries {
             out.push(String::from_utf8(e.name.to_vec()).unwrap());
         }
@@ -141,7 +143,8 @@ async fn leader_kill9_mid_stream_loses_no_acked_write_and_restarts_keep_state() 
     for w in writers {
         w.await.unwrap();
     }
-    let want: Vec<String> = acked.lock().unwrap().iter().map(|i| String::from_utf8(name(*i).to_vec()).unwrap()).collect();
+    let want: Vec<String> =
+        acked.lock().unwrap().iter().map(|i| String::from_utf8(name(*i).to_vec()).unwrap()).collect();
     assert_eq!(want.len(), 400, "every create was acked (retries are transparent)");
     let have = list_root(&client, &vol).await;
     assert_eq!(have, want, "every acked create is present exactly once, nothing else");
@@ -197,7 +200,10 @@ async fn wiped_member_rejoins_through_a_snapshot_and_members_change() {
     let admin_tls = cluster.tls(Role::Admin, "admin");
     let vid = (victim + 1).to_string();
     let vaddr = members[victim].addr.to_string();
-    for args in [&["meta", "remove-member", "--id", &vid][..], &["meta", "add-member", "--id", &vid, "--addr", &vaddr]] {
+    for args in [
+        &["meta", "remove-member", "--id", &vid][..],
+        &["meta", "add-member", "--id", &vid, "--addr", &vaddr],
+    ] {
         let mut a = args.to_vec();
         a.extend(["--meta", &addrs, "--tls", admin_tls.to_str().unwrap()]);
         let (ok, out, err) = augur(&a);
@@ -273,7 +279,9 @@ async fn reads_never_see_state_older_than_an_acked_write() {
     let admin = meta_client(&cluster, Role::Admin, &addrs);
     let _node = registered_node(&cluster, "node-1", "127.0.3.10", &addrs, &[]);
     wait_for_nodes(&admin, 1).await;
-    let vol = create_volume(&admin, VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("lin") }).await;
+    let vol =
+        create_volume(&admin, VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("lin") })
+            .await;
     let writer = meta_client(&cluster, Role::Client, &addrs);
     let NsReply::Attr(file) = writer.ns(vol.id, mk(0)).await.unwrap() else { panic!() };
     let acked = Arc::new(AtomicU64::new(0));
@@ -298,7 +306,8 @@ async fn reads_never_see_state_older_than_an_acked_write() {
     };
     let mut readers = Vec::new();
     for r in 0..3 {
-        let (reader, acked, stop) = (meta_client(&cluster, Role::Client, &addrs), acked.clone(), stop.clone());
+        let (reader, acked, stop) =
+            (meta_client(&cluster, Role::Client, &addrs), acked.clone(), stop.clone());
         readers.push(tokio::spawn(async move {
             let mut reads = 0;
             while !stop.load(Ordering::SeqCst) {
@@ -341,7 +350,8 @@ async fn three_replicas_failover_and_stale_epochs() {
         .map(|i| registered_node(&cluster, &format!("node-{i}"), &format!("127.0.4.{}", 10 + i), &addrs, &[]))
         .collect();
     wait_for_nodes(&admin, 3).await;
-    let spec = VolumeSpec { replicas: 3, shard_count: 4, stripe_unit_blocks: 1, ..VolumeSpec::with_defaults("r3") };
+    let spec =
+        VolumeSpec { replicas: 3, shard_count: 4, stripe_unit_blocks: 1, ..VolumeSpec::with_defaults("r3") };
     let vol = create_volume(&admin, spec).await;
     let client_rpc = Arc::new(cluster.client(Role::Client, "fs"));
     let meta = meta_client(&cluster, Role::Client, &addrs);
@@ -358,7 +368,8 @@ async fn three_replicas_failover_and_stale_epochs() {
         let p = blocks.placement_of(shard).unwrap();
         assert_eq!(p.replicas.len(), 3);
         for r in &p.replicas {
-            let read = BlockRead { shard: ShardRef { volume: vol.id, shard, epoch: p.epoch }, block, range: None };
+            let read =
+                BlockRead { shard: ShardRef { volume: vol.id, shard, epoch: p.epoch }, block, range: None };
             let Ok(ResponseBody::Block(b)) =
                 client_rpc.call(r.addr.parse().unwrap(), RequestBody::ReadBlock { read }).await
             else {
@@ -427,7 +438,18 @@ async fn bad_requests_are_refused_with_clear_errors() {
     let (ok, _, err) = run(&["hint", "nosuch", "prefetch", "random"], &tls_client);
     assert!(!ok && err.contains("no volume named"), "{err}");
     // Bad daemon flags are named.
-    let (ok, _, err) = augur(&["meta", "serve", "--id", "1", "--peers", "1=nowhere", "--data-dir", "/tmp/x", "--tls", "/tmp/x"]);
+    let (ok, _, err) = augur(&[
+        "meta",
+        "serve",
+        "--id",
+        "1",
+        "--peers",
+        "1=nowhere",
+        "--data-dir",
+        "/tmp/x",
+        "--tls",
+        "/tmp/x",
+    ]);
     assert!(!ok && err.contains("nowhere"), "{err}");
     let (ok, _, err) = augur(&[
         "meta",

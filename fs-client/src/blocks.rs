@@ -115,7 +115,9 @@ impl BlockClient {
                 let Some(addr) = addr_of(&r) else { continue };
                 let body = RequestBody::ReadBlock { read: BlockRead { shard, block, range: None } };
                 match self.rpc.call_with_deadline(addr, body, BLOCK_ATTEMPT_DEADLINE).await {
-                    Ok(ResponseBody::Block(b)) if crc32fast::hash(&b.data) == b.crc32 => return Ok(b.data.into_vec()),
+                    Ok(ResponseBody::Block(b)) if crc32fast::hash(&b.data) == b.crc32 => {
+                        return Ok(b.data.into_vec());
+                    }
                     Ok(ResponseBody::Block(_)) => {
                         warn!(%block, node = %r.node, "block failed its checksum in transit; trying another replica");
                         last = format!("{} sent a damaged block", r.node);
@@ -124,7 +126,11 @@ impl BlockClient {
                     Err(e) => {
                         if matches!(
                             e.code(),
-                            Some(ErrorCode::StaleEpoch { .. } | ErrorCode::ShardNotHere | ErrorCode::EpochAhead { .. })
+                            Some(
+                                ErrorCode::StaleEpoch { .. }
+                                    | ErrorCode::ShardNotHere
+                                    | ErrorCode::EpochAhead { .. }
+                            )
                         ) {
                             refresh = true;
                         }
@@ -134,7 +140,9 @@ impl BlockClient {
                 }
             }
             if started.elapsed() >= self.deadline {
-                return Err(BlockError::Unavailable(format!("reading {block}: every replica failed; last: {last}")));
+                return Err(BlockError::Unavailable(format!(
+                    "reading {block}: every replica failed; last: {last}"
+                )));
             }
             if refresh {
                 self.refresh().await?;
@@ -172,7 +180,8 @@ impl BlockClient {
         for s in 0..self.volume.shard_count {
             let shard = ShardId(s);
             let probe = BlockId::new(ino, 0);
-            self.through_primary(shard, probe, |shard| RequestBody::DeleteRange { shard, ino, from_index }).await?;
+            self.through_primary(shard, probe, |shard| RequestBody::DeleteRange { shard, ino, from_index })
+                .await?;
         }
         Ok(())
     }
@@ -192,8 +201,12 @@ impl BlockClient {
             let shard_ref = ShardRef { volume: self.volume.id, shard, epoch: p.epoch };
             let primary = p.replicas.first().cloned();
             let result = match primary.as_ref().and_then(addr_of) {
-                Some(addr) => self.rpc.call_with_deadline(addr, body(shard_ref), BLOCK_ATTEMPT_DEADLINE).await,
-                None => Err(RpcError::Unexpected { addr: String::new(), what: format!("{shard} has no primary") }),
+                Some(addr) => {
+                    self.rpc.call_with_deadline(addr, body(shard_ref), BLOCK_ATTEMPT_DEADLINE).await
+                }
+                None => {
+                    Err(RpcError::Unexpected { addr: String::new(), what: format!("{shard} has no primary") })
+                }
             };
             let err = match result {
                 Ok(_) => return Ok(()),
@@ -229,7 +242,9 @@ impl BlockClient {
 async fn sharding(meta: &MetaClient, volume: &str) -> Result<(VolumeInfo, Vec<ShardPlacement>), BlockError> {
     match meta.call(RequestBody::GetVolumeShardingInfo { volume: volume.to_string() }).await {
         Ok(ResponseBody::Sharding(info)) => Ok((info.volume, info.shards)),
-        Ok(other) => Err(BlockError::Unavailable(format!("unexpected answer to GetVolumeShardingInfo: {other:?}"))),
+        Ok(other) => {
+            Err(BlockError::Unavailable(format!("unexpected answer to GetVolumeShardingInfo: {other:?}")))
+        }
         Err(e) => Err(BlockError::Meta(e)),
     }
 }

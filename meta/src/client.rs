@@ -50,7 +50,9 @@ pub struct MetaClient {
 impl MetaClient {
     pub fn new(rpc: Arc<RpcClient>, addrs: Vec<SocketAddr>) -> Self {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.write_u128(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+        );
         h.write_u32(std::process::id());
         Self {
             rpc,
@@ -114,7 +116,11 @@ impl MetaClient {
                             backoff
                         }
                     },
-                    Some(ErrorCode::NotLeader { leader: None } | ErrorCode::Unavailable | ErrorCode::Overloaded) => {
+                    Some(
+                        ErrorCode::NotLeader { leader: None }
+                        | ErrorCode::Unavailable
+                        | ErrorCode::Overloaded,
+                    ) => {
                         self.set_leader(None);
                         backoff
                     }

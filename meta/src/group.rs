@@ -78,10 +78,13 @@ impl Shared {
 
     pub fn not_leader(&self) -> WireError {
         let leader = self.leader_addr();
-        WireError::new(ErrorCode::NotLeader { leader: leader.clone() }, match leader {
-            Some(l) => format!("member {} is not the leader; {l} is", self.id),
-            None => format!("member {} knows no leader yet", self.id),
-        })
+        WireError::new(
+            ErrorCode::NotLeader { leader: leader.clone() },
+            match leader {
+                Some(l) => format!("member {} is not the leader; {l} is", self.id),
+                None => format!("member {} knows no leader yet", self.id),
+            },
+        )
     }
 }
 
@@ -170,6 +173,9 @@ struct MemberContext {
     addr: Option<String>,
 }
 
+/// Someone waiting for a linearizable read to be allowed.
+type Reader = oneshot::Sender<Result<(), WireError>>;
+
 pub struct Group {
     raw: RawNode<LogStore>,
     sm: Arc<StateMachine>,
@@ -182,9 +188,11 @@ pub struct Group {
     member_waiters: HashMap<u64, oneshot::Sender<Result<(), WireError>>>,
     batch: Vec<Proposal>,
     batch_bytes: usize,
-    read_batch: Vec<oneshot::Sender<Result<(), WireError>>>,
-    pending_reads: HashMap<Vec<u8>, (Instant, Vec<oneshot::Sender<Result<(), WireError>>>)>,
-    ready_reads: Vec<(u64, Vec<oneshot::Sender<Result<(), WireError>>>)>,
+    read_batch: Vec<Reader>,
+    /// ReadIndex rounds in flight: context -> (asked at, readers).
+    pending_reads: HashMap<Vec<u8>, (Instant, Vec<Reader>)>,
+    /// Confirmed rounds waiting for their index to be applied.
+    ready_reads: Vec<(u64, Vec<Reader>)>,
     was_leader: bool,
 }
 
@@ -336,7 +344,13 @@ impl Group {
         }
     }
 
-    fn propose_member(&mut self, add: bool, id: u64, addr: String, reply: oneshot::Sender<Result<(), WireError>>) {
+    fn propose_member(
+        &mut self,
+        add: bool,
+        id: u64,
+        addr: String,
+        reply: oneshot::Sender<Result<(), WireError>>,
+    ) {
         let invalid = |m: String| Err(WireError::new(ErrorCode::InvalidArgument, m));
         let conf = self.raw.raft.prs().conf().to_conf_state();
         let present = conf.voters.contains(&id) || conf.learners.contains(&id);
@@ -389,7 +403,11 @@ impl Group {
         self.batch_bytes = 0;
         let data = postcard::to_stdvec(&batch).expect("proposals serialize");
         if let Err(e) = self.raw.propose(vec![], data) {
-            let code = if matches!(e, raft::Error::ProposalDropped) { ErrorCode::Unavailable } else { ErrorCode::Internal };
+            let code = if matches!(e, raft::Error::ProposalDropped) {
+                ErrorCode::Unavailable
+            } else {
+                ErrorCode::Internal
+            };
             for p in batch {
                 if let Some((_, w)) = self.waiters.remove(&p.id) {
                     let _ = w.send(Err(WireError::new(code.clone(), format!("proposal dropped: {e}"))));
@@ -428,8 +446,12 @@ impl Group {
                 readers.into_iter().for_each(|r| drop(r.send(Err(unavailable("read index timed out")))));
             }
         }
-        let late: Vec<u64> =
-            self.waiters.iter().filter(|(_, (t, _))| now.duration_since(*t) > PROPOSAL_TIMEOUT).map(|(k, _)| *k).collect();
+        let late: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, (t, _))| now.duration_since(*t) > PROPOSAL_TIMEOUT)
+            .map(|(k, _)| *k)
+            .collect();
         for id in late {
             if let Some((_, w)) = self.waiters.remove(&id) {
                 let _ = w.send(Err(unavailable("proposal not committed in time; outcome unknown")));
@@ -543,7 +565,11 @@ impl Group {
         Ok(())
     }
 
-    fn install_snapshot(&mut self, snap: Snapshot, hs: Option<raft::prelude::HardState>) -> Result<(), String> {
+    fn install_snapshot(
+        &mut self,
+        snap: Snapshot,
+        hs: Option<raft::prelude::HardState>,
+    ) -> Result<(), String> {
         let meta = snap.get_metadata();
         info!(index = meta.index, term = meta.term, bytes = snap.data.len(), "installing snapshot");
         // State first: if we crash between the two, the log still points before the snapshot
@@ -595,7 +621,13 @@ impl Group {
         Ok(())
     }
 
-    fn apply_conf(&mut self, index: u64, cc: &ConfChange, id: u64, kind: ConfChangeType) -> Result<(), String> {
+    fn apply_conf(
+        &mut self,
+        index: u64,
+        cc: &ConfChange,
+        id: u64,
+        kind: ConfChangeType,
+    ) -> Result<(), String> {
         let ctx: Option<MemberContext> = postcard::from_bytes(&cc.context).ok();
         let cs = self.raw.apply_conf_change(cc).map_err(|e| e.to_string())?;
         let addr = match kind {

@@ -70,12 +70,8 @@ impl LogStore {
     /// Seeds a brand-new member of the initial group: a "snapshot at index 1" that every
     /// initial member shares, so none of them needs the others' history.
     pub fn bootstrap(&mut self, cs: ConfState) -> raft::Result<()> {
-        let mut hs = HardState::default();
-        hs.term = 1;
-        hs.commit = 1;
-        let mut trunc = SnapshotMetadata::default();
-        trunc.index = 1;
-        trunc.term = 1;
+        let hs = HardState { term: 1, commit: 1, ..Default::default() };
+        let trunc = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
         let mut batch = LogBatch::default();
         batch.put_message(GROUP, KEY_TRUNCATED.to_vec(), &trunc).map_err(other)?;
         batch.put_message(GROUP, KEY_HARD_STATE.to_vec(), &hs).map_err(other)?;
@@ -137,9 +133,7 @@ impl LogStore {
         let mut hs = hs.cloned().unwrap_or_else(|| self.hs.clone());
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
-        let mut trunc = SnapshotMetadata::default();
-        trunc.index = meta.index;
-        trunc.term = meta.term;
+        let trunc = SnapshotMetadata { index: meta.index, term: meta.term, ..Default::default() };
         let mut batch = LogBatch::default();
         // Clean, not Compact: entries above the snapshot may conflict with it and must go.
         batch.add_command(GROUP, Command::Clean);
@@ -159,9 +153,7 @@ impl LogStore {
             return Ok(());
         }
         let term = self.term(index)?;
-        let mut trunc = SnapshotMetadata::default();
-        trunc.index = index;
-        trunc.term = term;
+        let trunc = SnapshotMetadata { index, term, ..Default::default() };
         let mut batch = LogBatch::default();
         batch.put_message(GROUP, KEY_TRUNCATED.to_vec(), &trunc).map_err(other)?;
         batch.add_command(GROUP, Command::Compact { index: index + 1 });

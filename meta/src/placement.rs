@@ -68,8 +68,7 @@ pub fn base_score(c: &Candidate, busiest_iops: u64) -> f64 {
 
 /// Places `shard_count` shards with `replicas` replicas each.
 pub fn place(candidates: &[Candidate], replicas: usize, shard_count: u32) -> Result<Vec<Placed>, PlaceError> {
-    let usable: Vec<&Candidate> =
-        candidates.iter().filter(|c| c.capacity_bytes > c.used_bytes).collect();
+    let usable: Vec<&Candidate> = candidates.iter().filter(|c| c.capacity_bytes > c.used_bytes).collect();
     if usable.len() < replicas || replicas == 0 {
         return Err(PlaceError::NotEnoughNodes { replicas, available: usable.len() });
     }
@@ -141,25 +140,22 @@ mod tests {
     }
 
     fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
-        prop::collection::vec(
-            (prop::option::of(0u8..4), 0u64..=100, 0u8..3, 0u64..10_000, 0u32..50),
-            1..12,
-        )
-        .prop_map(|v| {
-            let zoned = v.iter().all(|x| x.0.is_some());
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (z, free, class, iops, held))| Candidate {
-                    node: NodeId(i as u64 + 1),
-                    zone: if zoned { z.map(|z| format!("z{z}")) } else { None },
-                    perf_class: [PerfClass::Hdd, PerfClass::Ssd, PerfClass::Nvme][class as usize],
-                    capacity_bytes: 100,
-                    used_bytes: 100 - free,
-                    iops,
-                    replicas_held: held,
-                })
-                .collect()
-        })
+        prop::collection::vec((prop::option::of(0u8..4), 0u64..=100, 0u8..3, 0u64..10_000, 0u32..50), 1..12)
+            .prop_map(|v| {
+                let zoned = v.iter().all(|x| x.0.is_some());
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (z, free, class, iops, held))| Candidate {
+                        node: NodeId(i as u64 + 1),
+                        zone: if zoned { z.map(|z| format!("z{z}")) } else { None },
+                        perf_class: [PerfClass::Hdd, PerfClass::Ssd, PerfClass::Nvme][class as usize],
+                        capacity_bytes: 100,
+                        used_bytes: 100 - free,
+                        iops,
+                        replicas_held: held,
+                    })
+                    .collect()
+            })
     }
 
     proptest! {

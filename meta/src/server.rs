@@ -98,7 +98,8 @@ impl MetaConfig {
     pub fn from_file(path: &Path) -> Result<Self, MetaError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| MetaError::Config { path: path.display().to_string(), reason: e.to_string() })?;
-        toml::from_str(&text).map_err(|e| MetaError::Config { path: path.display().to_string(), reason: e.to_string() })
+        toml::from_str(&text)
+            .map_err(|e| MetaError::Config { path: path.display().to_string(), reason: e.to_string() })
     }
 
     /// Parses `--peers 1=127.0.0.1:7001,2=...`.
@@ -133,7 +134,8 @@ impl MetaConfig {
             if *id == 0 {
                 return invalid("peer id 0 is reserved".into());
             }
-            addr.parse::<SocketAddr>().map_err(|e| MetaError::Invalid(format!("peer {id} address {addr:?}: {e}")))?;
+            addr.parse::<SocketAddr>()
+                .map_err(|e| MetaError::Invalid(format!("peer {id} address {addr:?}: {e}")))?;
         }
         if !(10..=10_000).contains(&self.tick_ms) {
             return invalid(format!("tick-ms {} is not between 10 and 10000", self.tick_ms));
@@ -206,7 +208,9 @@ impl MetaServer {
             reason: e.to_string(),
         };
         std::fs::create_dir_all(&data_dir).map_err(|e| storage("creating the data directory", &e))?;
-        let sm = Arc::new(StateMachine::open(&data_dir.join("state")).map_err(|e| storage("opening the state", &e))?);
+        let sm = Arc::new(
+            StateMachine::open(&data_dir.join("state")).map_err(|e| storage("opening the state", &e))?,
+        );
         let engine = raft_engine::Engine::open(raft_engine::Config {
             dir: data_dir.join("raft").display().to_string(),
             ..Default::default()
@@ -214,21 +218,22 @@ impl MetaServer {
         .map_err(|e| storage("opening the raft log", &e))?;
         let cs = sm.conf_state().map_err(|e| storage("reading the state", &e))?;
         let source = Arc::new(StateSource(sm.clone()));
-        let mut store = LogStore::open(Arc::new(engine), cs, source).map_err(|e| storage("reading the raft log", &e))?;
+        let mut store =
+            LogStore::open(Arc::new(engine), cs, source).map_err(|e| storage("reading the raft log", &e))?;
         if store.is_empty() && sm.applied() == 0 {
             if config.join {
                 info!(id = config.id, "empty member: waiting to be added and sent a snapshot");
             } else {
-                let mut cs = ConfState::default();
-                cs.voters = config.peers.keys().copied().collect();
+                let cs = ConfState { voters: config.peers.keys().copied().collect(), ..Default::default() };
                 sm.bootstrap(&cs, &config.peers).map_err(|e| storage("bootstrapping the state", &e))?;
                 store.bootstrap(cs).map_err(|e| storage("bootstrapping the raft log", &e))?;
                 info!(id = config.id, peers = ?config.peers, "bootstrapped a new group");
             }
         }
-        let endpoint =
-            server_endpoint(&identity, config.listen).map_err(|source| MetaError::Bind { addr: config.listen, source })?;
-        let local_addr = endpoint.local_addr().map_err(|source| MetaError::Bind { addr: config.listen, source })?;
+        let endpoint = server_endpoint(&identity, config.listen)
+            .map_err(|source| MetaError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            endpoint.local_addr().map_err(|source| MetaError::Bind { addr: config.listen, source })?;
         let rpc = Arc::new(RpcClient::with_endpoint(endpoint.clone()));
         let transport = Transport::new(tokio::runtime::Handle::current(), rpc.clone());
         let group_config = GroupConfig {
@@ -238,8 +243,8 @@ impl MetaServer {
             heartbeat_ticks: config.heartbeat_ticks,
             compact_entries: config.compact_entries,
         };
-        let (group, handle) =
-            Group::new(group_config, store, sm.clone(), transport, &slog_logger()).map_err(|e| MetaError::Raft(e.to_string()))?;
+        let (group, handle) = Group::new(group_config, store, sm.clone(), transport, &slog_logger())
+            .map_err(|e| MetaError::Raft(e.to_string()))?;
         {
             // Peers given on the command line fill in addresses the log does not know yet
             // (a joining member learns the rest from its snapshot).

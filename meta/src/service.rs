@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use augur_proto::meta::{
-    ClusterStatus, NodeInfo, NodeRegistration, NsOp, ShardLoad, ShardingInfo, Timestamp, VolumeHints, VolumeInfo,
+    ClusterStatus, NodeInfo, NodeRegistration, NsOp, ShardLoad, ShardingInfo, Timestamp, VolumeHints,
+    VolumeInfo,
 };
 use augur_proto::msg::{RequestBody, Response, ResponseBody, VolumeLayout};
 use augur_proto::{ErrorCode, NodeId, Peer, RpcClient, Service, VolumeId, WireError};
@@ -54,7 +55,10 @@ fn unexpected(what: &str) -> WireError {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl MetaService {
@@ -189,14 +193,20 @@ impl MetaService {
     ) -> Result<ResponseBody, WireError> {
         self.leader_only()?;
         if !self.sm.nodes()?.iter().any(|n| n.node == node) {
-            return Err(WireError::new(ErrorCode::NotFound, format!("{node} is not registered; register first")));
+            return Err(WireError::new(
+                ErrorCode::NotFound,
+                format!("{node} is not registered; register first"),
+            ));
         }
         let ops: u64 = loads.iter().map(|l| l.reads + l.writes).sum();
         let iops = ops * 1000 / (self.heartbeat_interval.as_millis() as u64).max(1);
         let revived = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let was_dead = live.get(&node).is_some_and(|l| l.last_seen.elapsed() >= self.node_dead_after);
-            live.insert(node, Liveness { last_seen: Instant::now(), capacity_bytes, used_bytes, iops, loads });
+            live.insert(
+                node,
+                Liveness { last_seen: Instant::now(), capacity_bytes, used_bytes, iops, loads },
+            );
             was_dead
         };
         if revived {
@@ -210,7 +220,10 @@ impl MetaService {
         spec.validate().map_err(invalid)?;
         self.read().await?;
         if self.sm.volume_by_name(&spec.name).is_ok() {
-            return Err(WireError::new(ErrorCode::AlreadyExists, format!("volume {:?} already exists", spec.name)));
+            return Err(WireError::new(
+                ErrorCode::AlreadyExists,
+                format!("volume {:?} already exists", spec.name),
+            ));
         }
         let placed = place(&self.candidates()?, spec.replicas as usize, spec.shard_count)
             .map_err(|e| WireError::new(ErrorCode::Unavailable, e.to_string()))?;
@@ -227,7 +240,8 @@ impl MetaService {
         let volume = self.sm.volume_by_name(name)?;
         let shards = self.sm.placements(volume.id)?;
         let live = self.liveness();
-        let nodes: HashMap<NodeId, NodeRegistration> = self.sm.nodes()?.into_iter().map(|n| (n.node, n)).collect();
+        let nodes: HashMap<NodeId, NodeRegistration> =
+            self.sm.nodes()?.into_iter().map(|n| (n.node, n)).collect();
         let explain = shards
             .iter()
             .map(|p| {
@@ -340,7 +354,10 @@ impl MetaService {
                     loads: vec![],
                 });
             }
-            live.iter().filter(|(_, l)| l.last_seen.elapsed() >= self.node_dead_after).map(|(n, _)| *n).collect()
+            live.iter()
+                .filter(|(_, l)| l.last_seen.elapsed() >= self.node_dead_after)
+                .map(|(n, _)| *n)
+                .collect()
         };
         if dead.is_empty() {
             return;
@@ -350,7 +367,8 @@ impl MetaService {
             let Ok(shards) = self.sm.shards(vol.id) else { continue };
             let mut changed = false;
             for (shard, rec) in shards {
-                let survivors: Vec<NodeId> = rec.nodes.iter().copied().filter(|n| !dead.contains(n)).collect();
+                let survivors: Vec<NodeId> =
+                    rec.nodes.iter().copied().filter(|n| !dead.contains(n)).collect();
                 if survivors.len() == rec.nodes.len() || survivors.is_empty() {
                     continue;
                 }

@@ -171,10 +171,16 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// with savepoints so a failing command leaves nothing behind.
 struct Txn<'a> {
     db: &'a DB,
+    /// Pending writes: `None` deletes.
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
-    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Undo log: each key's overlay entry before a write (`None`: it had none).
+    undo: Vec<UndoEntry>,
+    ranges: Vec<KeyRange>,
 }
+
+type UndoEntry = (Vec<u8>, Option<Option<Vec<u8>>>);
+type KeyRange = (Vec<u8>, Vec<u8>);
+type Row = (Vec<u8>, Vec<u8>);
 
 impl<'a> Txn<'a> {
     fn new(db: &'a DB) -> Self {
@@ -401,7 +407,10 @@ impl StateMachine {
             .find(|(k, _)| k.as_slice() == K_APPLIED)
             .map(|(_, v)| dec::<u64>(K_APPLIED, v))
             .transpose()?
-            .ok_or_else(|| StateError::Corrupt { key: "snapshot".into(), reason: "no applied index".into() })?;
+            .ok_or_else(|| StateError::Corrupt {
+                key: "snapshot".into(),
+                reason: "no applied index".into(),
+            })?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
@@ -415,7 +424,7 @@ impl StateMachine {
         self.db.get(k).map_err(internal)?.map(|b| dec(k, &b).map_err(internal)).transpose()
     }
 
-    fn scan(&self, start: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WireError> {
+    fn scan(&self, start: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Row>, WireError> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(prefix_end(prefix));
         let mut out = Vec::new();
@@ -490,8 +499,11 @@ impl StateMachine {
     pub fn assignments(&self, node: NodeId) -> Result<Vec<NodeAssignment>, WireError> {
         let mut out = Vec::new();
         for vol in self.volumes()? {
-            let shards: Vec<ShardPlacement> =
-                self.placements(vol.id)?.into_iter().filter(|p| p.replicas.iter().any(|r| r.node == node)).collect();
+            let shards: Vec<ShardPlacement> = self
+                .placements(vol.id)?
+                .into_iter()
+                .filter(|p| p.replicas.iter().any(|r| r.node == node))
+                .collect();
             if !shards.is_empty() {
                 out.push(NodeAssignment {
                     layout: VolumeLayout { volume: vol.id, block_size_bytes: vol.block_size_bytes },
@@ -506,7 +518,8 @@ impl StateMachine {
     pub fn ns_read(&self, volume: VolumeId, op: &NsOp) -> Result<NsReply, WireError> {
         let vol = self.volume(volume)?;
         let inode = |ino: Ino| -> Result<Inode, WireError> {
-            self.get(&k_inode(volume, ino))?.ok_or_else(|| err(ErrorCode::NotFound, format!("no inode {ino}")))
+            self.get(&k_inode(volume, ino))?
+                .ok_or_else(|| err(ErrorCode::NotFound, format!("no inode {ino}")))
         };
         match op {
             NsOp::Lookup { parent, name } => {
@@ -516,7 +529,10 @@ impl StateMachine {
                     return Err(err(ErrorCode::NotDirectory, format!("{parent} is not a directory")));
                 }
                 let d: Dentry = self.get(&k_dentry(volume, *parent, name))?.ok_or_else(|| {
-                    err(ErrorCode::NotFound, format!("no entry {:?} in {parent}", String::from_utf8_lossy(name)))
+                    err(
+                        ErrorCode::NotFound,
+                        format!("no entry {:?} in {parent}", String::from_utf8_lossy(name)),
+                    )
                 })?;
                 Ok(NsReply::Attr(inode(d.ino)?.attr))
             }
@@ -540,7 +556,11 @@ impl StateMachine {
                     .iter()
                     .map(|(k, v)| {
                         let d: Dentry = dec(k, v).map_err(internal)?;
-                        Ok(DirEntry { name: ByteBuf::from(k[prefix.len()..].to_vec()), ino: d.ino, kind: d.kind })
+                        Ok(DirEntry {
+                            name: ByteBuf::from(k[prefix.len()..].to_vec()),
+                            ino: d.ino,
+                            kind: d.kind,
+                        })
                     })
                     .collect::<Result<_, WireError>>()?;
                 Ok(NsReply::Entries { entries, more })
@@ -555,14 +575,19 @@ impl StateMachine {
                 inode(*ino)?;
                 let v: Option<Vec<u8>> = self.db.get(k_xattr(volume, *ino, name)).map_err(internal)?;
                 v.map(|v| NsReply::Value(ByteBuf::from(v))).ok_or_else(|| {
-                    err(ErrorCode::NoData, format!("{ino} has no attribute {:?}", String::from_utf8_lossy(name)))
+                    err(
+                        ErrorCode::NoData,
+                        format!("{ino} has no attribute {:?}", String::from_utf8_lossy(name)),
+                    )
                 })
             }
             NsOp::ListXattr { ino } => {
                 inode(*ino)?;
                 let prefix = key(b'x', &[&volume.0.to_be_bytes(), &ino.0.to_be_bytes()]);
                 let rows = self.scan(&prefix, &prefix, XATTRS_PER_INODE_MAX)?;
-                Ok(NsReply::Names(rows.iter().map(|(k, _)| ByteBuf::from(k[prefix.len()..].to_vec())).collect()))
+                Ok(NsReply::Names(
+                    rows.iter().map(|(k, _)| ByteBuf::from(k[prefix.len()..].to_vec())).collect(),
+                ))
             }
             NsOp::StatFs => Ok(NsReply::StatFs { inodes: vol.inodes, files_max: u64::from(u32::MAX) }),
             _ => Err(err(ErrorCode::Internal, format!("{} is not a read", op.name()))),
@@ -631,7 +656,8 @@ fn apply_one(txn: &mut Txn<'_>, cmd: &Cmd) -> CmdResult {
             let id: VolumeId = txn
                 .get(&k_volume_name(name))?
                 .ok_or_else(|| err(ErrorCode::NotFound, format!("no volume named {name:?}")))?;
-            let mut rec: VolumeRecord = txn.get(&k_volume(id))?.ok_or_else(|| internal("volume record missing"))?;
+            let mut rec: VolumeRecord =
+                txn.get(&k_volume(id))?.ok_or_else(|| internal("volume record missing"))?;
             rec.info.hints.set(hint_type, hint_value).map_err(|m| err(ErrorCode::InvalidArgument, m))?;
             txn.put(k_volume(id), &rec);
             Ok(CmdOutput::Volume(Box::new(rec.info)))
@@ -750,10 +776,15 @@ fn ns_write(txn: &mut Txn<'_>, vol: VolumeId, op: &NsOp, now: Timestamp) -> Resu
                 return Err(err(ErrorCode::NotFound, format!("{parent} was removed")));
             }
             if txn.get::<Dentry>(&k_dentry(vol, *parent, name))?.is_some() {
-                return Err(err(ErrorCode::AlreadyExists, format!("{:?} exists in {parent}", name_str(name))));
+                return Err(err(
+                    ErrorCode::AlreadyExists,
+                    format!("{:?} exists in {parent}", name_str(name)),
+                ));
             }
             let target = match (kind, target) {
-                (FileKind::Symlink, Some(t)) if !t.is_empty() && t.len() <= SYMLINK_MAX_BYTES => Some(t.clone()),
+                (FileKind::Symlink, Some(t)) if !t.is_empty() && t.len() <= SYMLINK_MAX_BYTES => {
+                    Some(t.clone())
+                }
                 (FileKind::Symlink, Some(t)) if t.len() > SYMLINK_MAX_BYTES => {
                     return Err(err(ErrorCode::NameTooLong, format!("symlink target of {} bytes", t.len())));
                 }
@@ -871,9 +902,16 @@ fn ns_write(txn: &mut Txn<'_>, vol: VolumeId, op: &NsOp, now: Timestamp) -> Resu
             txn.put(k_volume(vol), &volume);
             Ok(NsReply::Removed { orphan })
         }
-        NsOp::Rename { parent, name, new_parent, new_name, no_replace, exchange } => {
-            rename(txn, &mut volume, vol, (*parent, name), (*new_parent, new_name), *no_replace, *exchange, now)
-        }
+        NsOp::Rename { parent, name, new_parent, new_name, no_replace, exchange } => rename(
+            txn,
+            &mut volume,
+            vol,
+            (*parent, name),
+            (*new_parent, new_name),
+            *no_replace,
+            *exchange,
+            now,
+        ),
         NsOp::SetXattr { ino, name, value, mode } => {
             check_xattr_name(name)?;
             if value.len() > XATTR_VALUE_MAX_BYTES {
@@ -905,7 +943,10 @@ fn ns_write(txn: &mut Txn<'_>, vol: VolumeId, op: &NsOp, now: Timestamp) -> Resu
             }
             if !exists {
                 if i.xattrs as usize >= XATTRS_PER_INODE_MAX {
-                    return Err(err(ErrorCode::NoSpace, format!("{ino} has {XATTRS_PER_INODE_MAX} attributes")));
+                    return Err(err(
+                        ErrorCode::NoSpace,
+                        format!("{ino} has {XATTRS_PER_INODE_MAX} attributes"),
+                    ));
                 }
                 i.xattrs += 1;
             }
@@ -929,7 +970,10 @@ fn ns_write(txn: &mut Txn<'_>, vol: VolumeId, op: &NsOp, now: Timestamp) -> Resu
         NsOp::Reclaim { ino } => {
             let i = get(txn, *ino)?;
             if i.attr.nlink != 0 {
-                return Err(err(ErrorCode::InvalidArgument, format!("{ino} still has {} links", i.attr.nlink)));
+                return Err(err(
+                    ErrorCode::InvalidArgument,
+                    format!("{ino} still has {} links", i.attr.nlink),
+                ));
             }
             forget_inode(txn, &mut volume, vol, *ino);
             txn.put(k_volume(vol), &volume);
@@ -953,8 +997,12 @@ fn set_attr(i: &mut Inode, set: &SetAttr, now: Timestamp) -> Result<(), WireErro
     if let Some(size) = set.size {
         match i.attr.kind {
             FileKind::File => {}
-            FileKind::Dir => return Err(err(ErrorCode::IsDirectory, format!("{} is a directory", i.attr.ino))),
-            _ => return Err(err(ErrorCode::InvalidArgument, format!("{} is not a regular file", i.attr.ino))),
+            FileKind::Dir => {
+                return Err(err(ErrorCode::IsDirectory, format!("{} is a directory", i.attr.ino)));
+            }
+            _ => {
+                return Err(err(ErrorCode::InvalidArgument, format!("{} is not a regular file", i.attr.ino)));
+            }
         }
         if size > FILE_SIZE_MAX {
             return Err(err(ErrorCode::InvalidArgument, format!("size {size} exceeds the maximum")));
@@ -985,7 +1033,13 @@ fn set_attr(i: &mut Inode, set: &SetAttr, now: Timestamp) -> Result<(), WireErro
 
 /// Removes one link to `victim` (its directory entry is already gone). A directory goes at
 /// once; a file whose last link went becomes an orphan, returned to the caller.
-fn drop_link(txn: &mut Txn<'_>, volume: &mut VolumeRecord, vol: VolumeId, victim: &mut Inode, now: Timestamp) -> Option<Attr> {
+fn drop_link(
+    txn: &mut Txn<'_>,
+    volume: &mut VolumeRecord,
+    vol: VolumeId,
+    victim: &mut Inode,
+    now: Timestamp,
+) -> Option<Attr> {
     let ino = victim.attr.ino;
     if victim.attr.kind == FileKind::Dir {
         forget_inode(txn, volume, vol, ino);
@@ -1022,8 +1076,9 @@ fn rename(
     check_name(name)?;
     check_name(new_name)?;
     let load_dir = |txn: &Txn<'_>, ino: Ino| -> Result<Inode, WireError> {
-        let d: Inode =
-            txn.get(&k_inode(vol, ino))?.ok_or_else(|| err(ErrorCode::NotFound, format!("no inode {ino}")))?;
+        let d: Inode = txn
+            .get(&k_inode(vol, ino))?
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("no inode {ino}")))?;
         if d.attr.kind != FileKind::Dir {
             return Err(err(ErrorCode::NotDirectory, format!("{ino} is not a directory")));
         }
@@ -1039,7 +1094,10 @@ fn rename(
         return Err(err(ErrorCode::AlreadyExists, format!("{:?} exists", String::from_utf8_lossy(new_name))));
     }
     if exchange && dst.is_none() {
-        return Err(err(ErrorCode::NotFound, format!("no entry {:?} to exchange with", String::from_utf8_lossy(new_name))));
+        return Err(err(
+            ErrorCode::NotFound,
+            format!("no entry {:?} to exchange with", String::from_utf8_lossy(new_name)),
+        ));
     }
     // Same inode under both names: nothing to do (POSIX).
     if let Some(d) = dst
@@ -1071,13 +1129,15 @@ fn rename(
         txn.put(k_dentry(vol, parent, name), &dst);
         txn.put(k_dentry(vol, new_parent, new_name), &src);
         for (moved, to) in [(src, new_parent), (dst, parent)] {
-            let mut i: Inode = txn.get(&k_inode(vol, moved.ino))?.ok_or_else(|| internal("entry without inode"))?;
+            let mut i: Inode =
+                txn.get(&k_inode(vol, moved.ino))?.ok_or_else(|| internal("entry without inode"))?;
             i.parent = to;
             i.attr.ctime = now;
             txn.put(k_inode(vol, moved.ino), &i);
         }
         if parent != new_parent && (src.kind == FileKind::Dir) != (dst.kind == FileKind::Dir) {
-            let (gains, loses) = if src.kind == FileKind::Dir { (new_parent, parent) } else { (parent, new_parent) };
+            let (gains, loses) =
+                if src.kind == FileKind::Dir { (new_parent, parent) } else { (parent, new_parent) };
             adjust_dir(txn, vol, gains, 0, 1, now)?;
             adjust_dir(txn, vol, loses, 0, -1, now)?;
         }
@@ -1087,16 +1147,26 @@ fn rename(
     }
     let mut orphan = None;
     if let Some(d) = dst {
-        let mut victim: Inode = txn.get(&k_inode(vol, d.ino))?.ok_or_else(|| internal("entry without inode"))?;
+        let mut victim: Inode =
+            txn.get(&k_inode(vol, d.ino))?.ok_or_else(|| internal("entry without inode"))?;
         match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
             (true, false) => {
-                return Err(err(ErrorCode::NotDirectory, format!("{:?} is not a directory", String::from_utf8_lossy(new_name))));
+                return Err(err(
+                    ErrorCode::NotDirectory,
+                    format!("{:?} is not a directory", String::from_utf8_lossy(new_name)),
+                ));
             }
             (false, true) => {
-                return Err(err(ErrorCode::IsDirectory, format!("{:?} is a directory", String::from_utf8_lossy(new_name))));
+                return Err(err(
+                    ErrorCode::IsDirectory,
+                    format!("{:?} is a directory", String::from_utf8_lossy(new_name)),
+                ));
             }
             (true, true) if victim.entries > 0 => {
-                return Err(err(ErrorCode::NotEmpty, format!("{:?} is not empty", String::from_utf8_lossy(new_name))));
+                return Err(err(
+                    ErrorCode::NotEmpty,
+                    format!("{:?} is not empty", String::from_utf8_lossy(new_name)),
+                ));
             }
             _ => {}
         }
@@ -1117,10 +1187,19 @@ fn rename(
     Ok(NsReply::Removed { orphan })
 }
 
-fn adjust_dir(txn: &mut Txn<'_>, vol: VolumeId, dir: Ino, entries: i64, links: i64, now: Timestamp) -> Result<(), WireError> {
+fn adjust_dir(
+    txn: &mut Txn<'_>,
+    vol: VolumeId,
+    dir: Ino,
+    entries: i64,
+    links: i64,
+    now: Timestamp,
+) -> Result<(), WireError> {
     let mut d: Inode = txn.get(&k_inode(vol, dir))?.ok_or_else(|| internal("directory without inode"))?;
-    d.entries = d.entries.checked_add_signed(entries).ok_or_else(|| internal("directory entry count underflow"))?;
-    d.attr.nlink = d.attr.nlink.checked_add_signed(links as i32).ok_or_else(|| internal("link count underflow"))?;
+    d.entries =
+        d.entries.checked_add_signed(entries).ok_or_else(|| internal("directory entry count underflow"))?;
+    d.attr.nlink =
+        d.attr.nlink.checked_add_signed(links as i32).ok_or_else(|| internal("link count underflow"))?;
     d.attr.mtime = now;
     d.attr.ctime = now;
     txn.put(k_inode(vol, dir), &d);
@@ -1162,7 +1241,8 @@ mod tests {
 
         fn batch(&mut self, cmds: Vec<Cmd>) -> Vec<CmdResult> {
             self.index += 1;
-            let proposals: Vec<Proposal> = cmds.into_iter().enumerate().map(|(i, cmd)| Proposal { id: i as u64, cmd }).collect();
+            let proposals: Vec<Proposal> =
+                cmds.into_iter().enumerate().map(|(i, cmd)| Proposal { id: i as u64, cmd }).collect();
             self.sm.apply(self.index, &proposals).unwrap()
         }
 
@@ -1171,7 +1251,12 @@ mod tests {
         }
 
         fn ns(&mut self, op: NsOp) -> Result<NsReply, WireError> {
-            let cmd = Cmd::Ns { volume: self.vol, op, now: Timestamp { secs: self.index as i64, nanos: 0 }, tag: None };
+            let cmd = Cmd::Ns {
+                volume: self.vol,
+                op,
+                now: Timestamp { secs: self.index as i64, nanos: 0 },
+                tag: None,
+            };
             self.cmd(cmd).map(|o| match o {
                 CmdOutput::Ns(r) => r,
                 other => panic!("{other:?}"),
@@ -1202,7 +1287,15 @@ mod tests {
             }
         }
 
-        fn rename(&mut self, p: Ino, a: &str, np: Ino, b: &str, no_replace: bool, exchange: bool) -> Result<NsReply, WireError> {
+        fn rename(
+            &mut self,
+            p: Ino,
+            a: &str,
+            np: Ino,
+            b: &str,
+            no_replace: bool,
+            exchange: bool,
+        ) -> Result<NsReply, WireError> {
             self.ns(NsOp::Rename {
                 parent: p,
                 name: ByteBuf::from(a.as_bytes().to_vec()),
@@ -1268,7 +1361,11 @@ mod tests {
         // Exchange swaps two names atomically.
         let h = t.mk(ROOT_INO, "h", FileKind::Symlink).unwrap();
         t.rename(ROOT_INO, "g", ROOT_INO, "h", false, true).unwrap();
-        let look = |t: &T, s: &str| match t.sm.ns_read(t.vol, &NsOp::Lookup { parent: ROOT_INO, name: n(s) }).unwrap() {
+        let look = |t: &T, s: &str| match t
+            .sm
+            .ns_read(t.vol, &NsOp::Lookup { parent: ROOT_INO, name: n(s) })
+            .unwrap()
+        {
             NsReply::Attr(a) => a.ino,
             other => panic!("{other:?}"),
         };
@@ -1279,16 +1376,21 @@ mod tests {
     fn xattrs_modes_validation_and_inheritance() {
         let mut t = T::new();
         let d = t.mk(ROOT_INO, "d", FileKind::Dir).unwrap();
-        let set = |ino, name: &str, value: &str, mode| NsOp::SetXattr { ino, name: n(name), value: n(value), mode };
+        let set =
+            |ino, name: &str, value: &str, mode| NsOp::SetXattr { ino, name: n(name), value: n(value), mode };
         assert_eq!(code(t.ns(set(d.ino, "user.x", "1", XattrMode::ReplaceOnly))), ErrorCode::NoData);
         t.ns(set(d.ino, "user.x", "1", XattrMode::CreateOnly)).unwrap();
         assert_eq!(code(t.ns(set(d.ino, "user.x", "2", XattrMode::CreateOnly))), ErrorCode::AlreadyExists);
         let bad = t.ns(set(d.ino, "user.augur.prefetch", "readahead:0", XattrMode::Upsert)).unwrap_err();
         assert!(bad.code == ErrorCode::InvalidArgument && bad.message.contains("readahead:0"));
-        assert_eq!(code(t.ns(set(d.ino, "user.augur.shards", "x", XattrMode::Upsert))), ErrorCode::PermissionDenied);
+        assert_eq!(
+            code(t.ns(set(d.ino, "user.augur.shards", "x", XattrMode::Upsert))),
+            ErrorCode::PermissionDenied
+        );
         t.ns(set(d.ino, "user.augur.prefetch", "sequential", XattrMode::Upsert)).unwrap();
         let f = t.mk(d.ino, "f", FileKind::File).unwrap();
-        let got = t.sm.ns_read(t.vol, &NsOp::GetXattr { ino: f.ino, name: n("user.augur.prefetch") }).unwrap();
+        let got =
+            t.sm.ns_read(t.vol, &NsOp::GetXattr { ino: f.ino, name: n("user.augur.prefetch") }).unwrap();
         assert_eq!(got, NsReply::Value(n("sequential")));
         t.ns(NsOp::RemoveXattr { ino: d.ino, name: n("user.x") }).unwrap();
         assert_eq!(code(t.ns(NsOp::RemoveXattr { ino: d.ino, name: n("user.x") })), ErrorCode::NoData);
@@ -1333,7 +1435,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let other = StateMachine::open(dir.path()).unwrap();
         assert_eq!(other.restore(&data).unwrap(), applied);
-        let list = |sm: &StateMachine| sm.ns_read(t.vol, &NsOp::ReadDir { ino: ROOT_INO, after: None, limit: 1000 }).unwrap();
+        let list = |sm: &StateMachine| {
+            sm.ns_read(t.vol, &NsOp::ReadDir { ino: ROOT_INO, after: None, limit: 1000 }).unwrap()
+        };
         assert_eq!(list(&other), list(&t.sm));
         assert_eq!(other.volumes().unwrap(), t.sm.volumes().unwrap());
     }

@@ -147,7 +147,8 @@ impl Receiver {
                     if self.fetching.swap(true, Ordering::AcqRel) {
                         continue; // one at a time; the leader resends
                     }
-                    let (handle, rpc, fetching) = (self.handle.clone(), self.rpc.clone(), self.fetching.clone());
+                    let (handle, rpc, fetching) =
+                        (self.handle.clone(), self.rpc.clone(), self.fetching.clone());
                     tokio::spawn(async move {
                         match fetch_snapshot(&rpc, &handle, msg).await {
                             Ok(msg) => {
@@ -173,7 +174,10 @@ impl Receiver {
         let start = (offset as usize).min(data.len());
         let end = (start + SNAPSHOT_CHUNK_BYTES).min(data.len());
         debug!(index = i, start, end, "serving snapshot chunk");
-        Ok(ResponseBody::SnapshotChunk { data: ByteBuf::from(data[start..end].to_vec()), total_bytes: data.len() as u64 })
+        Ok(ResponseBody::SnapshotChunk {
+            data: ByteBuf::from(data[start..end].to_vec()),
+            total_bytes: data.len() as u64,
+        })
     }
 }
 

@@ -51,7 +51,13 @@ pub struct VolumeSpec {
 impl VolumeSpec {
     /// The defaults of SPEC §2: 64 KiB blocks, 3 replicas, 16 shards, stripe unit 16 blocks.
     pub fn with_defaults(name: impl Into<String>) -> Self {
-        Self { name: name.into(), block_size_bytes: 64 * 1024, replicas: 3, shard_count: 16, stripe_unit_blocks: 16 }
+        Self {
+            name: name.into(),
+            block_size_bytes: 64 * 1024,
+            replicas: 3,
+            shard_count: 16,
+            stripe_unit_blocks: 16,
+        }
     }
 
     /// Checks every field; the error names the bad one.
@@ -82,7 +88,10 @@ impl VolumeSpec {
 /// Volume names: 1–64 bytes of ASCII letters, digits, `-`, `_` and `.`, not starting with `.`.
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty() || name.len() > VOLUME_NAME_MAX_BYTES || name.starts_with('.') || !name.chars().all(ok_char)
+    if name.is_empty()
+        || name.len() > VOLUME_NAME_MAX_BYTES
+        || name.starts_with('.')
+        || !name.chars().all(ok_char)
     {
         return Err(format!(
             "volume name {name:?} must be 1-{VOLUME_NAME_MAX_BYTES} of [A-Za-z0-9._-], not starting with '.'"
@@ -436,12 +445,28 @@ pub enum XattrMode {
 /// Namespace operations. Reads are served after a ReadIndex round; writes go through Raft.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NsOp {
-    Lookup { parent: Ino, name: ByteBuf },
-    GetAttr { ino: Ino },
-    ReadDir { ino: Ino, after: Option<ByteBuf>, limit: u32 },
-    ReadLink { ino: Ino },
-    GetXattr { ino: Ino, name: ByteBuf },
-    ListXattr { ino: Ino },
+    Lookup {
+        parent: Ino,
+        name: ByteBuf,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    ReadDir {
+        ino: Ino,
+        after: Option<ByteBuf>,
+        limit: u32,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    GetXattr {
+        ino: Ino,
+        name: ByteBuf,
+    },
+    ListXattr {
+        ino: Ino,
+    },
     StatFs,
     /// Create a file, directory, symlink (with `target`), fifo, socket or device node.
     MkNode {
@@ -454,17 +479,50 @@ pub enum NsOp {
         rdev: u32,
         target: Option<ByteBuf>,
     },
-    SetAttr { ino: Ino, set: SetAttr },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
     /// Grow the size to at least `size` and set mtime (after a write past the end).
-    Extend { ino: Ino, size: u64 },
-    Link { ino: Ino, new_parent: Ino, new_name: ByteBuf },
-    Unlink { parent: Ino, name: ByteBuf },
-    Rmdir { parent: Ino, name: ByteBuf },
-    Rename { parent: Ino, name: ByteBuf, new_parent: Ino, new_name: ByteBuf, no_replace: bool, exchange: bool },
-    SetXattr { ino: Ino, name: ByteBuf, value: ByteBuf, mode: XattrMode },
-    RemoveXattr { ino: Ino, name: ByteBuf },
+    Extend {
+        ino: Ino,
+        size: u64,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: ByteBuf,
+    },
+    Unlink {
+        parent: Ino,
+        name: ByteBuf,
+    },
+    Rmdir {
+        parent: Ino,
+        name: ByteBuf,
+    },
+    Rename {
+        parent: Ino,
+        name: ByteBuf,
+        new_parent: Ino,
+        new_name: ByteBuf,
+        no_replace: bool,
+        exchange: bool,
+    },
+    SetXattr {
+        ino: Ino,
+        name: ByteBuf,
+        value: ByteBuf,
+        mode: XattrMode,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: ByteBuf,
+    },
     /// Forget an unlinked inode (nlink 0) once no handle holds it; its blocks must be deleted first.
-    Reclaim { ino: Ino },
+    Reclaim {
+        ino: Ino,
+    },
 }
 
 impl NsOp {
@@ -509,14 +567,22 @@ impl NsOp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NsReply {
     Attr(Attr),
-    Entries { entries: Vec<DirEntry>, more: bool },
+    Entries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
     Target(ByteBuf),
     Value(ByteBuf),
     Names(Vec<ByteBuf>),
-    StatFs { inodes: u64, files_max: u64 },
+    StatFs {
+        inodes: u64,
+        files_max: u64,
+    },
     /// An unlink/rmdir/rename that dropped an inode's last link: it is now an orphan (nlink 0)
     /// the caller must reclaim (delete its blocks, then `Reclaim`) once no handle holds it.
-    Removed { orphan: Option<Attr> },
+    Removed {
+        orphan: Option<Attr>,
+    },
     Done,
 }
 
@@ -553,7 +619,9 @@ mod tests {
         for ok in ["auto", "sequential", "random", "off", "readahead:1", "readahead:4096"] {
             assert_eq!(ok.parse::<PrefetchMode>().unwrap().to_string(), ok);
         }
-        for bad in ["", "Auto", "readahead:", "readahead:0", "readahead:4097", "readahead:+5", "readahead: 5", "seq"] {
+        for bad in
+            ["", "Auto", "readahead:", "readahead:0", "readahead:4097", "readahead:+5", "readahead: 5", "seq"]
+        {
             assert!(bad.parse::<PrefetchMode>().unwrap_err().contains("prefetch hint"), "{bad}");
         }
         let mut h = VolumeHints::default();

@@ -75,52 +75,113 @@ pub struct ShardPlacement {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RequestBody {
     /// Read one block, whole or a byte range of it.
-    ReadBlock { read: BlockRead },
+    ReadBlock {
+        read: BlockRead,
+    },
     /// Read many blocks in one round trip; each gets its own result.
-    ReadBlocks { reads: Vec<BlockRead> },
+    ReadBlocks {
+        reads: Vec<BlockRead>,
+    },
     /// Write `data` into a block at `offset` (a partial write is read-modify-write on the node).
-    WriteBlock { shard: ShardRef, block: BlockId, offset: u32, data: ByteBuf },
+    WriteBlock {
+        shard: ShardRef,
+        block: BlockId,
+        offset: u32,
+        data: ByteBuf,
+    },
     /// Delete the blocks of `ino` with index >= `from_index` held by this shard (truncate/unlink).
-    DeleteRange { shard: ShardRef, ino: Ino, from_index: u64 },
+    DeleteRange {
+        shard: ShardRef,
+        ino: Ino,
+        from_index: u64,
+    },
     /// Load blocks into the node's memory cache ahead of reads.
-    Warm { blocks: Vec<BlockRead> },
+    Warm {
+        blocks: Vec<BlockRead>,
+    },
     /// The node's state: capacity, use, cache, shards.
     NodeStatus,
     /// Admin: set a volume's layout and the placement of some of its shards on this node.
-    SetPlacement { layout: VolumeLayout, shards: Vec<ShardPlacement> },
+    SetPlacement {
+        layout: VolumeLayout,
+        shards: Vec<ShardPlacement>,
+    },
 
     // ---- primary -> backup replication (node to node) ----
     /// Store this whole block exactly as the shard's primary now holds it.
-    ReplicateBlock { shard: ShardRef, block: BlockId, data: ByteBuf, crc32: u32 },
+    ReplicateBlock {
+        shard: ShardRef,
+        block: BlockId,
+        data: ByteBuf,
+        crc32: u32,
+    },
     /// Delete a range of blocks, as the primary did.
-    ReplicateDelete { shard: ShardRef, ino: Ino, from_index: u64 },
+    ReplicateDelete {
+        shard: ShardRef,
+        ino: Ino,
+        from_index: u64,
+    },
 
     // ---- meta group ----
     /// Raft messages between members (raft-rs `eraftpb::Message`, protobuf-encoded).
-    Raft { msgs: Vec<ByteBuf> },
+    Raft {
+        msgs: Vec<ByteBuf>,
+    },
     /// Part of the snapshot at `index` that the member serving it holds, from byte `offset`.
-    SnapshotChunk { index: u64, offset: u64 },
+    SnapshotChunk {
+        index: u64,
+        offset: u64,
+    },
     /// This member's view of the group.
     MetaStatus,
     /// Admin: add a voting member (it must be started with `--join`).
-    AddMember { id: u64, addr: String },
+    AddMember {
+        id: u64,
+        addr: String,
+    },
     /// Admin: remove a member.
-    RemoveMember { id: u64 },
+    RemoveMember {
+        id: u64,
+    },
     /// A storage node announces itself (and its address) to the group.
     RegisterNode(NodeRegistration),
     /// A storage node's periodic report; the answer carries its placement when it changed.
-    Heartbeat { node: NodeId, capacity_bytes: u64, used_bytes: u64, loads: Vec<ShardLoad>, placement_version: u64 },
+    Heartbeat {
+        node: NodeId,
+        capacity_bytes: u64,
+        used_bytes: u64,
+        loads: Vec<ShardLoad>,
+        placement_version: u64,
+    },
     CreateVolume(VolumeSpec),
-    DeleteVolume { name: String },
+    DeleteVolume {
+        name: String,
+    },
     ListVolumes,
-    GetVolume { name: String },
-    GetVolumeShardingInfo { volume: String },
-    SetPrefetchHint { volume: String, hint_type: String, hint_value: String },
+    GetVolume {
+        name: String,
+    },
+    GetVolumeShardingInfo {
+        volume: String,
+    },
+    SetPrefetchHint {
+        volume: String,
+        hint_type: String,
+        hint_value: String,
+    },
     /// Admin: give a shard a new replica list (first = primary); its epoch increases.
-    SetShardReplicas { volume: String, shard: ShardId, nodes: Vec<NodeId> },
+    SetShardReplicas {
+        volume: String,
+        shard: ShardId,
+        nodes: Vec<NodeId>,
+    },
     ClusterStatus,
     /// A namespace operation on a volume.
-    Ns { volume: VolumeId, op: NsOp, tag: Option<RequestTag> },
+    Ns {
+        volume: VolumeId,
+        op: NsOp,
+        tag: Option<RequestTag>,
+    },
 }
 
 impl RequestBody {
@@ -144,9 +205,9 @@ impl RequestBody {
             | RequestBody::DeleteVolume { .. }
             | RequestBody::SetShardReplicas { .. } => &[Admin],
             RequestBody::RegisterNode(_) | RequestBody::Heartbeat { .. } => &[Node],
-            RequestBody::ListVolumes | RequestBody::GetVolume { .. } | RequestBody::GetVolumeShardingInfo { .. } => {
-                &[Client, Node, Admin]
-            }
+            RequestBody::ListVolumes
+            | RequestBody::GetVolume { .. }
+            | RequestBody::GetVolumeShardingInfo { .. } => &[Client, Node, Admin],
             RequestBody::SetPrefetchHint { .. } | RequestBody::Ns { .. } => &[Client, Admin],
         }
     }
@@ -224,16 +285,24 @@ pub enum ResponseBody {
     Blocks(Vec<Result<BlockData, WireError>>),
     Written,
     Deleted,
-    Warmed { loaded: u32 },
+    Warmed {
+        loaded: u32,
+    },
     NodeStatus(Box<NodeStatus>),
     PlacementSet,
     Replicated,
     RaftAccepted,
-    SnapshotChunk { data: ByteBuf, total_bytes: u64 },
+    SnapshotChunk {
+        data: ByteBuf,
+        total_bytes: u64,
+    },
     MetaStatus(Box<MetaStatus>),
     /// Registration or heartbeat answer: the node's placement when it changed since
     /// `placement_version` (None: unchanged).
-    NodeAck { placement_version: u64, assignments: Option<Vec<NodeAssignment>> },
+    NodeAck {
+        placement_version: u64,
+        assignments: Option<Vec<NodeAssignment>>,
+    },
     Volume(Box<VolumeInfo>),
     Volumes(Vec<VolumeInfo>),
     Sharding(Box<ShardingInfo>),

@@ -245,5 +245,13 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchReport> {
         commit_us_p99: three_members.commit_us_p99 / one_member.commit_us_p99,
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(BenchReport { runs: o.runs, ops_per_run: o.ops, latency_samples: o.samples, one_member, three_members, ratio, per_run })
+    Ok(BenchReport {
+        runs: o.runs,
+        ops_per_run: o.ops,
+        latency_samples: o.samples,
+        one_member,
+        three_members,
+        ratio,
+        per_run,
+    })
 }

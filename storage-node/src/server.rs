@@ -79,8 +79,8 @@ impl Node {
         let cache = BlockCache::new(config.cache_bytes_max, TYPICAL_BLOCK_BYTES);
         let space = SpaceMonitor::new(data_dir.clone(), config.reserve_bytes);
         let rpc = Arc::new(RpcClient::with_endpoint(endpoint.clone()));
-        let mut service =
-            NodeService::new(store.clone(), cache, space, local_addr.to_string(), rpc.clone()).map_err(store_err)?;
+        let mut service = NodeService::new(store.clone(), cache, space, local_addr.to_string(), rpc.clone())
+            .map_err(store_err)?;
         service.inject_latency = Duration::from_millis(config.inject_latency_ms);
         let service = Arc::new(service);
         let heartbeat = (!config.meta.is_empty()).then(|| Heartbeat {

@@ -11,7 +11,9 @@ use augur_proto::msg::{
     BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockData, BlockRead, NodeStatus, Replica, RequestBody, Response,
     ResponseBody, ShardPlacement, VolumeLayout,
 };
-use augur_proto::{BlockId, ErrorCode, Ino, NodeId, Peer, RpcClient, Service, ShardId, ShardRef, VolumeId, WireError};
+use augur_proto::{
+    BlockId, ErrorCode, Ino, NodeId, Peer, RpcClient, Service, ShardId, ShardRef, VolumeId, WireError,
+};
 use serde_bytes::ByteBuf;
 use tracing::{error, info, warn};
 
@@ -25,6 +27,8 @@ const WRITE_LOCK_STRIPES: usize = 1024;
 /// Deadline of one forwarded write to a backup.
 const REPLICATE_DEADLINE: Duration = Duration::from_secs(5);
 
+type ShardLock = Arc<tokio::sync::RwLock<()>>;
+
 /// One shard's load since the last heartbeat.
 #[derive(Default, Clone, Copy)]
 struct LoadAcc {
@@ -37,7 +41,7 @@ pub struct NodeService {
     rpc: Arc<RpcClient>,
     /// Writes hold their shard's lock shared, range deletes exclusive, so every replica sees
     /// a delete and the writes around it in the same order.
-    shard_locks: Mutex<HashMap<(VolumeId, ShardId), Arc<tokio::sync::RwLock<()>>>>,
+    shard_locks: Mutex<HashMap<(VolumeId, ShardId), ShardLock>>,
     /// Held by a primary from its local write until every backup has the block.
     write_locks: Vec<tokio::sync::Mutex<()>>,
     loads: Mutex<HashMap<(VolumeId, ShardId), LoadAcc>>,
@@ -199,7 +203,7 @@ impl NodeService {
         Ok(())
     }
 
-    fn shard_lock(&self, shard: ShardRef) -> Arc<tokio::sync::RwLock<()>> {
+    fn shard_lock(&self, shard: ShardRef) -> ShardLock {
         let mut locks = self.shard_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry((shard.volume, shard.shard)).or_default().clone()
     }
@@ -230,13 +234,18 @@ impl NodeService {
             let (rpc, body) = (self.rpc.clone(), body.clone());
             calls.spawn(async move {
                 let addr: SocketAddr = r.addr.parse().map_err(|e| {
-                    WireError::new(ErrorCode::Internal, format!("backup {} has a bad address {:?}: {e}", r.node, r.addr))
+                    WireError::new(
+                        ErrorCode::Internal,
+                        format!("backup {} has a bad address {:?}: {e}", r.node, r.addr),
+                    )
                 })?;
                 rpc.call_with_deadline(addr, body, REPLICATE_DEADLINE).await.map(|_| ()).map_err(|e| {
                     let code = match e.code() {
-                        Some(c @ (ErrorCode::StaleEpoch { .. } | ErrorCode::EpochAhead { .. } | ErrorCode::NoSpace)) => {
-                            c.clone()
-                        }
+                        Some(
+                            c @ (ErrorCode::StaleEpoch { .. }
+                            | ErrorCode::EpochAhead { .. }
+                            | ErrorCode::NoSpace),
+                        ) => c.clone(),
                         Some(ErrorCode::ShardNotHere) => ErrorCode::ShardNotHere,
                         _ => ErrorCode::Unavailable,
                     };
@@ -347,7 +356,10 @@ impl NodeService {
             return Err(invalid(format!("replicated block of {} bytes exceeds {block_size}", data.len())));
         }
         if crc32fast::hash(&data) != crc32 {
-            return Err(WireError::new(ErrorCode::ChecksumMismatch, format!("replicated {block} arrived damaged")));
+            return Err(WireError::new(
+                ErrorCode::ChecksumMismatch,
+                format!("replicated {block} arrived damaged"),
+            ));
         }
         self.space.check_room(data.len() as u64).map_err(wire)?;
         let key = CacheKey { volume: shard.volume, shard: shard.shard, block };

@@ -267,7 +267,13 @@ impl BlockStore {
     }
 
     /// Replaces a whole block with `content`, durably (a backup storing what its primary holds).
-    pub fn put(&self, volume: VolumeId, shard: ShardId, block: BlockId, content: &[u8]) -> Result<(), StoreError> {
+    pub fn put(
+        &self,
+        volume: VolumeId,
+        shard: ShardId,
+        block: BlockId,
+        content: &[u8],
+    ) -> Result<(), StoreError> {
         let key = block_key(volume, shard, block);
         let _guard = self.lock(&key);
         let value = encode_value(content);
@@ -303,7 +309,10 @@ impl BlockStore {
     }
 
     /// Replaces every saved layout and placement at once (the meta group's full assignment).
-    pub fn replace_placement(&self, assignments: &[(VolumeLayout, Vec<ShardPlacement>)]) -> Result<(), StoreError> {
+    pub fn replace_placement(
+        &self,
+        assignments: &[(VolumeLayout, Vec<ShardPlacement>)],
+    ) -> Result<(), StoreError> {
         let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, &[0u8][..], &[0xffu8; 16][..]);

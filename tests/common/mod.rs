@@ -192,7 +192,8 @@ impl MetaProc {
 
     fn start(id: u64, addr: SocketAddr, data: PathBuf, args: Vec<String>) -> Self {
         std::fs::create_dir_all(data.parent().unwrap()).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
         let mut child = Command::new(AUGUR)
             .args(&args)
             .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()))
@@ -243,7 +244,8 @@ pub fn meta_group(cluster: &Cluster, net: &str, n: u64, extra: &[&str]) -> (Vec<
     let addr = |i: u64| -> SocketAddr { format!("{net}.{i}:7000").parse().unwrap() };
     let peers: Vec<String> = (1..=n).map(|i| format!("{i}={}", addr(i))).collect();
     let peers = peers.join(",");
-    let members: Vec<MetaProc> = (1..=n).map(|i| MetaProc::spawn(cluster, i, addr(i), &peers, extra)).collect();
+    let members: Vec<MetaProc> =
+        (1..=n).map(|i| MetaProc::spawn(cluster, i, addr(i), &peers, extra)).collect();
     let addrs: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
     (members, addrs.join(","))
 }
@@ -256,7 +258,10 @@ pub fn meta_client(cluster: &Cluster, role: Role, addrs: &str) -> std::sync::Arc
 
 /// A member's own view of the group.
 pub async fn meta_status(rpc: &RpcClient, addr: SocketAddr) -> Option<augur_proto::meta::MetaStatus> {
-    match rpc.call_with_deadline(addr, augur_proto::msg::RequestBody::MetaStatus, Duration::from_secs(2)).await {
+    match rpc
+        .call_with_deadline(addr, augur_proto::msg::RequestBody::MetaStatus, Duration::from_secs(2))
+        .await
+    {
         Ok(augur_proto::msg::ResponseBody::MetaStatus(s)) => Some(*s),
         _ => None,
     }
