@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use augur_meta::MetaClient;
-use augur_proto::meta::{FileKind, NsOp, NsReply, ROOT_INO, VolumeInfo, VolumeSpec, XattrMode};
+use augur_proto::meta::{NsOp, NsReply, ROOT_INO, VolumeInfo, VolumeSpec, XattrMode};
 use augur_proto::msg::{BlockRead, RequestBody, ResponseBody};
 use augur_proto::{BlockId, ErrorCode, Ino, Role, ShardRef};
 use common::*;
@@ -22,16 +22,7 @@ fn name(i: u64) -> ByteBuf {
 }
 
 fn mk(i: u64) -> NsOp {
-    NsOp::MkNode {
-        parent: ROOT_INO,
-        name: name(i),
-        kind: FileKind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: None,
-    }
+    NsOp::create_file(ROOT_INO, name(i).into_vec(), 0o644)
 }
 
 async fn create_volume(admin: &MetaClient, spec: VolumeSpec) -> VolumeInfo {

@@ -57,7 +57,6 @@ pub struct Shared {
     pub id: u64,
     /// 0 when unknown.
     pub leader: AtomicU64,
-    pub term: AtomicU64,
     pub members: RwLock<BTreeMap<u64, String>>,
     /// False while a joining member has no configuration yet (it refuses to vote then).
     pub initialized: AtomicBool,
@@ -226,7 +225,6 @@ impl Group {
         let shared = Arc::new(Shared {
             id: config.id,
             leader: AtomicU64::new(0),
-            term: AtomicU64::new(0),
             members: RwLock::new(members),
             initialized: AtomicBool::new(initialized),
             outgoing_snapshot: Mutex::new(None),
@@ -536,7 +534,6 @@ impl Group {
                 self.was_leader = leader;
             }
         }
-        self.shared.term.store(self.raw.raft.term, Ordering::Release);
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), rd.hs().cloned())?;

@@ -105,14 +105,7 @@ impl MetaService {
 
     fn candidates(&self) -> Result<Vec<Candidate>, WireError> {
         let live = self.liveness();
-        let mut held: HashMap<NodeId, u32> = HashMap::new();
-        for vol in self.sm.volumes()? {
-            for (_, rec) in self.sm.shards(vol.id)? {
-                for n in rec.nodes {
-                    *held.entry(n).or_default() += 1;
-                }
-            }
-        }
+        let held = self.sm.replicas_held()?;
         Ok(self
             .sm
             .nodes()?
@@ -192,7 +185,7 @@ impl MetaService {
         version: u64,
     ) -> Result<ResponseBody, WireError> {
         self.leader_only()?;
-        if !self.sm.nodes()?.iter().any(|n| n.node == node) {
+        if self.sm.node(node)?.is_none() {
             return Err(WireError::new(
                 ErrorCode::NotFound,
                 format!("{node} is not registered; register first"),
@@ -288,15 +281,8 @@ impl MetaService {
         self.leader_only()?;
         self.read().await?;
         let live = self.liveness();
-        let mut held: HashMap<NodeId, u32> = HashMap::new();
+        let held = self.sm.replicas_held()?;
         let volumes = self.sm.volumes()?;
-        for v in &volumes {
-            for (_, rec) in self.sm.shards(v.id)? {
-                for n in rec.nodes {
-                    *held.entry(n).or_default() += 1;
-                }
-            }
-        }
         let nodes = self
             .sm
             .nodes()?

@@ -477,10 +477,17 @@ impl StateMachine {
             .collect()
     }
 
-    /// A shard's replicas with addresses, from the node registry.
-    pub fn resolve(&self, shard: ShardId, rec: &ShardRecord) -> Result<ShardPlacement, WireError> {
-        let addrs: HashMap<NodeId, String> = self.nodes()?.into_iter().map(|n| (n.node, n.addr)).collect();
-        Ok(ShardPlacement {
+    /// Node id -> address, from the registry (read once per answer, not once per shard).
+    fn addresses(&self) -> Result<HashMap<NodeId, String>, WireError> {
+        Ok(self.nodes()?.into_iter().map(|n| (n.node, n.addr)).collect())
+    }
+
+    fn placements_with(
+        &self,
+        volume: VolumeId,
+        addrs: &HashMap<NodeId, String>,
+    ) -> Result<Vec<ShardPlacement>, WireError> {
+        let resolve = |(shard, rec): (ShardId, ShardRecord)| ShardPlacement {
             shard,
             epoch: rec.epoch,
             replicas: rec
@@ -488,19 +495,22 @@ impl StateMachine {
                 .iter()
                 .map(|n| Replica { node: *n, addr: addrs.get(n).cloned().unwrap_or_default() })
                 .collect(),
-        })
+        };
+        Ok(self.shards(volume)?.into_iter().map(resolve).collect())
     }
 
+    /// A volume's shards with their replicas' addresses.
     pub fn placements(&self, volume: VolumeId) -> Result<Vec<ShardPlacement>, WireError> {
-        self.shards(volume)?.iter().map(|(s, r)| self.resolve(*s, r)).collect()
+        self.placements_with(volume, &self.addresses()?)
     }
 
     /// Everything one storage node must hold.
     pub fn assignments(&self, node: NodeId) -> Result<Vec<NodeAssignment>, WireError> {
+        let addrs = self.addresses()?;
         let mut out = Vec::new();
         for vol in self.volumes()? {
             let shards: Vec<ShardPlacement> = self
-                .placements(vol.id)?
+                .placements_with(vol.id, &addrs)?
                 .into_iter()
                 .filter(|p| p.replicas.iter().any(|r| r.node == node))
                 .collect();
@@ -512,6 +522,24 @@ impl StateMachine {
             }
         }
         Ok(out)
+    }
+
+    /// A registered storage node.
+    pub fn node(&self, node: NodeId) -> Result<Option<NodeRegistration>, WireError> {
+        self.get(&k_node(node))
+    }
+
+    /// How many replicas each node holds, over every volume.
+    pub fn replicas_held(&self) -> Result<HashMap<NodeId, u32>, WireError> {
+        let mut held = HashMap::new();
+        for vol in self.volumes()? {
+            for (_, rec) in self.shards(vol.id)? {
+                for n in rec.nodes {
+                    *held.entry(n).or_default() += 1;
+                }
+            }
+        }
+        Ok(held)
     }
 
     /// Serves a namespace read.

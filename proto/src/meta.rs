@@ -526,6 +526,20 @@ pub enum NsOp {
 }
 
 impl NsOp {
+    /// Creates a regular file `name` in `parent`, owned by root.
+    pub fn create_file(parent: Ino, name: impl Into<Vec<u8>>, perm: u16) -> Self {
+        NsOp::MkNode {
+            parent,
+            name: ByteBuf::from(name.into()),
+            kind: FileKind::File,
+            perm,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: None,
+        }
+    }
+
     /// True for operations that change state (and so go through Raft).
     pub fn is_write(&self) -> bool {
         !matches!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use augur_meta::{MetaClient, MetaConfig, MetaServer};
-use augur_proto::meta::{FileKind, NsOp, NsReply, ROOT_INO, VolumeSpec};
+use augur_proto::meta::{NsOp, NsReply, ROOT_INO, VolumeSpec};
 use augur_proto::msg::{RequestBody, ResponseBody};
 use augur_proto::tls::{init_ca, issue};
 use augur_proto::{Ino, Role, RpcClient, TlsIdentity};
@@ -135,16 +135,7 @@ async fn measure(client: &Arc<MetaClient>, o: BenchOptions, run: u32) -> anyhow:
         other => anyhow::bail!("unexpected {other:?}"),
     };
     let prefix = format!("r{run}-");
-    let mk = |name: ByteBuf| NsOp::MkNode {
-        parent: ROOT_INO,
-        name,
-        kind: FileKind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: None,
-    };
+    let mk = |name: ByteBuf| NsOp::create_file(ROOT_INO, name.into_vec(), 0o644);
     let n = u64::from(o.ops);
     let inos = Arc::new(std::sync::Mutex::new(vec![Ino(0); n as usize]));
     let t = Instant::now();
