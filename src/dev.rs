@@ -1,102 +1,175 @@
-//! `augur dev`: a self-contained cluster under one state directory. For now one storage node
-//! with a block round trip; the meta group and the mounted volume join it as they land.
+//! `augur dev`: the embedded default. One process runs a 3-member meta group and three storage
+//! nodes on loopback with everything under one state directory, creates the `default` volume,
+//! mounts it, and on Ctrl-C unmounts and stops cleanly. Restarted on the same state directory
+//! it finds its files again (fixed addresses, so the group and the nodes find each other).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use augur_proto::msg::{BlockRead, Replica, RequestBody, ResponseBody, ShardPlacement, VolumeLayout};
+use augur_meta::{MetaClient, MetaConfig, MetaServer};
+use augur_proto::meta::VolumeSpec;
+use augur_proto::msg::{RequestBody, ResponseBody};
 use augur_proto::tls::{CA_CERT_FILE, init_ca, issue};
-use augur_proto::{BlockId, Epoch, Ino, Role, RpcClient, ShardId, ShardRef, TlsIdentity, VolumeId};
+use augur_proto::{ErrorCode, Role, RpcClient, TlsIdentity};
 use augur_storage_node::{Node, NodeConfig};
 use clap::Args;
-use serde_bytes::ByteBuf;
 use tokio_util::sync::CancellationToken;
+
+use crate::mount::MountTuning;
 
 #[derive(Args)]
 pub struct DevArgs {
-    /// State directory (certificates, node data) [default: $HOME/.local/share/augur/dev].
+    /// Where to mount the volume [default: STATE/mnt].
+    mountpoint: Option<PathBuf>,
+    /// State directory (certificates, meta and node data) [default: $HOME/.local/share/augur/dev].
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Address of the dev storage node.
-    #[arg(long, default_value = "127.0.0.1:7100")]
-    listen: SocketAddr,
+    /// Loopback address to serve on: meta members on ports 7001-7003, nodes on 7101-7103.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: IpAddr,
+    /// Name of the volume created and mounted.
+    #[arg(long, default_value = "default")]
+    volume: String,
+    #[command(flatten)]
+    tuning: MountTuning,
 }
 
-const DEV_VOLUME: VolumeId = VolumeId(1);
-const DEV_BLOCK_BYTES: u32 = 64 * 1024;
-/// The block that carries the greeting left by the previous run.
-const GREETING: BlockId = BlockId { ino: Ino(1), index: 0 };
+const MEMBERS: u64 = 3;
+const NODES: u64 = 3;
+/// How long the group and the nodes get to come up before `dev` gives up.
+const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn default_state() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set; pass --state DIR")?;
     Ok(PathBuf::from(home).join(".local/share/augur/dev"))
 }
 
-pub async fn run(args: DevArgs) -> Result<()> {
-    let state = match args.state {
-        Some(s) => s,
-        None => default_state()?,
-    };
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+fn certificates(state: &Path) -> Result<()> {
     let ca = state.join("ca");
     if !ca.join(CA_CERT_FILE).exists() {
         init_ca(&ca, "augur-dev")?;
-        issue(&ca, Role::Node, "node-1", &state.join("tls/node-1"))?;
-        issue(&ca, Role::Admin, "dev-admin", &state.join("tls/admin"))?;
-        println!("created cluster CA and certificates in {}", state.display());
+        println!("created the cluster CA in {}", ca.display());
     }
-    let config = NodeConfig {
-        listen: args.listen,
-        data_dir: Some(state.join("node-1")),
-        tls_dir: Some(state.join("tls/node-1")),
-        ..NodeConfig::default()
-    };
-    let node = Node::start(&config)?;
-    let addr = node.local_addr;
-    let me = node.node_id;
-    println!("storage node {me} serving on {addr} (data in {})", state.join("node-1").display());
-    let shutdown = CancellationToken::new();
-    crate::cancel_on_signal(shutdown.clone())?;
-    let server = tokio::spawn(node.serve(shutdown.clone()));
-
-    let client = RpcClient::new(&TlsIdentity::load(&state.join("tls/admin"))?)?;
-    let placement = ShardPlacement {
-        shard: ShardId(0),
-        epoch: Epoch(1),
-        replicas: vec![Replica { node: me, addr: addr.to_string() }],
-    };
-    let layout = VolumeLayout { volume: DEV_VOLUME, block_size_bytes: DEV_BLOCK_BYTES };
-    client.call(addr, RequestBody::SetPlacement { layout, shards: vec![placement] }).await?;
-    let shard = ShardRef { volume: DEV_VOLUME, shard: ShardId(0), epoch: Epoch(1) };
-
-    let read = BlockRead { shard, block: GREETING, range: None };
-    let ResponseBody::Block(previous) = client.call(addr, RequestBody::ReadBlock { read }).await? else {
-        bail!("unexpected answer to a block read");
-    };
-    if crc32fast::hash(&previous.data) != previous.crc32 {
-        bail!("greeting block failed its checksum in transit");
+    let mut wanted = vec![(Role::Admin, "admin".to_string()), (Role::Client, "client".to_string())];
+    wanted.extend((1..=MEMBERS).map(|i| (Role::Meta, format!("meta-{i}"))));
+    wanted.extend((1..=NODES).map(|i| (Role::Node, format!("node-{i}"))));
+    for (role, name) in wanted {
+        let out = state.join("tls").join(&name);
+        if !out.join("cert.pem").exists() {
+            issue(&ca, role, &name, &out)?;
+        }
     }
-    match previous.data.is_empty() {
-        true => println!("no greeting yet: this is a fresh state directory"),
-        false => println!("read back over QUIC: {:?}", String::from_utf8_lossy(&previous.data)),
-    }
-    let greeting = format!(
-        "written by augur dev (pid {}) at unix time {}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
-    );
-    let write =
-        RequestBody::WriteBlock { shard, block: GREETING, offset: 0, data: ByteBuf::from(greeting.clone()) };
-    client.call(addr, write).await?;
-    println!("wrote {greeting:?} (durable before the ack); restart `augur dev` to read it back");
-    println!(
-        "try: augur node status --node {addr} --tls {}\nCtrl-C stops the node cleanly.",
-        state.join("tls/admin").display()
-    );
-    client.close().await;
+    Ok(())
+}
 
-    server.await??;
+pub async fn run(args: DevArgs) -> Result<()> {
+    let state = match &args.state {
+        Some(s) => s.clone(),
+        None => default_state()?,
+    };
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let state = state.canonicalize()?;
+    let mountpoint = args.mountpoint.clone().unwrap_or_else(|| state.join("mnt"));
+    augur_fs_client::mount::clear_stale_mount(&mountpoint);
+    std::fs::create_dir_all(&mountpoint).with_context(|| format!("creating {}", mountpoint.display()))?;
+    certificates(&state)?;
+
+    let cluster = CancellationToken::new();
+    let mut servers = Vec::new();
+    let meta_addr = |i: u64| SocketAddr::new(args.ip, 7000 + i as u16);
+    let peers: std::collections::BTreeMap<u64, String> =
+        (1..=MEMBERS).map(|i| (i, meta_addr(i).to_string())).collect();
+    for id in 1..=MEMBERS {
+        let config = MetaConfig {
+            id,
+            listen: meta_addr(id),
+            peers: peers.clone(),
+            data_dir: Some(state.join(format!("meta-{id}"))),
+            tls_dir: Some(state.join(format!("tls/meta-{id}"))),
+            ..Default::default()
+        };
+        let server = MetaServer::start(&config).with_context(|| format!("starting meta member {id}"))?;
+        println!("meta member {id} on {} (data in {})", server.local_addr, state.join(format!("meta-{id}")).display());
+        servers.push(tokio::spawn(server.serve(cluster.clone())));
+    }
+    let meta_addrs: Vec<SocketAddr> = (1..=MEMBERS).map(meta_addr).collect();
+    for i in 1..=NODES {
+        let config = NodeConfig {
+            listen: SocketAddr::new(args.ip, 7100 + i as u16),
+            data_dir: Some(state.join(format!("node-{i}"))),
+            tls_dir: Some(state.join(format!("tls/node-{i}"))),
+            meta: meta_addrs.clone(),
+            zone: Some(format!("zone-{i}")),
+            ..NodeConfig::default()
+        };
+        let node = Node::start(&config).with_context(|| format!("starting storage node {i}"))?;
+        println!("storage node {} on {} (data in {})", node.node_id, node.local_addr, state.join(format!("node-{i}")).display());
+        let cluster = cluster.clone();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = node.serve(cluster).await {
+                tracing::error!(error = %e, "storage node stopped");
+            }
+        }));
+    }
+
+    let admin = meta_client(&state.join("tls/admin"), &meta_addrs)?;
+    ensure_volume(&admin, &args.volume).await?;
+    let client = Arc::new(meta_client(&state.join("tls/client"), &meta_addrs)?);
+    let mounted = augur_fs_client::mount(client, &args.volume, &mountpoint, args.tuning.options()).await?;
+
+    let stop = CancellationToken::new();
+    crate::cancel_on_signal(stop.clone())?;
+    let meta_list = meta_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    println!("try:  export AUGUR_META={meta_list} AUGUR_TLS={}", state.join("tls/admin").display());
+    println!("      augur cluster status; augur shards {}; getfattr -d -m - {}/FILE", args.volume, mountpoint.display());
+    // Tests and scripts wait for this line.
+    println!("augur dev: volume {} mounted on {}; Ctrl-C unmounts and stops", args.volume, mountpoint.display());
+    let unmounted = mounted.run_until(stop).await;
+    println!("unmounted {}", mountpoint.display());
+    cluster.cancel();
+    for s in servers {
+        let _ = s.await;
+    }
+    unmounted?;
     println!("stopped; state kept in {}", state.display());
     Ok(())
+}
+
+fn meta_client(tls: &Path, addrs: &[SocketAddr]) -> Result<MetaClient> {
+    let rpc = Arc::new(RpcClient::new(&TlsIdentity::load(tls)?)?);
+    Ok(MetaClient::new(rpc, addrs.to_vec()))
+}
+
+/// Waits for a leader and all three nodes, then creates the volume unless it exists.
+async fn ensure_volume(admin: &MetaClient, name: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let last = match admin.call(RequestBody::GetVolume { name: name.into() }).await {
+            Ok(ResponseBody::Volume(v)) => {
+                println!("volume {name} found again ({} inodes)", v.inodes);
+                return Ok(());
+            }
+            Err(e) if matches!(e.code(), Some(ErrorCode::NotFound)) => {
+                let alive = match admin.call(RequestBody::ClusterStatus).await {
+                    Ok(ResponseBody::Cluster(c)) => c.nodes.iter().filter(|n| n.alive).count() as u64,
+                    _ => 0,
+                };
+                if alive >= NODES {
+                    admin.call(RequestBody::CreateVolume(VolumeSpec::with_defaults(name))).await?;
+                    println!("created volume {name}: 64 KiB blocks, 3 replicas, 16 shards");
+                    return Ok(());
+                }
+                format!("{alive} of {NODES} storage nodes registered")
+            }
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > READY_WITHIN {
+            bail!("the dev cluster did not come up within {READY_WITHIN:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

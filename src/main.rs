@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 mod admin;
 mod bench;
 mod dev;
+mod mount;
 mod status;
 
 #[derive(Parser)]
@@ -32,8 +33,10 @@ enum Command {
     /// Benchmarks that compare side by side in one run and print ratios.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Start a self-contained development cluster under one state directory.
+    /// Start a self-contained development cluster under one state directory and mount it.
     Dev(dev::DevArgs),
+    /// Mount a volume as a directory (FUSE) until unmounted or SIGTERM/SIGINT.
+    Mount(mount::MountArgs),
     /// Metadata group: run a member, see its status, change membership.
     #[command(subcommand)]
     Meta(MetaCommand),
@@ -307,6 +310,7 @@ async fn run(command: Command) -> Result<()> {
             }
         }
         Command::Dev(args) => dev::run(args).await?,
+        Command::Mount(args) => mount::run(args).await?,
         Command::Meta(MetaCommand::Serve(args)) => meta_serve(args).await?,
         Command::Meta(MetaCommand::Admin(cmd)) => admin::meta_admin(cmd).await?,
         Command::Volume(cmd) => admin::volume(cmd).await?,

@@ -178,12 +178,15 @@ impl BlockClient {
     /// Deletes the blocks of `ino` from `from_index` on, in every shard (truncate, unlink).
     pub async fn delete_from(&self, ino: Ino, from_index: u64) -> Result<(), BlockError> {
         for s in 0..self.volume.shard_count {
-            let shard = ShardId(s);
-            let probe = BlockId::new(ino, 0);
-            self.through_primary(shard, probe, |shard| RequestBody::DeleteRange { shard, ino, from_index })
-                .await?;
+            self.delete_in(ShardId(s), ino, from_index).await?;
         }
         Ok(())
+    }
+
+    /// Deletes the blocks of `ino` from `from_index` on that live in `shard`.
+    pub async fn delete_in(&self, shard: ShardId, ino: Ino, from_index: u64) -> Result<(), BlockError> {
+        let probe = BlockId::new(ino, from_index);
+        self.through_primary(shard, probe, |shard| RequestBody::DeleteRange { shard, ino, from_index }).await
     }
 
     async fn through_primary(

@@ -1,6 +1,13 @@
-//! The file system client. `blocks` is the block data path (routing, replica failover,
-//! placement refresh); the FUSE file system itself comes with its own issue.
+//! The file system client: `blocks` is the block data path (routing, replica failover,
+//! placement refresh), `cache` the client's block cache, `file` the per-open-file write-back
+//! state, `fs` the FUSE callbacks, `mount` what `augur mount` and `augur dev` call.
 
 pub mod blocks;
+pub mod cache;
+pub mod file;
+pub mod fs;
+pub mod mount;
 
 pub use blocks::{BlockClient, BlockError};
+pub use fs::MountOptions;
+pub use mount::{Mounted, mount};

@@ -35,6 +35,8 @@ const K_PLACEMENT_VERSION: &[u8] = b"m:placement_version";
 /// Names of the xattrs the file system gives meaning to.
 pub const XATTR_PREFETCH: &[u8] = b"user.augur.prefetch";
 pub const XATTR_FILETYPE: &[u8] = b"user.augur.filetype";
+/// `S_ISGID` in an inode's permission bits.
+const SETGID_BIT: u16 = 0o2000;
 const XATTRS_READ_ONLY: [&[u8]; 2] = [b"user.augur.shards", b"user.augur.prefetch_stats"];
 
 /// A command, as proposed by the leader and applied by every member. Everything it needs is
@@ -826,13 +828,18 @@ fn ns_write(txn: &mut Txn<'_>, vol: VolumeId, op: &NsOp, now: Timestamp) -> Resu
             volume.next_ino += 1;
             volume.info.inodes += 1;
             let is_dir = *kind == FileKind::Dir;
+            // BSD group semantics under a set-group-ID directory (as ext4 does): the new entry
+            // takes the directory's group, and a new directory keeps the bit.
+            let setgid_parent = p.attr.perm & SETGID_BIT != 0;
+            let gid = if setgid_parent { p.attr.gid } else { *gid };
+            let perm = if setgid_parent && is_dir { (perm & 0o7777) | SETGID_BIT } else { perm & 0o7777 };
             let attr = Attr {
                 ino,
                 kind: *kind,
-                perm: perm & 0o7777,
+                perm,
                 nlink: if is_dir { 2 } else { 1 },
                 uid: *uid,
-                gid: *gid,
+                gid,
                 size: target.as_ref().map_or(0, |t| t.len() as u64),
                 atime: now,
                 mtime: now,

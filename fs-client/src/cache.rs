@@ -1,0 +1,129 @@
+//! The client's bounded memory cache of blocks, weighed in bytes.
+//!
+//! Close-to-open consistency: every cached block carries the modification time of its inode as
+//! the client saw it when the block was fetched (its *stamp*). A file opened later validates
+//! its cached blocks against the mtime the meta group reports at that open; a block with
+//! another stamp is treated as absent. So a file closed by another mount (which bumps mtime on
+//! close) is never served from an older copy here, and nothing has to be swept on open.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use augur_proto::Ino;
+use augur_proto::meta::Timestamp;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+
+/// Bookkeeping weight of one entry on top of its bytes.
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub ino: Ino,
+    pub index: u64,
+}
+
+/// One cached block. `data` may be shorter than the block size: the rest reads as zeros.
+#[derive(Clone, Debug)]
+pub struct CachedBlock {
+    pub stamp: Timestamp,
+    pub data: Arc<[u8]>,
+    /// Brought in by readahead and not read yet (for `user.augur.prefetch_stats`).
+    pub prefetched: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct BytesWeighter;
+
+impl Weighter<BlockKey, CachedBlock> for BytesWeighter {
+    fn weight(&self, _key: &BlockKey, val: &CachedBlock) -> u64 {
+        val.data.len() as u64 + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+pub struct BlockCache {
+    cache: Option<Cache<BlockKey, CachedBlock, BytesWeighter>>,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl BlockCache {
+    /// A cache of at most `bytes_max` bytes (0 disables it); `block_bytes` sizes its index.
+    pub fn new(bytes_max: u64, block_bytes: u64) -> Self {
+        let cache = (bytes_max > 0).then(|| {
+            let items = (bytes_max / block_bytes.max(1)).max(16) as usize;
+            Cache::with_weighter(items, bytes_max, BytesWeighter)
+        });
+        Self { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+    }
+
+    /// The block if cached with this `stamp`.
+    pub fn get(&self, key: BlockKey, stamp: Timestamp) -> Option<CachedBlock> {
+        let found = self.cache.as_ref().and_then(|c| c.get(&key)).filter(|b| b.stamp == stamp);
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// True when the block is cached with this stamp (no hit/miss counted).
+    pub fn contains(&self, key: BlockKey, stamp: Timestamp) -> bool {
+        self.cache.as_ref().and_then(|c| c.peek(&key)).is_some_and(|b| b.stamp == stamp)
+    }
+
+    pub fn insert(&self, key: BlockKey, block: CachedBlock) {
+        if let Some(c) = &self.cache {
+            c.insert(key, block);
+        }
+    }
+
+    pub fn remove(&self, key: BlockKey) {
+        if let Some(c) = &self.cache {
+            c.remove(&key);
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.weight())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(stamp: i64, len: usize) -> CachedBlock {
+        CachedBlock {
+            stamp: Timestamp { secs: stamp, nanos: 0 },
+            data: vec![7u8; len].into(),
+            prefetched: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn a_block_with_another_stamp_is_a_miss() {
+        let c = BlockCache::new(1 << 20, 4096);
+        let k = BlockKey { ino: Ino(5), index: 3 };
+        c.insert(k, block(1, 4096));
+        assert!(c.get(k, Timestamp { secs: 1, nanos: 0 }).is_some());
+        assert!(c.get(k, Timestamp { secs: 2, nanos: 0 }).is_none());
+        c.remove(k);
+        assert!(c.get(k, Timestamp { secs: 1, nanos: 0 }).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_budget() {
+        let c = BlockCache::new(64 * 4096, 4096);
+        for i in 0..1000 {
+            c.insert(BlockKey { ino: Ino(1), index: i }, block(1, 4096));
+        }
+        assert!(c.bytes() <= 64 * 4096, "{} bytes", c.bytes());
+    }
+
+    #[test]
+    fn a_zero_budget_disables_caching() {
+        let c = BlockCache::new(0, 4096);
+        let k = BlockKey { ino: Ino(1), index: 0 };
+        c.insert(k, block(1, 10));
+        assert!(c.get(k, Timestamp { secs: 1, nanos: 0 }).is_none());
+    }
+}

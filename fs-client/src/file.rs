@@ -1,0 +1,144 @@
+//! Per-file client state while a file is open here: write-back buffer, uploads in flight,
+//! the size this client knows, the cache stamp, and sequential-read detection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use augur_proto::Ino;
+use augur_proto::meta::{PrefetchMode, Timestamp};
+use tokio::task::JoinHandle;
+
+/// Where uploads leave their first failure.
+pub type UploadError = std::sync::Arc<Mutex<Option<(i32, String)>>>;
+
+/// Bytes of one block written here and not yet sent: `data[lo..hi]` is what was written.
+pub struct Dirty {
+    pub data: Vec<u8>,
+    pub lo: u32,
+    pub hi: u32,
+}
+
+impl Dirty {
+    /// True when `[off, off+len)` overlaps or touches the dirty range, so they merge into one.
+    pub fn joins(&self, off: u32, len: u32) -> bool {
+        off <= self.hi && off + len >= self.lo
+    }
+
+    pub fn covers(&self, off: u32, len: u32) -> bool {
+        self.lo <= off && off + len <= self.hi
+    }
+}
+
+/// What only the holder of the file's async lock may change.
+#[derive(Default)]
+pub struct FileState {
+    /// Size as the meta group last confirmed it.
+    pub meta_size: u64,
+    /// Blocks written and not yet handed to an upload, by index.
+    pub dirty: BTreeMap<u64, Dirty>,
+    /// Uploads in flight, by block index (at most one per block, so writes land in order).
+    pub uploads: HashMap<u64, JoinHandle<()>>,
+    /// The first failure of a background upload (errno, message), reported by the next write,
+    /// flush or fsync.
+    pub errors: UploadError,
+    /// Data was written since the size and mtime were last sent to the meta group.
+    pub wrote: bool,
+}
+
+/// Sequential-read detection and the prefetch hint in force.
+#[derive(Default)]
+pub struct ReadAhead {
+    /// Block index one past the last read.
+    pub next: u64,
+    /// Blocks to read ahead now (grows while reads stay sequential).
+    pub window: u32,
+    /// Highest block index already requested ahead.
+    pub issued_until: u64,
+    /// The file's `user.augur.prefetch` (or the volume's), once looked up.
+    pub mode: Option<PrefetchMode>,
+}
+
+pub struct OpenFile {
+    pub ino: Ino,
+    /// Open handles of this client on the file (guarded by the file table's lock).
+    pub handles: AtomicU64,
+    /// Size including writes not yet flushed; read without the async lock by getattr.
+    pub size: AtomicU64,
+    /// Bumped on every write: a block fetched across a write is not cached.
+    pub write_gen: AtomicU64,
+    /// Cached blocks are valid only with this stamp (the mtime seen at open).
+    pub stamp: Mutex<Timestamp>,
+    pub state: tokio::sync::Mutex<FileState>,
+    pub ra: Mutex<ReadAhead>,
+    /// The last link went while the file was open: reclaim on the last release.
+    pub unlinked: std::sync::atomic::AtomicBool,
+}
+
+impl OpenFile {
+    pub fn new(ino: Ino, size: u64, stamp: Timestamp) -> Self {
+        Self {
+            ino,
+            handles: AtomicU64::new(0),
+            size: AtomicU64::new(size),
+            write_gen: AtomicU64::new(0),
+            stamp: Mutex::new(stamp),
+            state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
+            ra: Mutex::new(ReadAhead::default()),
+            unlinked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn stamp(&self) -> Timestamp {
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_stamp(&self, t: Timestamp) {
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+}
+
+/// Splits the byte range `[offset, offset+len)` into `(block index, offset in block, length)`.
+pub fn split(offset: u64, len: u64, block_bytes: u64) -> impl Iterator<Item = (u64, u32, u32)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let index = pos / block_bytes;
+        let in_block = pos % block_bytes;
+        let n = (block_bytes - in_block).min(end - pos);
+        pos += n;
+        Some((index, in_block as u32, n as u32))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_the_range_in_block_pieces() {
+        let pieces: Vec<_> = split(100, 300, 128).collect();
+        assert_eq!(pieces, vec![(0, 100, 28), (1, 0, 128), (2, 0, 128), (3, 0, 16)]);
+        assert_eq!(split(0, 0, 128).count(), 0);
+        assert_eq!(split(256, 128, 128).collect::<Vec<_>>(), vec![(2, 0, 128)]);
+    }
+
+    #[test]
+    fn dirty_ranges_join_when_they_touch() {
+        let d = Dirty { data: vec![0; 16], lo: 4, hi: 8 };
+        assert!(d.joins(8, 2));
+        assert!(d.joins(0, 4));
+        assert!(d.joins(5, 1));
+        assert!(!d.joins(9, 2));
+        assert!(!d.joins(0, 3));
+        assert!(d.covers(4, 4));
+        assert!(!d.covers(3, 2));
+    }
+}

@@ -1,0 +1,1469 @@
+//! The mounted file system: fuser callbacks over the meta group (namespace) and the block data
+//! path. Every callback hands its work to the tokio runtime and replies from there; errors
+//! become errno values here and nowhere else, and no callback panics (no unwrap on input).
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use augur_meta::MetaClient;
+use augur_proto::meta::{
+    Attr, DirEntry, FileKind, NsOp, NsReply, PrefetchMode, ROOT_INO, SetAttr, TimeSet, Timestamp, XattrMode,
+};
+use augur_proto::msg::{RequestBody, ResponseBody};
+use augur_proto::{BlockId, ErrorCode, Ino, RpcError, VolumeId};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
+};
+use serde_bytes::ByteBuf;
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, warn};
+
+use crate::blocks::{BlockClient, BlockError};
+use crate::cache::{BlockCache, BlockKey, CachedBlock};
+use crate::file::{Dirty, OpenFile, UploadError, split};
+
+/// Read-only attributes computed by the client.
+pub const XATTR_SHARDS: &[u8] = b"user.augur.shards";
+pub const XATTR_PREFETCH_STATS: &[u8] = b"user.augur.prefetch_stats";
+pub const XATTR_PREFETCH: &[u8] = b"user.augur.prefetch";
+
+/// Tunables of a mount; every limit is named here (defaults in `Default`).
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Client block cache, in bytes (0 disables it). Default 256 MiB.
+    pub cache_bytes: u64,
+    /// Bytes of block uploads in flight over all files; a writer past it waits. Default 64 MiB.
+    pub write_back_bytes: u64,
+    /// Partly written blocks kept per file before they are sent. Default 256.
+    pub dirty_blocks_per_file: usize,
+    /// Most blocks read ahead of a sequential reader. Default 32.
+    pub readahead_blocks_max: u32,
+    /// Block fetches for readahead in flight over all files. Default 64.
+    pub prefetch_in_flight_max: usize,
+    /// Kernel caching of attributes and directory entries. Default 1 s.
+    pub attr_ttl: Duration,
+    /// Callbacks being served at once; the kernel's next request waits past it. Default 256.
+    pub ops_in_flight_max: usize,
+    /// Threads reading requests from /dev/fuse. Default 4.
+    pub fuse_threads: usize,
+    /// Let every local user in (`allow_other`). Default: on when mounted by root.
+    pub allow_other: bool,
+    /// Let the kernel check permissions from mode/uid/gid (`default_permissions`). Default on.
+    pub default_permissions: bool,
+    /// Largest write the kernel sends in one request. Default 1 MiB.
+    pub max_write_bytes: u32,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 256 << 20,
+            write_back_bytes: 64 << 20,
+            dirty_blocks_per_file: 256,
+            readahead_blocks_max: 32,
+            prefetch_in_flight_max: 64,
+            attr_ttl: Duration::from_secs(1),
+            ops_in_flight_max: 256,
+            fuse_threads: 4,
+            allow_other: nix_is_root(),
+            default_permissions: true,
+            max_write_bytes: 1 << 20,
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: geteuid has no preconditions; libc is the only way without another crate.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid() == 0
+    }
+}
+
+/// Counts of readahead for one file, served as `user.augur.prefetch_stats`.
+#[derive(Default)]
+pub struct PrefetchStats {
+    pub issued: AtomicU64,
+    pub used: AtomicU64,
+}
+
+/// Most files whose prefetch counters are remembered.
+const PREFETCH_STATS_FILES_MAX: usize = 4096;
+/// Directory entries fetched from the meta group per page.
+const READDIR_PAGE: u32 = 1024;
+/// Most entries a directory handle snapshots (larger directories are listed in parts).
+const DIR_SNAPSHOT_ENTRIES_MAX: usize = 1 << 20;
+
+enum Handle_ {
+    File { ino: Ino },
+    Dir { ino: Ino, entries: Mutex<Option<Arc<Vec<DirEntry>>>> },
+}
+
+/// Everything the callbacks share; lives in an `Arc` so work can move onto the runtime.
+pub struct Inner {
+    pub meta: Arc<MetaClient>,
+    pub blocks: Arc<BlockClient>,
+    pub vol: VolumeId,
+    pub block_bytes: u64,
+    pub opts: MountOptions,
+    pub cache: BlockCache,
+    files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle_>>>,
+    next_fh: AtomicU64,
+    /// Write-back budget in KiB permits.
+    write_budget: Arc<Semaphore>,
+    prefetch_slots: Arc<Semaphore>,
+    fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
+    stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
+    pub notifier: OnceLock<Notifier>,
+    /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
+    told: quick_cache::sync::Cache<Ino, (u64, Timestamp)>,
+    shutting_down: AtomicBool,
+}
+
+pub struct AugurFs {
+    inner: Arc<Inner>,
+    rt: Handle,
+    slots: Arc<Semaphore>,
+}
+
+/// An error on its way to becoming an errno.
+#[derive(Debug)]
+pub struct FsError {
+    pub errno: i32,
+    pub what: String,
+}
+
+type FsResult<T> = Result<T, FsError>;
+
+impl FsError {
+    pub fn new(errno: i32, what: impl Into<String>) -> Self {
+        Self { errno, what: what.into() }
+    }
+}
+
+impl From<RpcError> for FsError {
+    fn from(e: RpcError) -> Self {
+        let errno = match e.code() {
+            Some(ErrorCode::NotFound) => libc::ENOENT,
+            Some(ErrorCode::AlreadyExists) => libc::EEXIST,
+            Some(ErrorCode::NotEmpty) => libc::ENOTEMPTY,
+            Some(ErrorCode::NotDirectory) => libc::ENOTDIR,
+            Some(ErrorCode::IsDirectory) => libc::EISDIR,
+            Some(ErrorCode::NoData) => libc::ENODATA,
+            Some(ErrorCode::NameTooLong) => libc::ENAMETOOLONG,
+            Some(ErrorCode::InvalidArgument) => libc::EINVAL,
+            Some(ErrorCode::PermissionDenied) => libc::EPERM,
+            Some(ErrorCode::NoSpace) => libc::ENOSPC,
+            _ => libc::EIO,
+        };
+        FsError::new(errno, e.to_string())
+    }
+}
+
+impl From<BlockError> for FsError {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::NoSpace(_) => FsError::new(libc::ENOSPC, e.to_string()),
+            BlockError::Invalid(_) => FsError::new(libc::EINVAL, e.to_string()),
+            BlockError::Unavailable(_) => FsError::new(libc::EIO, e.to_string()),
+            BlockError::Meta(m) => m.into(),
+        }
+    }
+}
+
+fn ts(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(u64::from(t.nanos))
+    }
+}
+
+fn timeset(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(st) => TimeSet::At(match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                let (secs, nanos) = if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                };
+                Timestamp { secs, nanos }
+            }
+        }),
+    }
+}
+
+pub fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => FileKind::File,
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDev,
+        libc::S_IFBLK => FileKind::BlockDev,
+        _ => return None,
+    })
+}
+
+fn ino(i: INodeNo) -> Ino {
+    Ino(i.0)
+}
+
+fn name_buf(name: &OsStr) -> ByteBuf {
+    ByteBuf::from(name.as_bytes().to_vec())
+}
+
+impl Inner {
+    pub fn new(meta: Arc<MetaClient>, blocks: Arc<BlockClient>, opts: MountOptions) -> Self {
+        let block_bytes = u64::from(blocks.volume.block_size_bytes);
+        Self {
+            vol: blocks.volume.id,
+            cache: BlockCache::new(opts.cache_bytes, block_bytes),
+            write_budget: Arc::new(Semaphore::new(((opts.write_back_bytes >> 10) as usize).max(1))),
+            prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_in_flight_max.max(1))),
+            meta,
+            blocks,
+            block_bytes,
+            opts,
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            fetching: Mutex::new(HashMap::new()),
+            stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
+            notifier: OnceLock::new(),
+            told: quick_cache::sync::Cache::new(1 << 16),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
+    }
+
+    fn new_handle(&self, h: Handle_) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Option<Arc<Handle_>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned()
+    }
+
+    async fn ns(&self, op: NsOp) -> FsResult<NsReply> {
+        Ok(self.meta.ns(self.vol, op).await?)
+    }
+
+    async fn attr_op(&self, op: NsOp) -> FsResult<Attr> {
+        match self.ns(op).await? {
+            NsReply::Attr(a) => Ok(a),
+            other => Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+        }
+    }
+
+    /// Converts an attribute for the kernel, with this client's unflushed size on top.
+    fn to_kernel(&self, a: &Attr) -> FileAttr {
+        let size = match (a.kind, self.file(a.ino)) {
+            (FileKind::File, Some(f)) => f.size().max(a.size),
+            _ => a.size,
+        };
+        self.told.insert(a.ino, (size, a.mtime));
+        FileAttr {
+            ino: INodeNo(a.ino.0),
+            size,
+            blocks: size.div_ceil(512),
+            atime: ts(a.atime),
+            mtime: ts(a.mtime),
+            ctime: ts(a.ctime),
+            crtime: ts(a.ctime),
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: self.block_bytes as u32,
+            flags: 0,
+        }
+    }
+
+    // ---- data path ----
+
+    /// Reads one block: the cache, a fetch already under way, or the replicas.
+    async fn block(self: &Arc<Self>, f: &OpenFile, index: u64) -> FsResult<Arc<[u8]>> {
+        let key = BlockKey { ino: f.ino, index };
+        let stamp = f.stamp();
+        if let Some(b) = self.cache.get(key, stamp) {
+            if b.prefetched.swap(false, Ordering::Relaxed) {
+                self.stats_of(f.ino).used.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(b.data);
+        }
+        // Either join a fetch already under way (a readahead), or become the one fetching.
+        let joined = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            match fetching.get(&key) {
+                Some(rx) => Ok(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(());
+                    fetching.insert(key, rx);
+                    Err(tx)
+                }
+            }
+        };
+        match joined {
+            Err(tx) => {
+                let result = self.fetch(f, key, stamp, false).await;
+                self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                drop(tx);
+                result
+            }
+            Ok(mut rx) => {
+                // Ends when that fetch finishes (its sender drops); then look in the cache
+                // again, and fetch here if it failed.
+                let _ = rx.changed().await;
+                match self.cache.get(key, stamp) {
+                    Some(b) => {
+                        if b.prefetched.swap(false, Ordering::Relaxed) {
+                            self.stats_of(f.ino).used.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(b.data)
+                    }
+                    None => self.fetch(f, key, stamp, false).await,
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self, f: &OpenFile, key: BlockKey, stamp: Timestamp, prefetch: bool) -> FsResult<Arc<[u8]>> {
+        let gen_before = f.write_gen.load(Ordering::Acquire);
+        let data: Arc<[u8]> = self.blocks.read(BlockId::new(key.ino, key.index)).await?.into();
+        // A write that landed while we fetched makes these bytes possibly old: do not keep them.
+        if f.write_gen.load(Ordering::Acquire) == gen_before {
+            self.cache.insert(
+                key,
+                CachedBlock { stamp, data: data.clone(), prefetched: Arc::new(AtomicBool::new(prefetch)) },
+            );
+        }
+        Ok(data)
+    }
+
+    fn stats_of(&self, ino: Ino) -> Arc<PrefetchStats> {
+        self.stats.get_or_insert_with(&ino, || Ok::<_, ()>(Arc::default())).unwrap_or_default()
+    }
+
+    async fn read(self: &Arc<Self>, f: Arc<OpenFile>, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        // Blocks with unsent or in-flight writes are sent first, so the replicas have them.
+        {
+            let mut st = f.state.lock().await;
+            let first = offset / self.block_bytes;
+            let last = (offset + u64::from(size)).div_ceil(self.block_bytes);
+            let pending = st.dirty.range(first..last).next().is_some()
+                || st.uploads.keys().any(|i| (first..last).contains(i));
+            if pending {
+                self.flush_data(&f, &mut st).await?;
+            }
+        }
+        let file_size = f.size();
+        if offset >= file_size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let len = (u64::from(size)).min(file_size - offset);
+        let pieces: Vec<(u64, u32, u32)> = split(offset, len, self.block_bytes).collect();
+        let mut tasks = Vec::with_capacity(pieces.len());
+        for &(index, _, _) in &pieces {
+            let (me, f) = (self.clone(), f.clone());
+            tasks.push(tokio::spawn(async move { me.block(&f, index).await }));
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        for (task, (_, off, n)) in tasks.into_iter().zip(&pieces) {
+            let data = task.await.map_err(|e| FsError::new(libc::EIO, e.to_string()))??;
+            let (off, n) = (*off as usize, *n as usize);
+            let have = data.len().saturating_sub(off).min(n);
+            if have > 0 {
+                out.extend_from_slice(&data[off..off + have]);
+            }
+            out.resize(out.len() + (n - have), 0);
+        }
+        if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
+            self.read_ahead(&f, first.0, last.0).await;
+        }
+        Ok(out)
+    }
+
+    /// Linux-style sequential readahead: a window that doubles while reads stay sequential,
+    /// shaped by the file's `user.augur.prefetch` hint.
+    async fn read_ahead(self: &Arc<Self>, f: &Arc<OpenFile>, first: u64, last: u64) {
+        let max = self.opts.readahead_blocks_max;
+        let need_mode = {
+            let ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
+            ra.mode.is_none() && (first == ra.next || first + 1 == ra.next) && first > 0
+        };
+        if need_mode {
+            let mode = self.prefetch_mode(f.ino).await;
+            f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
+        }
+        let (from, to) = {
+            let mut ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
+            let sequential = first == ra.next || first + 1 == ra.next;
+            ra.window = match ra.mode.unwrap_or_default() {
+                PrefetchMode::Off | PrefetchMode::Random => 0,
+                PrefetchMode::Sequential => max,
+                PrefetchMode::Readahead(n) => n.min(max),
+                PrefetchMode::Auto if sequential && first > 0 => (ra.window * 2).clamp(4, max),
+                PrefetchMode::Auto => 0,
+            };
+            ra.next = last + 1;
+            if ra.window == 0 {
+                return;
+            }
+            let end_block = f.size().div_ceil(self.block_bytes);
+            let from = (last + 1).max(ra.issued_until);
+            let to = (last + 1 + u64::from(ra.window)).min(end_block);
+            if from >= to {
+                return;
+            }
+            ra.issued_until = to;
+            (from, to)
+        };
+        let stamp = f.stamp();
+        for index in from..to {
+            let key = BlockKey { ino: f.ino, index };
+            if self.cache.contains(key, stamp) {
+                continue;
+            }
+            let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else { break };
+            let tx = {
+                let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+                if fetching.contains_key(&key) {
+                    continue;
+                }
+                let (tx, rx) = watch::channel(());
+                fetching.insert(key, rx);
+                tx
+            };
+            self.stats_of(f.ino).issued.fetch_add(1, Ordering::Relaxed);
+            let (me, f) = (self.clone(), f.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.fetch(&f, key, stamp, true).await {
+                    debug!(ino = %key.ino, index = key.index, error = %e.what, "readahead failed");
+                }
+                me.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                drop((tx, permit));
+            });
+        }
+    }
+
+    async fn prefetch_mode(&self, ino: Ino) -> PrefetchMode {
+        let op = NsOp::GetXattr { ino, name: ByteBuf::from(XATTR_PREFETCH.to_vec()) };
+        match self.ns(op).await {
+            Ok(NsReply::Value(v)) => {
+                std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or_default()
+            }
+            _ => self.blocks.volume.hints.prefetch,
+        }
+    }
+
+    /// Hands block `index`'s dirty bytes to a background upload (after any earlier upload of
+    /// the same block, so writes land in order), within the write-back budget.
+    async fn upload(&self, st: &mut crate::file::FileState, ino: Ino, index: u64, d: Dirty) {
+        if let Some(earlier) = st.uploads.remove(&index) {
+            record(&st.errors, earlier.await.map(|()| Ok(())));
+        }
+        let kib = (((d.hi - d.lo) as usize).div_ceil(1024)).max(1) as u32;
+        let permits = kib.min(self.write_budget_total());
+        let permit = match self.write_budget.clone().acquire_many_owned(permits).await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let (blocks, errors) = (self.blocks.clone(), st.errors.clone());
+        let handle = tokio::spawn(async move {
+            let _permit = permit;
+            let bytes = &d.data[d.lo as usize..d.hi as usize];
+            record(&errors, Ok(blocks.write(BlockId::new(ino, index), d.lo, bytes).await));
+        });
+        st.uploads.insert(index, handle);
+    }
+
+    fn write_budget_total(&self) -> u32 {
+        ((self.opts.write_back_bytes >> 10) as u32).max(1)
+    }
+
+    async fn write(&self, f: &OpenFile, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest offset"))?;
+        let mut st = f.state.lock().await;
+        // A background upload of this file failed: say so now rather than only at close.
+        take_error(&st.errors)?;
+        f.write_gen.fetch_add(1, Ordering::AcqRel);
+        let mut pos = 0usize;
+        for (index, off, n) in split(offset, data.len() as u64, self.block_bytes) {
+            let piece = &data[pos..pos + n as usize];
+            pos += n as usize;
+            self.cache.remove(BlockKey { ino: f.ino, index });
+            if let Some(d) = st.dirty.get(&index)
+                && !d.joins(off, n)
+            {
+                let old = st.dirty.remove(&index).expect("present");
+                self.upload(&mut st, f.ino, index, old).await;
+            }
+            let block_bytes = self.block_bytes as usize;
+            let d = st.dirty.entry(index).or_insert_with(|| Dirty { data: vec![0; block_bytes], lo: off, hi: off });
+            d.data[off as usize..(off + n) as usize].copy_from_slice(piece);
+            d.lo = d.lo.min(off);
+            d.hi = d.hi.max(off + n);
+            if d.lo == 0 && d.hi as u64 == self.block_bytes {
+                let full = st.dirty.remove(&index).expect("present");
+                self.upload(&mut st, f.ino, index, full).await;
+            }
+        }
+        if st.dirty.len() > self.opts.dirty_blocks_per_file {
+            let all = std::mem::take(&mut st.dirty);
+            for (index, d) in all {
+                self.upload(&mut st, f.ino, index, d).await;
+            }
+        }
+        st.wrote = true;
+        f.size.fetch_max(end, Ordering::AcqRel);
+        reap(&mut st);
+        Ok(data.len() as u32)
+    }
+
+    /// Sends every dirty block and waits for every upload of the file; the first failure since
+    /// the last flush is returned (and forgotten).
+    async fn flush_data(&self, f: &OpenFile, st: &mut crate::file::FileState) -> FsResult<()> {
+        let all = std::mem::take(&mut st.dirty);
+        for (index, d) in all {
+            self.upload(st, f.ino, index, d).await;
+        }
+        let uploads: Vec<_> = st.uploads.drain().collect();
+        for (_, h) in uploads {
+            record(&st.errors, h.await.map(|()| Ok(())));
+        }
+        take_error(&st.errors)
+    }
+
+    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open).
+    async fn flush(&self, f: &OpenFile) -> FsResult<()> {
+        let mut st = f.state.lock().await;
+        self.flush_data(f, &mut st).await?;
+        if st.wrote {
+            let size = f.size();
+            let a = self.attr_op(NsOp::Extend { ino: f.ino, size }).await?;
+            st.meta_size = a.size;
+            st.wrote = false;
+            f.size.store(a.size.max(size), Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Deletes `ino`'s blocks from `from` on (its size bounds which shards can hold any).
+    async fn delete_blocks(&self, ino: Ino, from: u64, size: u64) -> FsResult<()> {
+        let end = size.div_ceil(self.block_bytes);
+        if end <= from {
+            return Ok(());
+        }
+        let v = &self.blocks.volume;
+        let stripe = u64::from(v.stripe_unit_blocks.max(1));
+        let stripes = end.div_ceil(stripe) - from / stripe;
+        let shards: BTreeSet<_> = if stripes >= u64::from(v.shard_count) {
+            (0..v.shard_count).map(augur_proto::ShardId).collect()
+        } else {
+            (from / stripe..end.div_ceil(stripe)).map(|s| v.shard_of(ino, s * stripe)).collect()
+        };
+        let mut tasks = Vec::new();
+        for shard in shards {
+            let blocks = self.blocks.clone();
+            tasks.push(tokio::spawn(async move { blocks.delete_in(shard, ino, from).await }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| FsError::new(libc::EIO, e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a block's bytes from `from_offset` to its end (the new tail after a truncate).
+    async fn zero_tail(&self, ino: Ino, size: u64) -> FsResult<()> {
+        let off = size % self.block_bytes;
+        if off == 0 {
+            return Ok(());
+        }
+        let index = size / self.block_bytes;
+        let zeros = vec![0u8; (self.block_bytes - off) as usize];
+        self.blocks.write(BlockId::new(ino, index), off as u32, &zeros).await?;
+        self.cache.remove(BlockKey { ino, index });
+        Ok(())
+    }
+
+    /// Truncates or extends `ino` to `size`: data first (so nothing old shows through a later
+    /// extension), then the meta group.
+    async fn set_size(&self, ino: Ino, size: u64, mut set: SetAttr) -> FsResult<Attr> {
+        let current = self.attr_op(NsOp::GetAttr { ino }).await?;
+        if current.kind == FileKind::Dir {
+            return Err(FsError::new(libc::EISDIR, "a directory has no size to set"));
+        }
+        let f = self.file(ino);
+        let mut guard = match &f {
+            Some(f) => Some(f.state.lock().await),
+            None => None,
+        };
+        let mut old_size = current.size;
+        if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
+            f.write_gen.fetch_add(1, Ordering::AcqRel);
+            self.flush_data(f, st).await?;
+            old_size = old_size.max(f.size());
+        }
+        if current.kind == FileKind::File && size < old_size {
+            self.zero_tail(ino, size).await?;
+            self.delete_blocks(ino, size.div_ceil(self.block_bytes), old_size).await?;
+            let first_gone = size / self.block_bytes;
+            for index in first_gone..old_size.div_ceil(self.block_bytes).min(first_gone + 1 + (1 << 16)) {
+                self.cache.remove(BlockKey { ino, index });
+            }
+        }
+        set.size = Some(size);
+        let a = self.attr_op(NsOp::SetAttr { ino, set }).await?;
+        if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
+            st.meta_size = a.size;
+            st.wrote = false;
+            f.size.store(a.size, Ordering::Release);
+            f.set_stamp(a.mtime);
+        }
+        Ok(a)
+    }
+
+    /// Deletes an orphan's blocks and forgets it in the meta group.
+    async fn reclaim(&self, orphan: &Attr) -> FsResult<()> {
+        if orphan.kind == FileKind::File {
+            self.delete_blocks(orphan.ino, 0, orphan.size).await?;
+        }
+        self.ns(NsOp::Reclaim { ino: orphan.ino }).await?;
+        Ok(())
+    }
+
+    /// After an unlink/rename dropped a last link: reclaim now, or on the last release.
+    async fn orphaned(&self, orphan: Option<Attr>) -> FsResult<()> {
+        let Some(mut o) = orphan else { return Ok(()) };
+        if let Some(f) = self.file(o.ino) {
+            f.unlinked.store(true, Ordering::Release);
+            // The last release may have raced ahead of this: check again under the table lock.
+            let still_open = self.files.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&o.ino);
+            if still_open {
+                return Ok(());
+            }
+            o.size = o.size.max(f.size());
+        }
+        self.reclaim(&o).await
+    }
+
+    async fn open(&self, i: Ino) -> FsResult<Arc<OpenFile>> {
+        let a = self.attr_op(NsOp::GetAttr { ino: i }).await?;
+        let f = {
+            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            let f = files.entry(i).or_insert_with(|| Arc::new(OpenFile::new(i, a.size, a.mtime))).clone();
+            f.handles.fetch_add(1, Ordering::AcqRel);
+            f
+        };
+        // Close-to-open: another mount's close since this file was last seen shows as a new
+        // mtime; the cache keys on it, and the kernel's copy of the attributes is dropped.
+        if f.stamp() != a.mtime {
+            if let Ok(st) = f.state.try_lock()
+                && !st.wrote
+                && st.dirty.is_empty()
+                && st.uploads.is_empty()
+            {
+                f.set_stamp(a.mtime);
+                f.size.store(a.size, Ordering::Release);
+            }
+        }
+        let told = self.told.get(&i);
+        if told != Some((a.size, a.mtime))
+            && let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(i.0), -1, 0)
+        {
+            debug!(ino = %i, error = %e, "could not drop the kernel's attributes");
+        }
+        Ok(f)
+    }
+
+    async fn release(&self, f: Arc<OpenFile>) -> FsResult<()> {
+        let flushed = self.flush(&f).await;
+        let last = {
+            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            let left = f.handles.fetch_sub(1, Ordering::AcqRel) - 1;
+            if left == 0 {
+                files.remove(&f.ino);
+            }
+            left == 0
+        };
+        if last && f.unlinked.load(Ordering::Acquire) {
+            let mut a = self.attr_op(NsOp::GetAttr { ino: f.ino }).await?;
+            a.size = a.size.max(f.size());
+            if a.nlink == 0 {
+                self.reclaim(&a).await?;
+            }
+        }
+        flushed
+    }
+
+    /// Flushes every open file (unmount).
+    pub async fn flush_all(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for f in files {
+            if let Err(e) = self.flush(&f).await {
+                warn!(ino = %f.ino, error = %e.what, "flush at unmount failed");
+            }
+        }
+    }
+
+    async fn listing(&self, dir: Ino) -> FsResult<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self.ns(NsOp::ReadDir { ino: dir, after: after.clone(), limit: READDIR_PAGE }).await? {
+                NsReply::Entries { entries, more } => {
+                    after = entries.last().map(|e| e.name.clone());
+                    out.extend(entries);
+                    if !more || after.is_none() || out.len() >= DIR_SNAPSHOT_ENTRIES_MAX {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+            }
+        }
+    }
+
+    async fn statfs(&self) -> FsResult<(u64, u64, u64, u64)> {
+        let (inodes, files_max) = match self.ns(NsOp::StatFs).await? {
+            NsReply::StatFs { inodes, files_max } => (inodes, files_max),
+            other => return Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+        };
+        let (mut capacity, mut used) = (0u64, 0u64);
+        if let ResponseBody::Cluster(c) = self.meta.call(RequestBody::ClusterStatus).await? {
+            for n in c.nodes.iter().filter(|n| n.alive) {
+                capacity += n.capacity_bytes;
+                used += n.used_bytes.min(n.capacity_bytes);
+            }
+        }
+        let r = u64::from(self.blocks.volume.replicas.max(1));
+        let bs = self.block_bytes;
+        Ok((capacity / r / bs, capacity.saturating_sub(used) / r / bs, files_max, files_max.saturating_sub(inodes)))
+    }
+
+    /// `user.augur.shards`: the shards that can hold this file's blocks and their replicas.
+    async fn shards_text(&self, i: Ino) -> FsResult<Vec<u8>> {
+        let a = self.attr_op(NsOp::GetAttr { ino: i }).await?;
+        let size = match self.file(i) {
+            Some(f) => f.size().max(a.size),
+            None => a.size,
+        };
+        let v = &self.blocks.volume;
+        let stripe = u64::from(v.stripe_unit_blocks.max(1));
+        let stripes = size.div_ceil(self.block_bytes).div_ceil(stripe);
+        let mut shards: Vec<augur_proto::ShardId> =
+            (0..stripes.min(u64::from(v.shard_count) * 4)).map(|s| v.shard_of(i, s * stripe)).collect();
+        shards.sort();
+        shards.dedup();
+        let _ = self.blocks.refresh().await;
+        let mut out = String::new();
+        for s in shards {
+            let p = self.blocks.placement_of(s);
+            let replicas = p
+                .as_ref()
+                .map(|p| p.replicas.iter().map(|r| format!("{}@{}", r.node, r.addr)).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            let epoch = p.map(|p| p.epoch.0).unwrap_or_default();
+            out.push_str(&format!("{s} epoch={epoch} replicas={replicas}\n"));
+        }
+        if out.is_empty() {
+            out.push_str("none (no blocks written)\n");
+        }
+        Ok(out.into_bytes())
+    }
+
+    async fn getxattr(&self, i: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        if name == XATTR_SHARDS {
+            return self.shards_text(i).await;
+        }
+        if name == XATTR_PREFETCH_STATS {
+            let s = self.stats_of(i);
+            let issued = s.issued.load(Ordering::Relaxed);
+            let used = s.used.load(Ordering::Relaxed);
+            return Ok(format!("issued={issued} used={used} wasted={}\n", issued.saturating_sub(used)).into_bytes());
+        }
+        if !name.starts_with(b"user.") {
+            return Err(FsError::new(libc::ENODATA, "only user.* attributes are kept"));
+        }
+        match self.ns(NsOp::GetXattr { ino: i, name: ByteBuf::from(name.to_vec()) }).await? {
+            NsReply::Value(v) => Ok(v.into_vec()),
+            other => Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+        }
+    }
+}
+
+/// Keeps the first failure of an upload for the next flush (or write) to report.
+fn record(slot: &UploadError, r: Result<Result<(), BlockError>, tokio::task::JoinError>) {
+    let err: Option<FsError> = match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.into()),
+        Err(e) => Some(FsError::new(libc::EIO, e.to_string())),
+    };
+    if let Some(e) = err {
+        warn!(error = %e.what, "block upload failed");
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((e.errno, e.what));
+        }
+    }
+}
+
+fn take_error(slot: &UploadError) -> FsResult<()> {
+    match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some((errno, what)) => Err(FsError::new(errno, what)),
+        None => Ok(()),
+    }
+}
+
+/// Forgets finished uploads (each recorded its own failure).
+fn reap(st: &mut crate::file::FileState) {
+    st.uploads.retain(|_, h| !h.is_finished());
+}
+
+use std::future::Future;
+
+impl AugurFs {
+    pub fn new(inner: Arc<Inner>, rt: Handle) -> Self {
+        let slots = Arc::new(Semaphore::new(inner.opts.ops_in_flight_max.max(1)));
+        Self { inner, rt, slots }
+    }
+
+    /// Runs `work` on the runtime with one of the bounded operation slots.
+    fn spawn<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let permit = match self.rt.block_on(self.slots.clone().acquire_owned()) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let fut = work(self.inner.clone());
+        self.rt.spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+    }
+}
+
+fn fail(what: &str, e: &FsError) -> Errno {
+    if matches!(e.errno, libc::EIO | libc::ENOSPC) {
+        warn!(op = what, errno = e.errno, error = %e.what, "file system operation failed");
+    } else {
+        debug!(op = what, errno = e.errno, error = %e.what, "file system operation refused");
+    }
+    Errno::from_i32(e.errno)
+}
+
+impl Filesystem for AugurFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(self.inner.opts.max_write_bytes);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let inner = self.inner.clone();
+        self.rt.block_on(async move { inner.flush_all().await });
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let op = NsOp::Lookup { parent: ino(parent), name: name_buf(name) };
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail("lookup", &e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(move |fs| async move {
+            match fs.attr_op(NsOp::GetAttr { ino: ino(i) }).await {
+                Ok(a) => reply.attr(&fs.opts.attr_ttl, &fs.to_kernel(&a)),
+                Err(e) => reply.error(fail("getattr", &e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size: None,
+            atime: atime.map(timeset),
+            mtime: mtime.map(timeset),
+        };
+        let i = ino(i);
+        self.spawn(move |fs| async move {
+            let result = async {
+                if let Some(size) = size {
+                    return fs.set_size(i, size, set).await;
+                }
+                // Unsent writes go first, so their mtime does not land after an explicit one.
+                if let Some(f) = fs.file(i) {
+                    fs.flush(&f).await?;
+                }
+                fs.attr_op(NsOp::SetAttr { ino: i, set }).await
+            }
+            .await;
+            match result {
+                Ok(a) => reply.attr(&fs.opts.attr_ttl, &fs.to_kernel(&a)),
+                Err(e) => reply.error(fail("setattr", &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        self.spawn(move |fs| async move {
+            match fs.ns(NsOp::ReadLink { ino: ino(i) }).await {
+                Ok(NsReply::Target(t)) => reply.data(&t),
+                Ok(_) => reply.error(Errno::EINVAL),
+                Err(e) => reply.error(fail("readlink", &e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        if kind == FileKind::Dir || kind == FileKind::Symlink {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let op = mknode(req, parent, name, kind, mode & !umask, rdev, None);
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail("mknod", &e)),
+            }
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let op = mknode(req, parent, name, FileKind::Dir, mode & !umask, 0, None);
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail("mkdir", &e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = NsOp::Unlink { parent: ino(parent), name: name_buf(name) };
+        self.spawn(move |fs| async move {
+            let r = async {
+                match fs.ns(op).await? {
+                    NsReply::Removed { orphan } => fs.orphaned(orphan).await,
+                    _ => Ok(()),
+                }
+            }
+            .await;
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("unlink", &e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let op = NsOp::Rmdir { parent: ino(parent), name: name_buf(name) };
+        self.spawn(move |fs| async move {
+            match fs.ns(op).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(fail("rmdir", &e)),
+            }
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+        let target = ByteBuf::from(target.as_os_str().as_bytes().to_vec());
+        let op = mknode(req, parent, link_name, FileKind::Symlink, 0o777, 0, Some(target));
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail("symlink", &e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT)
+            || (flags.contains(RenameFlags::RENAME_EXCHANGE) && flags.contains(RenameFlags::RENAME_NOREPLACE))
+        {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let op = NsOp::Rename {
+            parent: ino(parent),
+            name: name_buf(name),
+            new_parent: ino(newparent),
+            new_name: name_buf(newname),
+            no_replace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        self.spawn(move |fs| async move {
+            let r = async {
+                match fs.ns(op).await? {
+                    NsReply::Removed { orphan } => fs.orphaned(orphan).await,
+                    _ => Ok(()),
+                }
+            }
+            .await;
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("rename", &e)),
+            }
+        });
+    }
+
+    fn link(&self, _req: &Request, i: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let op = NsOp::Link { ino: ino(i), new_parent: ino(newparent), new_name: name_buf(newname) };
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail("link", &e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(move |fs| async move {
+            match fs.open(ino(i)).await {
+                Ok(f) => {
+                    let fh = fs.new_handle(Handle_::File { ino: f.ino });
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(fail("open", &e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            let Some(f) = fs.file(ino(i)) else {
+                reply.error(Errno::EBADF);
+                return;
+            };
+            match fs.read(f, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(fail("read", &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(move |fs| async move {
+            let Some(f) = fs.file(ino(i)) else {
+                reply.error(Errno::EBADF);
+                return;
+            };
+            match fs.write(&f, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(fail("write", &e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, i: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move {
+            let r = match fs.file(ino(i)) {
+                Some(f) => fs.flush(&f).await,
+                None => Ok(()),
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("flush", &e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            let h = fs.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+            let f = match h.as_deref() {
+                Some(Handle_::File { ino }) => fs.file(*ino),
+                _ => None,
+            };
+            let r = match f {
+                Some(f) => fs.release(f).await,
+                None => Ok(()),
+            };
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail("release", &e)),
+            }
+        });
+    }
+
+    fn fsync(&self, _req: &Request, i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Block writes are acked only once every in-sync replica has synced them, and the
+        // meta group commits size and mtime to a synced log: flush is already durable.
+        self.flush(_req, i, _fh, LockOwner(0), reply);
+    }
+
+    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(move |fs| async move {
+            match fs.attr_op(NsOp::GetAttr { ino: ino(i) }).await {
+                Ok(a) if a.kind == FileKind::Dir => {
+                    let fh = fs.new_handle(Handle_::Dir { ino: a.ino, entries: Mutex::new(None) });
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Ok(_) => reply.error(Errno::ENOTDIR),
+                Err(e) => reply.error(fail("opendir", &e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _i: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.spawn(move |fs| async move {
+            let Some(h) = fs.handle(fh.0) else {
+                reply.error(Errno::EBADF);
+                return;
+            };
+            let Handle_::Dir { ino: dir, entries } = &*h else {
+                reply.error(Errno::ENOTDIR);
+                return;
+            };
+            // The listing is taken at the first read (and again after a rewind) and served
+            // from the handle, so offsets stay stable while entries come and go.
+            let snapshot = {
+                let cur = entries.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match cur {
+                    Some(s) if offset != 0 => s,
+                    _ => match fs.listing(*dir).await {
+                        Ok(list) => {
+                            let s = Arc::new(list);
+                            *entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+                            s
+                        }
+                        Err(e) => {
+                            reply.error(fail("readdir", &e));
+                            return;
+                        }
+                    },
+                }
+            };
+            let dots = [(*dir, FileType::Directory, &b"."[..]), (i_parent(*dir), FileType::Directory, &b".."[..])];
+            let mut pos = offset as usize;
+            while pos < 2 {
+                let (n, k, name) = dots[pos];
+                if reply.add(INodeNo(n.0), pos as u64 + 1, k, OsStr::from_bytes(name)) {
+                    reply.ok();
+                    return;
+                }
+                pos += 1;
+            }
+            for (idx, e) in snapshot.iter().enumerate().skip(pos - 2) {
+                let next = (idx + 3) as u64;
+                if reply.add(INodeNo(e.ino.0), next, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _i: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.inner.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes are committed to the meta group's synced log before they are acked.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _i: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |fs| async move {
+            match fs.statfs().await {
+                Ok((blocks, free, files, ffree)) => {
+                    let bs = fs.block_bytes as u32;
+                    reply.statfs(blocks, free, free, files, ffree, bs, 255, bs);
+                }
+                Err(e) => reply.error(fail("statfs", &e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = name.as_bytes().to_vec();
+        if position != 0 {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        if !name.starts_with(b"user.") {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
+        let mode = match flags {
+            0 => XattrMode::Upsert,
+            libc::XATTR_CREATE => XattrMode::CreateOnly,
+            libc::XATTR_REPLACE => XattrMode::ReplaceOnly,
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        let op = NsOp::SetXattr { ino: ino(i), name: ByteBuf::from(name.clone()), value: ByteBuf::from(value.to_vec()), mode };
+        self.spawn(move |fs| async move {
+            match fs.ns(op).await {
+                Ok(_) => {
+                    if name == XATTR_PREFETCH
+                        && let Some(f) = fs.file(ino(i))
+                    {
+                        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = None;
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(fail("setxattr", &e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, i: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(move |fs| async move {
+            match fs.getxattr(ino(i), &name).await {
+                Ok(v) => xattr_reply(reply, size, &v),
+                Err(e) => reply.error(fail("getxattr", &e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(move |fs| async move {
+            match fs.ns(NsOp::ListXattr { ino: ino(i) }).await {
+                Ok(NsReply::Names(names)) => {
+                    let mut out = Vec::new();
+                    for n in names {
+                        out.extend_from_slice(&n);
+                        out.push(0);
+                    }
+                    xattr_reply(reply, size, &out)
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(fail("listxattr", &e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, i: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        if !name.starts_with(b"user.") {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
+        let op = NsOp::RemoveXattr { ino: ino(i), name: ByteBuf::from(name) };
+        self.spawn(move |fs| async move {
+            match fs.ns(op).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(fail("removexattr", &e)),
+            }
+        });
+    }
+
+    fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Only called without `default_permissions`: check the mode bits ourselves.
+        let (uid, gid) = (req.uid(), req.gid());
+        let mask = mask.bits() as u16;
+        self.spawn(move |fs| async move {
+            match fs.attr_op(NsOp::GetAttr { ino: ino(i) }).await {
+                Ok(a) => {
+                    let granted = if uid == 0 {
+                        0o7
+                    } else if uid == a.uid {
+                        (a.perm >> 6) & 7
+                    } else if gid == a.gid {
+                        (a.perm >> 3) & 7
+                    } else {
+                        a.perm & 7
+                    };
+                    if mask & 7 & !granted == 0 { reply.ok() } else { reply.error(Errno::EACCES) }
+                }
+                Err(e) => reply.error(fail("access", &e)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let op = mknode(req, parent, name, FileKind::File, mode & !umask, 0, None);
+        self.spawn(move |fs| async move {
+            let r = async {
+                let a = fs.attr_op(op).await?;
+                let f = fs.open(a.ino).await?;
+                Ok::<_, FsError>((a, f))
+            }
+            .await;
+            match r {
+                Ok((a, f)) => {
+                    let fh = fs.new_handle(Handle_::File { ino: f.ino });
+                    reply.created(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(fail("create", &e)),
+            }
+        });
+    }
+}
+
+/// The parent reported for `..` (the kernel answers `..` lookups itself; this is only shown by
+/// readdir, where the directory's own inode stands in below the root).
+fn i_parent(dir: Ino) -> Ino {
+    if dir == ROOT_INO { ROOT_INO } else { dir }
+}
+
+fn mknode(
+    req: &Request,
+    parent: INodeNo,
+    name: &OsStr,
+    kind: FileKind,
+    mode: u32,
+    rdev: u32,
+    target: Option<ByteBuf>,
+) -> NsOp {
+    NsOp::MkNode {
+        parent: ino(parent),
+        name: name_buf(name),
+        kind,
+        perm: (mode & 0o7777) as u16,
+        uid: req.uid(),
+        gid: req.gid(),
+        rdev,
+        target,
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
+    if size == 0 {
+        reply.size(v.len() as u32);
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(v);
+    }
+}

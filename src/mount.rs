@@ -1,0 +1,81 @@
+//! `augur mount`: serve a volume through FUSE until unmounted or signalled.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use augur_fs_client::MountOptions;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::MetaArgs;
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// Volume to mount (see `augur volume list`).
+    pub volume: String,
+    /// Empty directory to mount it on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub tuning: MountTuning,
+    #[command(flatten)]
+    pub meta: MetaArgs,
+}
+
+/// Client limits and caching; the defaults suit a workstation.
+#[derive(Args, Clone)]
+pub struct MountTuning {
+    /// Client block cache in MiB (0 turns it off).
+    #[arg(long, default_value_t = 256)]
+    pub cache_mb: u64,
+    /// Block uploads in flight over all files, in MiB; writers wait beyond it.
+    #[arg(long, default_value_t = 64)]
+    pub write_back_mb: u64,
+    /// Most blocks read ahead of a sequential reader.
+    #[arg(long, default_value_t = 32)]
+    pub readahead_blocks: u32,
+    /// How long the kernel may cache attributes and names, in ms (0 asks every time).
+    #[arg(long, default_value_t = 1000)]
+    pub attr_ttl_ms: u64,
+    /// Threads reading requests from /dev/fuse.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub fuse_threads: u64,
+    /// Let only the mounting user in (no `allow_other`; by default root mounts for everyone).
+    #[arg(long)]
+    pub private: bool,
+    /// Do not let the kernel check permissions from mode bits (`default_permissions` off).
+    #[arg(long)]
+    pub no_default_permissions: bool,
+}
+
+impl MountTuning {
+    pub fn options(&self) -> MountOptions {
+        let mut o = MountOptions {
+            cache_bytes: self.cache_mb << 20,
+            write_back_bytes: (self.write_back_mb.max(1)) << 20,
+            readahead_blocks_max: self.readahead_blocks,
+            attr_ttl: Duration::from_millis(self.attr_ttl_ms),
+            fuse_threads: self.fuse_threads as usize,
+            default_permissions: !self.no_default_permissions,
+            ..MountOptions::default()
+        };
+        if self.private {
+            o.allow_other = false;
+        }
+        o
+    }
+}
+
+pub async fn run(args: MountArgs) -> Result<()> {
+    let meta = Arc::new(args.meta.client()?);
+    let mounted =
+        augur_fs_client::mount(meta, &args.volume, &args.mountpoint, args.tuning.options()).await?;
+    let shutdown = CancellationToken::new();
+    crate::cancel_on_signal(shutdown.clone())?;
+    // The one line on stdout: scripts and tests wait for it.
+    println!("augur mounted {} on {}", args.volume, args.mountpoint.display());
+    mounted.run_until(shutdown).await?;
+    println!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}
