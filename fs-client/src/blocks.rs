@@ -20,6 +20,8 @@ use tracing::{debug, warn};
 pub const BLOCK_OP_DEADLINE: Duration = Duration::from_secs(30);
 /// Deadline of one attempt against one replica.
 pub const BLOCK_ATTEMPT_DEADLINE: Duration = Duration::from_secs(5);
+/// A replica that failed at the transport level is tried last for this long.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(1000);
 
@@ -40,6 +42,8 @@ pub struct BlockClient {
     rpc: Arc<RpcClient>,
     pub volume: VolumeInfo,
     placement: RwLock<HashMap<ShardId, ShardPlacement>>,
+    /// Replicas that recently failed to answer at all, and when.
+    suspects: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
     pub deadline: Duration,
 }
 
@@ -56,6 +60,7 @@ impl BlockClient {
             rpc,
             volume: info.0,
             placement: RwLock::new(info.1.into_iter().map(|p| (p.shard, p)).collect()),
+            suspects: std::sync::Mutex::new(HashMap::new()),
             deadline: BLOCK_OP_DEADLINE,
         };
         Ok(client)
@@ -88,18 +93,28 @@ impl BlockClient {
     }
 
     /// Replicas ordered for reading: lowest measured round trip first, the primary first
-    /// among those not measured yet.
+    /// among those not measured yet, and replicas that just failed to answer last.
     fn read_order(&self, replicas: Vec<Replica>) -> Vec<Replica> {
-        let mut ranked: Vec<(Duration, usize, Replica)> = replicas
+        let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ranked: Vec<(bool, Duration, usize, Replica)> = replicas
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                let rtt = addr_of(&r).and_then(|a| self.rpc.rtt(a)).unwrap_or(Duration::from_secs(1));
-                (rtt, i, r)
+                let addr = addr_of(&r);
+                let suspect =
+                    addr.and_then(|a| suspects.get(&a)).is_some_and(|since| since.elapsed() < SUSPECT_FOR);
+                let rtt = addr.and_then(|a| self.rpc.rtt(a)).unwrap_or(Duration::from_secs(1));
+                (suspect, rtt, i, r)
             })
             .collect();
-        ranked.sort_by_key(|(rtt, i, _)| (*rtt, *i));
-        ranked.into_iter().map(|(_, _, r)| r).collect()
+        ranked.sort_by_key(|(suspect, rtt, i, _)| (*suspect, *rtt, *i));
+        ranked.into_iter().map(|(_, _, _, r)| r).collect()
+    }
+
+    fn suspect(&self, addr: SocketAddr) {
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        suspects.retain(|_, since| since.elapsed() < SUSPECT_FOR);
+        suspects.insert(addr, Instant::now());
     }
 
     /// Reads a whole block (bytes past what was ever written read as zeros: the result may be
@@ -133,6 +148,9 @@ impl BlockClient {
                             )
                         ) {
                             refresh = true;
+                        }
+                        if e.is_transport() {
+                            self.suspect(addr);
                         }
                         debug!(%block, node = %r.node, error = %e, "read failed on one replica");
                         last = e.to_string();

@@ -279,3 +279,167 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Reads the child's stdout until a line containing `marker`; keeps draining afterwards.
+pub fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            seen.push(line.clone());
+            if line.contains(&marker) {
+                let _ = tx.send(Ok(line));
+                break;
+            }
+        }
+        let _ = tx.send(Err(seen));
+        for _ in lines {}
+    });
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(Ok(line)) => line,
+        Ok(Err(seen)) => panic!("process exited before its ready line: {seen:?} ({:?})", child.try_wait()),
+        Err(_) => panic!("no ready line within {READY_TIMEOUT:?}"),
+    }
+}
+
+fn interrupt(child: &mut Child, signal: nix::sys::signal::Signal) -> ExitStatus {
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    let _ = kill(Pid::from_raw(child.id() as i32), signal);
+    child.wait().expect("wait for child")
+}
+
+/// A running `augur dev` (3 meta members, 3 nodes, the default volume mounted) in one process.
+pub struct DevProc {
+    pub child: Child,
+    pub state: PathBuf,
+    pub mnt: PathBuf,
+    pub ip: String,
+}
+
+impl DevProc {
+    pub fn start(state: &Path, mnt: &Path, ip: &str) -> Self {
+        std::fs::create_dir_all(state).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("dev.log")).unwrap();
+        let mut child = Command::new(AUGUR)
+            .arg("dev")
+            .arg(mnt)
+            .arg("--state")
+            .arg(state)
+            .args(["--ip", ip])
+            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn augur dev");
+        wait_for_line(&mut child, "Ctrl-C unmounts");
+        Self { child, state: state.into(), mnt: mnt.into(), ip: ip.into() }
+    }
+
+    /// Ctrl-C: unmount, stop, exit cleanly.
+    pub fn stop(&mut self) -> ExitStatus {
+        interrupt(&mut self.child, nix::sys::signal::Signal::SIGINT)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.join("dev.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DevProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+/// A running `augur mount`; unmounted (SIGTERM) when dropped.
+pub struct MountProc {
+    pub child: Child,
+    pub mnt: PathBuf,
+}
+
+impl MountProc {
+    pub fn start(cluster: &Cluster, meta: &str, volume: &str, mnt: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(mnt).unwrap();
+        let tls = cluster.tls(Role::Client, "mount");
+        let log_path = cluster.path().join(format!("mount-{}.log", mnt.file_name().unwrap().to_string_lossy()));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
+        let mut child = Command::new(AUGUR)
+            .arg("mount")
+            .arg(volume)
+            .arg(mnt)
+            .args(["--meta", meta, "--tls"])
+            .arg(&tls)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn augur mount");
+        wait_for_line(&mut child, "augur mounted");
+        Self { child, mnt: mnt.into() }
+    }
+
+    pub fn stop(&mut self) -> ExitStatus {
+        interrupt(&mut self.child, nix::sys::signal::Signal::SIGTERM)
+    }
+}
+
+impl Drop for MountProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+/// Detaches a mount left behind by a failed test (harmless when nothing is mounted).
+pub fn lazy_unmount(mnt: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(mnt).stderr(Stdio::null()).status();
+}
+
+/// Runs `sh -c SCRIPT` in `dir`; returns (success, stdout + stderr).
+pub fn sh(dir: &Path, script: &str) -> (bool, String) {
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("run sh");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Runs `sh -c SCRIPT` in `dir`, panicking with its output unless it succeeds.
+pub fn sh_ok(dir: &Path, script: &str) -> String {
+    let (ok, out) = sh(dir, script);
+    assert!(ok, "`{script}` failed in {}:\n{out}", dir.display());
+    out
+}
+
+/// Runs `sh -c SCRIPT` as `uid:gid` (supplementary groups `groups`) via setpriv.
+pub fn sh_as(dir: &Path, uid: u32, gid: u32, groups: &[u32], script: &str) -> (bool, String) {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!("--groups={}", groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(","))
+    };
+    let out = Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={gid}"), groups])
+        .args(["sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("run setpriv");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// True in CI (smaller data sets where a test says so).
+pub fn ci() -> bool {
+    std::env::var_os("CI").is_some()
+}

@@ -1,0 +1,166 @@
+//! Faults under a real mount (separate processes: one meta member, three storage nodes, `augur
+//! mount`): `kill -9` of a node during a long sequential read (the reader sees no error) and
+//! during writes (they complete once placement moves on); a second mount sees a file closed
+//! by the first, including an overwrite of cached blocks; everything written is there after
+//! the whole cluster is restarted.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use augur_meta::MetaClient;
+use augur_proto::Role;
+use augur_proto::meta::VolumeSpec;
+use augur_proto::msg::{RequestBody, ResponseBody};
+use common::{Cluster, MountProc, NodeProc, ci, meta_client, meta_group, wait_until};
+
+const LONG: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+/// The byte at `offset` of test file `seed`.
+fn pattern(seed: u64, offset: u64) -> u8 {
+    ((offset.wrapping_mul(31) ^ (offset >> 12).wrapping_mul(seed + 7)) % 251) as u8
+}
+
+fn chunk(seed: u64, start: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern(seed, start + i)).collect()
+}
+
+/// Writes `size` bytes of pattern `seed`, counting progress in `done`.
+fn write_file(path: &Path, seed: u64, size: u64, done: &AtomicU64) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let mut off = 0;
+    while off < size {
+        let n = MIB.min(size - off) as usize;
+        f.write_all(&chunk(seed, off, n))?;
+        off += n as u64;
+        done.store(off, Ordering::Release);
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Reads the file in 1 MiB pieces and checks every byte against pattern `seed`.
+fn check_file(path: &Path, seed: u64, size: u64, done: &AtomicU64) -> Result<(), String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut off = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("read at {off}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n] != chunk(seed, off, n)[..] {
+            return Err(format!("wrong bytes in the MiB at {off}"));
+        }
+        off += n as u64;
+        done.store(off, Ordering::Release);
+    }
+    if off != size {
+        return Err(format!("read {off} bytes, expected {size}"));
+    }
+    Ok(())
+}
+
+fn node(cluster: &Cluster, i: u64, meta: &str) -> NodeProc {
+    let name = format!("node-{i}");
+    let tls = cluster.tls(Role::Node, &name);
+    let data = cluster.path().join("data").join(&name);
+    let id = i.to_string();
+    NodeProc::spawn(&format!("127.0.8.{}:0", 10 + i), &data, &tls, &["--meta", meta, "--node-id", &id])
+}
+
+async fn alive_nodes(admin: &MetaClient) -> usize {
+    match admin.call(RequestBody::ClusterStatus).await {
+        Ok(ResponseBody::Cluster(c)) => c.nodes.iter().filter(|n| n.alive).count(),
+        _ => 0,
+    }
+}
+
+/// Runs `work` on a thread and kills `victim` once `progress` passes a third of `total`.
+fn kill_midway<F>(victim: &mut NodeProc, total: u64, work: F) -> Result<(), String>
+where
+    F: FnOnce(&AtomicU64) -> Result<(), String> + Send + 'static,
+{
+    let progress = Arc::new(AtomicU64::new(0));
+    let p = progress.clone();
+    let worker = std::thread::spawn(move || work(&p));
+    let started = std::time::Instant::now();
+    while progress.load(Ordering::Acquire) < total / 3 && !worker.is_finished() {
+        assert!(started.elapsed() < LONG * 2, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let at = progress.load(Ordering::Acquire);
+    victim.kill9();
+    let result = worker.join().expect("worker thread");
+    eprintln!("killed a node after {} of {} MiB", at / MIB, total / MIB);
+    result
+}
+
+#[test]
+fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cluster = Cluster::new();
+    let (mut members, addrs) = meta_group(&cluster, "127.0.8", 1, &["--node-dead-after-ms", "3000"]);
+    let admin = meta_client(&cluster, Role::Admin, &addrs);
+    let mut nodes: Vec<NodeProc> = (1..=3).map(|i| node(&cluster, i, &addrs)).collect();
+    rt.block_on(wait_until("three live nodes", LONG, || async { alive_nodes(&admin).await >= 3 }));
+    let spec = VolumeSpec { shard_count: 8, ..VolumeSpec::with_defaults("v") };
+    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+
+    let mnt = cluster.path().join("mnt1");
+    let mut m1 = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    let size_a = if ci() { 96 * MIB } else { 256 * MIB };
+    let size_b = 48 * MIB;
+    write_file(&mnt.join("a"), 1, size_a, &AtomicU64::new(0)).expect("write a");
+
+    // 1. kill -9 a node while a long sequential read runs: no error, every byte right.
+    let path = mnt.join("a");
+    kill_midway(&mut nodes[0], size_a, move |p| check_file(&path, 1, size_a, p)).expect("read through a node kill");
+
+    // 2. kill -9 another node while writing: the writes complete once placement moves on.
+    let path = mnt.join("b");
+    kill_midway(&mut nodes[1], size_b, move |p| write_file(&path, 2, size_b, p).map_err(|e| e.to_string()))
+        .expect("write through a node kill");
+    check_file(&mnt.join("b"), 2, size_b, &AtomicU64::new(0)).expect("b reads back");
+
+    // 3. A second mount sees what the first closed, even over blocks it has cached.
+    let mnt2 = cluster.path().join("mnt2");
+    let mut m2 = MountProc::start(&cluster, &addrs, "v", &mnt2, &[]);
+    std::fs::write(mnt.join("c"), chunk(3, 0, 300_000)).unwrap();
+    assert_eq!(std::fs::read(mnt2.join("c")).unwrap(), chunk(3, 0, 300_000), "second mount reads the closed file");
+    std::fs::write(mnt.join("c"), chunk(4, 0, 300_000)).unwrap();
+    assert_eq!(std::fs::read(mnt2.join("c")).unwrap(), chunk(4, 0, 300_000), "an overwrite closed by the first mount shows");
+    {
+        let mut f = std::fs::OpenOptions::new().append(true).open(mnt.join("c")).unwrap();
+        f.write_all(b"appended").unwrap();
+    }
+    let again = std::fs::read(mnt2.join("c")).unwrap();
+    assert_eq!(again.len(), 300_008, "an append closed by the first mount shows");
+    assert_eq!(&again[300_000..], b"appended");
+    std::fs::create_dir(mnt2.join("from-2")).unwrap();
+    std::fs::write(mnt2.join("from-2/x"), b"x").unwrap();
+    assert_eq!(std::fs::read(mnt.join("from-2/x")).unwrap(), b"x", "and the other way round");
+
+    // 4. Everything stops (mounts cleanly, the meta member by SIGTERM, the last node by kill -9)
+    //    and comes back: every file is there.
+    assert!(m2.stop().success());
+    assert!(m1.stop().success());
+    members[0].terminate();
+    nodes[2].kill9();
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    members[0].restart(&[]);
+    rt.block_on(wait_until("nodes back", LONG, || async { alive_nodes(&admin).await >= 3 }));
+    let _m1 = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    check_file(&mnt.join("a"), 1, size_a, &AtomicU64::new(0)).expect("a after restart");
+    check_file(&mnt.join("b"), 2, size_b, &AtomicU64::new(0)).expect("b after restart");
+    let c = std::fs::read(mnt.join("c")).unwrap();
+    assert_eq!(&c[..300_000], &chunk(4, 0, 300_000)[..]);
+    assert_eq!(std::fs::read(mnt.join("from-2/x")).unwrap(), b"x");
+}
