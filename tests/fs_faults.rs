@@ -104,6 +104,7 @@ where
 #[test]
 fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
     let cluster = Cluster::new();
     let (mut members, addrs) = meta_group(&cluster, "127.0.8", 1, &["--node-dead-after-ms", "3000"]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
