@@ -51,7 +51,6 @@ fn certificates(state: &Path) -> Result<()> {
     let ca = state.join("ca");
     if !ca.join(CA_CERT_FILE).exists() {
         init_ca(&ca, "augur-dev")?;
-        println!("created the cluster CA in {}", ca.display());
     }
     let mut wanted = vec![(Role::Admin, "admin".to_string()), (Role::Client, "client".to_string())];
     wanted.extend((1..=MEMBERS).map(|i| (Role::Meta, format!("meta-{i}"))));
@@ -65,6 +64,81 @@ fn certificates(state: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The embedded cluster: meta members and storage nodes serving until `stop` is called.
+pub struct DevCluster {
+    pub state: PathBuf,
+    pub meta_addrs: Vec<SocketAddr>,
+    token: CancellationToken,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DevCluster {
+    /// Starts (or restarts, on an existing state directory) 3 meta members on `ip`:7001-7003
+    /// and 3 storage nodes on `ip`:7101-7103, and makes sure `volume` exists. `quiet` keeps
+    /// it from printing what it does.
+    pub async fn start(state: &Path, ip: IpAddr, volume: &str, quiet: bool) -> Result<Self> {
+        let say = |line: String| {
+            if !quiet {
+                println!("{line}");
+            }
+        };
+        certificates(state)?;
+        let token = CancellationToken::new();
+        let mut servers = Vec::new();
+        let meta_addr = |i: u64| SocketAddr::new(ip, 7000 + i as u16);
+        let peers: std::collections::BTreeMap<u64, String> =
+            (1..=MEMBERS).map(|i| (i, meta_addr(i).to_string())).collect();
+        for id in 1..=MEMBERS {
+            let config = MetaConfig {
+                id,
+                listen: meta_addr(id),
+                peers: peers.clone(),
+                data_dir: Some(state.join(format!("meta-{id}"))),
+                tls_dir: Some(state.join(format!("tls/meta-{id}"))),
+                ..Default::default()
+            };
+            let server = MetaServer::start(&config).with_context(|| format!("starting meta member {id}"))?;
+            say(format!("meta member {id} on {} (data in {})", server.local_addr, state.join(format!("meta-{id}")).display()));
+            servers.push(tokio::spawn(server.serve(token.clone())));
+        }
+        let meta_addrs: Vec<SocketAddr> = (1..=MEMBERS).map(meta_addr).collect();
+        for i in 1..=NODES {
+            let config = NodeConfig {
+                listen: SocketAddr::new(ip, 7100 + i as u16),
+                data_dir: Some(state.join(format!("node-{i}"))),
+                tls_dir: Some(state.join(format!("tls/node-{i}"))),
+                meta: meta_addrs.clone(),
+                zone: Some(format!("zone-{i}")),
+                ..NodeConfig::default()
+            };
+            let node = Node::start(&config).with_context(|| format!("starting storage node {i}"))?;
+            say(format!("storage node {} on {} (data in {})", node.node_id, node.local_addr, state.join(format!("node-{i}")).display()));
+            let token = token.clone();
+            servers.push(tokio::spawn(async move {
+                if let Err(e) = node.serve(token).await {
+                    tracing::error!(error = %e, "storage node stopped");
+                }
+            }));
+        }
+        let cluster = Self { state: state.to_path_buf(), meta_addrs, token, servers };
+        let admin = meta_client(&state.join("tls/admin"), &cluster.meta_addrs)?;
+        say(ensure_volume(&admin, volume).await?);
+        Ok(cluster)
+    }
+
+    /// A meta client with the dev `client` certificate (what a mount uses).
+    pub fn client(&self) -> Result<Arc<MetaClient>> {
+        Ok(Arc::new(meta_client(&self.state.join("tls/client"), &self.meta_addrs)?))
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        for s in self.servers {
+            let _ = s.await;
+        }
+    }
+}
+
 pub async fn run(args: DevArgs) -> Result<()> {
     let state = match &args.state {
         Some(s) => s.clone(),
@@ -75,64 +149,21 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let mountpoint = args.mountpoint.clone().unwrap_or_else(|| state.join("mnt"));
     augur_fs_client::mount::clear_stale_mount(&mountpoint);
     std::fs::create_dir_all(&mountpoint).with_context(|| format!("creating {}", mountpoint.display()))?;
-    certificates(&state)?;
 
-    let cluster = CancellationToken::new();
-    let mut servers = Vec::new();
-    let meta_addr = |i: u64| SocketAddr::new(args.ip, 7000 + i as u16);
-    let peers: std::collections::BTreeMap<u64, String> =
-        (1..=MEMBERS).map(|i| (i, meta_addr(i).to_string())).collect();
-    for id in 1..=MEMBERS {
-        let config = MetaConfig {
-            id,
-            listen: meta_addr(id),
-            peers: peers.clone(),
-            data_dir: Some(state.join(format!("meta-{id}"))),
-            tls_dir: Some(state.join(format!("tls/meta-{id}"))),
-            ..Default::default()
-        };
-        let server = MetaServer::start(&config).with_context(|| format!("starting meta member {id}"))?;
-        println!("meta member {id} on {} (data in {})", server.local_addr, state.join(format!("meta-{id}")).display());
-        servers.push(tokio::spawn(server.serve(cluster.clone())));
-    }
-    let meta_addrs: Vec<SocketAddr> = (1..=MEMBERS).map(meta_addr).collect();
-    for i in 1..=NODES {
-        let config = NodeConfig {
-            listen: SocketAddr::new(args.ip, 7100 + i as u16),
-            data_dir: Some(state.join(format!("node-{i}"))),
-            tls_dir: Some(state.join(format!("tls/node-{i}"))),
-            meta: meta_addrs.clone(),
-            zone: Some(format!("zone-{i}")),
-            ..NodeConfig::default()
-        };
-        let node = Node::start(&config).with_context(|| format!("starting storage node {i}"))?;
-        println!("storage node {} on {} (data in {})", node.node_id, node.local_addr, state.join(format!("node-{i}")).display());
-        let cluster = cluster.clone();
-        servers.push(tokio::spawn(async move {
-            if let Err(e) = node.serve(cluster).await {
-                tracing::error!(error = %e, "storage node stopped");
-            }
-        }));
-    }
-
-    let admin = meta_client(&state.join("tls/admin"), &meta_addrs)?;
-    ensure_volume(&admin, &args.volume).await?;
-    let client = Arc::new(meta_client(&state.join("tls/client"), &meta_addrs)?);
-    let mounted = augur_fs_client::mount(client, &args.volume, &mountpoint, args.tuning.options()).await?;
+    let cluster = DevCluster::start(&state, args.ip, &args.volume, false).await?;
+    let mounted =
+        augur_fs_client::mount(cluster.client()?, &args.volume, &mountpoint, args.tuning.options()).await?;
 
     let stop = CancellationToken::new();
     crate::cancel_on_signal(stop.clone())?;
-    let meta_list = meta_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let meta_list = cluster.meta_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     println!("try:  export AUGUR_META={meta_list} AUGUR_TLS={}", state.join("tls/admin").display());
     println!("      augur cluster status; augur shards {}; getfattr -d -m - {}/FILE", args.volume, mountpoint.display());
     // Tests and scripts wait for this line.
     println!("augur dev: volume {} mounted on {}; Ctrl-C unmounts and stops", args.volume, mountpoint.display());
     let unmounted = mounted.run_until(stop).await;
     println!("unmounted {}", mountpoint.display());
-    cluster.cancel();
-    for s in servers {
-        let _ = s.await;
-    }
+    cluster.stop().await;
     unmounted?;
     println!("stopped; state kept in {}", state.display());
     Ok(())
@@ -143,14 +174,14 @@ fn meta_client(tls: &Path, addrs: &[SocketAddr]) -> Result<MetaClient> {
     Ok(MetaClient::new(rpc, addrs.to_vec()))
 }
 
-/// Waits for a leader and all three nodes, then creates the volume unless it exists.
-async fn ensure_volume(admin: &MetaClient, name: &str) -> Result<()> {
+/// Waits for a leader and all three nodes, then creates the volume unless it exists; says
+/// which it did.
+async fn ensure_volume(admin: &MetaClient, name: &str) -> Result<String> {
     let started = Instant::now();
     loop {
         let last = match admin.call(RequestBody::GetVolume { name: name.into() }).await {
             Ok(ResponseBody::Volume(v)) => {
-                println!("volume {name} found again ({} inodes)", v.inodes);
-                return Ok(());
+                return Ok(format!("volume {name} found again ({} inodes)", v.inodes));
             }
             Err(e) if matches!(e.code(), Some(ErrorCode::NotFound)) => {
                 let alive = match admin.call(RequestBody::ClusterStatus).await {
@@ -159,8 +190,7 @@ async fn ensure_volume(admin: &MetaClient, name: &str) -> Result<()> {
                 };
                 if alive >= NODES {
                     admin.call(RequestBody::CreateVolume(VolumeSpec::with_defaults(name))).await?;
-                    println!("created volume {name}: 64 KiB blocks, 3 replicas, 16 shards");
-                    return Ok(());
+                    return Ok(format!("created volume {name}: 64 KiB blocks, 3 replicas, 16 shards"));
                 }
                 format!("{alive} of {NODES} storage nodes registered")
             }

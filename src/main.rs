@@ -221,6 +221,30 @@ struct NodeServeArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// File system: sequential write/read, 4 KiB random read latency (queue depth 1) and
+    /// small-file create/stat/unlink, on an embedded Augur mount vs a local directory.
+    Fs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+        /// Size of the sequentially written and read file, in MiB.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+        size_mb: u64,
+        /// Random 4 KiB reads timed per run.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+        samples: u32,
+        /// Empty files created, stat'ed and unlinked per run.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+        files: u32,
+        /// Directory to hold the local side [default: a temporary directory in /var/tmp].
+        #[arg(long)]
+        local: Option<PathBuf>,
+        #[command(flatten)]
+        tuning: mount::MountTuning,
+    },
     /// Namespace ops/s (create, stat, rename) and commit latency: 1-member vs 3-member group.
     Meta {
         /// Print JSON instead of a table.
@@ -294,6 +318,15 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Bench(BenchCommand::Meta { json, runs, ops, samples }) => {
             let report = bench::meta::run(bench::meta::BenchOptions { runs, ops, samples }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Bench(BenchCommand::Fs { json, runs, size_mb, samples, files, local, tuning }) => {
+            let options = bench::fs::BenchOptions { runs, size_mb, samples, files, local, tuning };
+            let report = bench::fs::run(options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -2,3 +2,4 @@
 
 pub mod meta;
 pub mod node;
+pub mod fs;
