@@ -98,7 +98,11 @@ impl DevCluster {
                 ..Default::default()
             };
             let server = MetaServer::start(&config).with_context(|| format!("starting meta member {id}"))?;
-            say(format!("meta member {id} on {} (data in {})", server.local_addr, state.join(format!("meta-{id}")).display()));
+            say(format!(
+                "meta member {id} on {} (data in {})",
+                server.local_addr,
+                state.join(format!("meta-{id}")).display()
+            ));
             servers.push(tokio::spawn(server.serve(token.clone())));
         }
         let meta_addrs: Vec<SocketAddr> = (1..=MEMBERS).map(meta_addr).collect();
@@ -112,7 +116,12 @@ impl DevCluster {
                 ..NodeConfig::default()
             };
             let node = Node::start(&config).with_context(|| format!("starting storage node {i}"))?;
-            say(format!("storage node {} on {} (data in {})", node.node_id, node.local_addr, state.join(format!("node-{i}")).display()));
+            say(format!(
+                "storage node {} on {} (data in {})",
+                node.node_id,
+                node.local_addr,
+                state.join(format!("node-{i}")).display()
+            ));
             let token = token.clone();
             servers.push(tokio::spawn(async move {
                 if let Err(e) = node.serve(token).await {
@@ -158,9 +167,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
     crate::cancel_on_signal(stop.clone())?;
     let meta_list = cluster.meta_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     println!("try:  export AUGUR_META={meta_list} AUGUR_TLS={}", state.join("tls/admin").display());
-    println!("      augur cluster status; augur shards {}; getfattr -d -m - {}/FILE", args.volume, mountpoint.display());
+    println!(
+        "      augur cluster status; augur shards {}; getfattr -d -m - {}/FILE",
+        args.volume,
+        mountpoint.display()
+    );
     // Tests and scripts wait for this line.
-    println!("augur dev: volume {} mounted on {}; Ctrl-C unmounts and stops", args.volume, mountpoint.display());
+    println!(
+        "augur dev: volume {} mounted on {}; Ctrl-C unmounts and stops",
+        args.volume,
+        mountpoint.display()
+    );
     let unmounted = mounted.run_until(stop).await;
     println!("unmounted {}", mountpoint.display());
     cluster.stop().await;

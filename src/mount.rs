@@ -69,8 +69,7 @@ impl MountTuning {
 
 pub async fn run(args: MountArgs) -> Result<()> {
     let meta = Arc::new(args.meta.client()?);
-    let mounted =
-        augur_fs_client::mount(meta, &args.volume, &args.mountpoint, args.tuning.options()).await?;
+    let mounted = augur_fs_client::mount(meta, &args.volume, &args.mountpoint, args.tuning.options()).await?;
     let shutdown = CancellationToken::new();
     crate::cancel_on_signal(shutdown.clone())?;
     // The one line on stdout: scripts and tests wait for it.

@@ -121,7 +121,8 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
 
     // 1. kill -9 a node while a long sequential read runs: no error, every byte right.
     let path = mnt.join("a");
-    kill_midway(&mut nodes[0], size_a, move |p| check_file(&path, 1, size_a, p)).expect("read through a node kill");
+    kill_midway(&mut nodes[0], size_a, move |p| check_file(&path, 1, size_a, p))
+        .expect("read through a node kill");
 
     // 2. kill -9 another node while writing: the writes complete once placement moves on.
     let path = mnt.join("b");
@@ -133,9 +134,17 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     let mnt2 = cluster.path().join("mnt2");
     let mut m2 = MountProc::start(&cluster, &addrs, "v", &mnt2, &[]);
     std::fs::write(mnt.join("c"), chunk(3, 0, 300_000)).unwrap();
-    assert_eq!(std::fs::read(mnt2.join("c")).unwrap(), chunk(3, 0, 300_000), "second mount reads the closed file");
+    assert_eq!(
+        std::fs::read(mnt2.join("c")).unwrap(),
+        chunk(3, 0, 300_000),
+        "second mount reads the closed file"
+    );
     std::fs::write(mnt.join("c"), chunk(4, 0, 300_000)).unwrap();
-    assert_eq!(std::fs::read(mnt2.join("c")).unwrap(), chunk(4, 0, 300_000), "an overwrite closed by the first mount shows");
+    assert_eq!(
+        std::fs::read(mnt2.join("c")).unwrap(),
+        chunk(4, 0, 300_000),
+        "an overwrite closed by the first mount shows"
+    );
     {
         let mut f = std::fs::OpenOptions::new().append(true).open(mnt.join("c")).unwrap();
         f.write_all(b"appended").unwrap();

@@ -97,6 +97,8 @@ pub struct PrefetchStats {
 
 /// Most files whose prefetch counters are remembered.
 const PREFETCH_STATS_FILES_MAX: usize = 4096;
+/// Unlinked files whose blocks are being deleted in the background at once.
+const RECLAIMS_IN_FLIGHT: usize = 64;
 /// Directory entries fetched from the meta group per page.
 const READDIR_PAGE: u32 = 1024;
 /// Most entries a directory handle snapshots (larger directories are listed in parts).
@@ -121,12 +123,12 @@ pub struct Inner {
     /// Write-back budget in KiB permits.
     write_budget: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
+    reclaims: Arc<Semaphore>,
     fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
     stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
     pub notifier: OnceLock<Notifier>,
     /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
     told: quick_cache::sync::Cache<Ino, (u64, Timestamp)>,
-    shutting_down: AtomicBool,
 }
 
 pub struct AugurFs {
@@ -195,7 +197,9 @@ fn timeset(t: TimeOrNow) -> TimeSet {
             Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
             // fuser 0.18 builds a pre-1970 time as EPOCH - (-secs, nsecs) (its own TODO
             // notes the missing borrow), so the kernel's (secs, nsecs) is read back as is.
-            Err(e) => Timestamp { secs: -(e.duration().as_secs() as i64), nanos: e.duration().subsec_nanos() },
+            Err(e) => {
+                Timestamp { secs: -(e.duration().as_secs() as i64), nanos: e.duration().subsec_nanos() }
+            }
         }),
     }
 }
@@ -241,6 +245,7 @@ impl Inner {
             cache: BlockCache::new(opts.cache_bytes, block_bytes),
             write_budget: Arc::new(Semaphore::new(((opts.write_back_bytes >> 10) as usize).max(1))),
             prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_in_flight_max.max(1))),
+            reclaims: Arc::new(Semaphore::new(RECLAIMS_IN_FLIGHT)),
             meta,
             blocks,
             block_bytes,
@@ -252,7 +257,6 @@ impl Inner {
             stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
             notifier: OnceLock::new(),
             told: quick_cache::sync::Cache::new(1 << 16),
-            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -355,7 +359,13 @@ impl Inner {
         }
     }
 
-    async fn fetch(&self, f: &OpenFile, key: BlockKey, stamp: Timestamp, prefetch: bool) -> FsResult<Arc<[u8]>> {
+    async fn fetch(
+        &self,
+        f: &OpenFile,
+        key: BlockKey,
+        stamp: Timestamp,
+        prefetch: bool,
+    ) -> FsResult<Arc<[u8]>> {
         let gen_before = f.write_gen.load(Ordering::Acquire);
         let data: Arc<[u8]> = self.blocks.read(BlockId::new(key.ino, key.index)).await?.into();
         // A write that landed while we fetched makes these bytes possibly old: do not keep them.
@@ -529,7 +539,11 @@ impl Inner {
                 self.upload(&mut st, f.ino, index, old).await;
             }
             let block_bytes = self.block_bytes as usize;
-            let d = st.dirty.entry(index).or_insert_with(|| Dirty { data: vec![0; block_bytes], lo: off, hi: off });
+            let d = st.dirty.entry(index).or_insert_with(|| Dirty {
+                data: vec![0; block_bytes],
+                lo: off,
+                hi: off,
+            });
             d.data[off as usize..(off + n) as usize].copy_from_slice(piece);
             d.lo = d.lo.min(off);
             d.hi = d.hi.max(off + n);
@@ -662,8 +676,9 @@ impl Inner {
         Ok(())
     }
 
-    /// After an unlink/rename dropped a last link: reclaim now, or on the last release.
-    async fn orphaned(&self, orphan: Option<Attr>) -> FsResult<()> {
+    /// After an unlink/rename dropped a last link: reclaim on the last release, or now in the
+    /// background (at most `RECLAIMS_IN_FLIGHT` at once; the unlink waits for a slot).
+    async fn orphaned(self: &Arc<Self>, orphan: Option<Attr>) -> FsResult<()> {
         let Some(mut o) = orphan else { return Ok(()) };
         if let Some(f) = self.file(o.ino) {
             f.unlinked.store(true, Ordering::Release);
@@ -674,11 +689,25 @@ impl Inner {
             }
             o.size = o.size.max(f.size());
         }
-        self.reclaim(&o).await
+        let Ok(slot) = self.reclaims.clone().acquire_owned().await else { return Ok(()) };
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.reclaim(&o).await {
+                warn!(ino = %o.ino, error = %e.what, "reclaiming an unlinked file failed; it stays an orphan");
+            }
+            drop(slot);
+        });
+        Ok(())
     }
 
     async fn open(&self, i: Ino) -> FsResult<Arc<OpenFile>> {
         let a = self.attr_op(NsOp::GetAttr { ino: i }).await?;
+        Ok(self.open_with(&a))
+    }
+
+    /// Opens a file whose fresh attributes are `a` (from a GetAttr, or the create itself).
+    fn open_with(&self, a: &Attr) -> Arc<OpenFile> {
+        let i = a.ino;
         let f = {
             let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
             let f = files.entry(i).or_insert_with(|| Arc::new(OpenFile::new(i, a.size, a.mtime))).clone();
@@ -687,15 +716,14 @@ impl Inner {
         };
         // Close-to-open: another mount's close since this file was last seen shows as a new
         // mtime; the cache keys on it, and the kernel's copy of the attributes is dropped.
-        if f.stamp() != a.mtime {
-            if let Ok(st) = f.state.try_lock()
-                && !st.wrote
-                && st.dirty.is_empty()
-                && st.uploads.is_empty()
-            {
-                f.set_stamp(a.mtime);
-                f.size.store(a.size, Ordering::Release);
-            }
+        if f.stamp() != a.mtime
+            && let Ok(st) = f.state.try_lock()
+            && !st.wrote
+            && st.dirty.is_empty()
+            && st.uploads.is_empty()
+        {
+            f.set_stamp(a.mtime);
+            f.size.store(a.size, Ordering::Release);
         }
         let told = self.told.get(&i);
         if told != Some((a.size, a.mtime))
@@ -704,7 +732,7 @@ impl Inner {
         {
             debug!(ino = %i, error = %e, "could not drop the kernel's attributes");
         }
-        Ok(f)
+        f
     }
 
     async fn release(&self, f: Arc<OpenFile>) -> FsResult<()> {
@@ -729,13 +757,15 @@ impl Inner {
 
     /// Flushes every open file (unmount).
     pub async fn flush_all(&self) {
-        self.shutting_down.store(true, Ordering::Release);
         let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for f in files {
             if let Err(e) = self.flush(&f).await {
                 warn!(ino = %f.ino, error = %e.what, "flush at unmount failed");
             }
         }
+        // Background reclaims finish too (bounded: a dead cluster must not hold up unmount).
+        let all = RECLAIMS_IN_FLIGHT as u32;
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.reclaims.acquire_many(all)).await;
     }
 
     async fn listing(&self, dir: Ino) -> FsResult<Vec<DirEntry>> {
@@ -769,7 +799,12 @@ impl Inner {
         }
         let r = u64::from(self.blocks.volume.replicas.max(1));
         let bs = self.block_bytes;
-        Ok((capacity / r / bs, capacity.saturating_sub(used) / r / bs, files_max, files_max.saturating_sub(inodes)))
+        Ok((
+            capacity / r / bs,
+            capacity.saturating_sub(used) / r / bs,
+            files_max,
+            files_max.saturating_sub(inodes),
+        ))
     }
 
     /// `user.augur.shards`: the shards that can hold this file's blocks and their replicas.
@@ -792,7 +827,9 @@ impl Inner {
             let p = self.blocks.placement_of(s);
             let replicas = p
                 .as_ref()
-                .map(|p| p.replicas.iter().map(|r| format!("{}@{}", r.node, r.addr)).collect::<Vec<_>>().join(","))
+                .map(|p| {
+                    p.replicas.iter().map(|r| format!("{}@{}", r.node, r.addr)).collect::<Vec<_>>().join(",")
+                })
                 .unwrap_or_default();
             let epoch = p.map(|p| p.epoch.0).unwrap_or_default();
             out.push_str(&format!("{s} epoch={epoch} replicas={replicas}\n"));
@@ -811,7 +848,9 @@ impl Inner {
             let s = self.stats_of(i);
             let issued = s.issued.load(Ordering::Relaxed);
             let used = s.used.load(Ordering::Relaxed);
-            return Ok(format!("issued={issued} used={used} wasted={}\n", issued.saturating_sub(used)).into_bytes());
+            return Ok(
+                format!("issued={issued} used={used} wasted={}\n", issued.saturating_sub(used)).into_bytes()
+            );
         }
         if !name.starts_with(b"user.") {
             return Err(FsError::new(libc::ENODATA, "only user.* attributes are kept"));
@@ -1037,7 +1076,14 @@ impl Filesystem for AugurFs {
         });
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         let target = ByteBuf::from(target.as_os_str().as_bytes().to_vec());
         let op = mknode(req, parent, link_name, FileKind::Symlink, 0o777, 0, Some(target));
         self.spawn(move |fs| async move {
@@ -1245,7 +1291,8 @@ impl Filesystem for AugurFs {
                     },
                 }
             };
-            let dots = [(*dir, FileType::Directory, &b"."[..]), (i_parent(*dir), FileType::Directory, &b".."[..])];
+            let dots =
+                [(*dir, FileType::Directory, &b"."[..]), (i_parent(*dir), FileType::Directory, &b".."[..])];
             let mut pos = offset as usize;
             while pos < 2 {
                 let (n, k, name) = dots[pos];
@@ -1315,7 +1362,12 @@ impl Filesystem for AugurFs {
                 return;
             }
         };
-        let op = NsOp::SetXattr { ino: ino(i), name: ByteBuf::from(name.clone()), value: ByteBuf::from(value.to_vec()), mode };
+        let op = NsOp::SetXattr {
+            ino: ino(i),
+            name: ByteBuf::from(name.clone()),
+            value: ByteBuf::from(value.to_vec()),
+            mode,
+        };
         self.spawn(move |fs| async move {
             match fs.ns(op).await {
                 Ok(_) => {
@@ -1408,16 +1460,20 @@ impl Filesystem for AugurFs {
     ) {
         let op = mknode(req, parent, name, FileKind::File, mode & !umask, 0, None);
         self.spawn(move |fs| async move {
-            let r = async {
-                let a = fs.attr_op(op).await?;
-                let f = fs.open(a.ino).await?;
-                Ok::<_, FsError>((a, f))
-            }
-            .await;
+            let r = fs.attr_op(op).await.map(|a| {
+                let f = fs.open_with(&a);
+                (a, f)
+            });
             match r {
                 Ok((a, f)) => {
                     let fh = fs.new_handle(Handle_::File { ino: f.ino });
-                    reply.created(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                    reply.created(
+                        &fs.opts.attr_ttl,
+                        &fs.to_kernel(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
                 }
                 Err(e) => reply.error(fail("create", &e)),
             }

@@ -54,7 +54,8 @@ pub async fn mount(
     let fs = AugurFs::new(inner.clone(), tokio::runtime::Handle::current());
 
     let mut config = Config::default();
-    config.mount_options = vec![MountOption::FSName(format!("augur:{volume}")), MountOption::Subtype("augur".into())];
+    config.mount_options =
+        vec![MountOption::FSName(format!("augur:{volume}")), MountOption::Subtype("augur".into())];
     if opts.default_permissions {
         config.mount_options.push(MountOption::DefaultPermissions);
     }

@@ -41,6 +41,9 @@ pub struct Figures {
     pub unlink_ops_s: f64,
 }
 
+/// Picks one figure out of a set.
+type Metric = fn(&Figures) -> f64;
+
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub runs: u32,
@@ -65,7 +68,7 @@ impl BenchReport {
             if self.caches_dropped { "" } else { " (not root: page caches NOT dropped before reads)" }
         );
         out += &format!("{:<28}{:>12}{:>12}{:>10}\n", "metric", "augur", "local", "ratio");
-        let rows: [(&str, fn(&Figures) -> f64); 7] = [
+        let rows: [(&str, Metric); 7] = [
             ("seq write (MiB/s)", |f| f.seq_write_mib_s),
             ("seq read (MiB/s)", |f| f.seq_read_mib_s),
             ("rand read 4 KiB p50 (us)", |f| f.rand_read_4k_us_p50),
@@ -75,7 +78,12 @@ impl BenchReport {
             ("unlink (files/s)", |f| f.unlink_ops_s),
         ];
         for (name, get) in rows {
-            out += &format!("{name:<28}{:>12.1}{:>12.1}{:>10.2}\n", get(&self.augur), get(&self.local), get(&self.ratio));
+            out += &format!(
+                "{name:<28}{:>12.1}{:>12.1}{:>10.2}\n",
+                get(&self.augur),
+                get(&self.local),
+                get(&self.ratio)
+            );
         }
         out
     }

@@ -331,7 +331,10 @@ impl DevProc {
             .arg("--state")
             .arg(state)
             .args(["--ip", ip])
-            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -369,7 +372,8 @@ impl MountProc {
     pub fn start(cluster: &Cluster, meta: &str, volume: &str, mnt: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(mnt).unwrap();
         let tls = cluster.tls(Role::Client, "mount");
-        let log_path = cluster.path().join(format!("mount-{}.log", mnt.file_name().unwrap().to_string_lossy()));
+        let log_path =
+            cluster.path().join(format!("mount-{}.log", mnt.file_name().unwrap().to_string_lossy()));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
         let mut child = Command::new(AUGUR)
             .arg("mount")
@@ -378,7 +382,10 @@ impl MountProc {
             .args(["--meta", meta, "--tls"])
             .arg(&tls)
             .args(extra)
-            .env("RUST_LOG", std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
