@@ -3,7 +3,7 @@
 # Sourced by scripts/dev.sh and scripts/test.sh; safe to run again and again.
 set -euo pipefail
 
-APT_PACKAGES=(build-essential clang libclang-dev pkg-config fuse3 libfuse3-dev sqlite3 git curl ca-certificates python3 python3-venv)
+APT_PACKAGES=(build-essential clang libclang-dev pkg-config fuse3 libfuse3-dev sqlite3 git attr util-linux curl ca-certificates python3 python3-venv)
 
 as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi

@@ -42,6 +42,10 @@ pub struct MountOptions {
     pub cache_bytes: u64,
     /// Bytes of block uploads in flight over all files; a writer past it waits. Default 64 MiB.
     pub write_back_bytes: u64,
+    /// Block uploads in flight over all files (each one a primary write plus its forwarding
+    /// to the backups). More only queue inside the nodes, past the per-attempt deadline, and
+    /// come back as retries. Default 64.
+    pub uploads_in_flight_max: usize,
     /// Partly written blocks kept per file before they are sent. Default 256.
     pub dirty_blocks_per_file: usize,
     /// Most blocks read ahead of a sequential reader. Default 32.
@@ -67,6 +71,7 @@ impl Default for MountOptions {
         Self {
             cache_bytes: 256 << 20,
             write_back_bytes: 64 << 20,
+            uploads_in_flight_max: 64,
             dirty_blocks_per_file: 256,
             readahead_blocks_max: 32,
             prefetch_in_flight_max: 64,
@@ -122,6 +127,7 @@ pub struct Inner {
     next_fh: AtomicU64,
     /// Write-back budget in KiB permits.
     write_budget: Arc<Semaphore>,
+    upload_slots: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
     reclaims: Arc<Semaphore>,
     fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
@@ -245,6 +251,7 @@ impl Inner {
             cache: BlockCache::new(opts.cache_bytes, block_bytes),
             write_budget: Arc::new(Semaphore::new(((opts.write_back_bytes >> 10) as usize).max(1))),
             prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_in_flight_max.max(1))),
+            upload_slots: Arc::new(Semaphore::new(opts.uploads_in_flight_max.max(1))),
             reclaims: Arc::new(Semaphore::new(RECLAIMS_IN_FLIGHT)),
             meta,
             blocks,
@@ -502,13 +509,15 @@ impl Inner {
         }
         let kib = (((d.hi - d.lo) as usize).div_ceil(1024)).max(1) as u32;
         let permits = kib.min(self.write_budget_total());
-        let permit = match self.write_budget.clone().acquire_many_owned(permits).await {
-            Ok(p) => p,
-            Err(_) => return,
+        let (Ok(permit), Ok(slot)) = (
+            self.write_budget.clone().acquire_many_owned(permits).await,
+            self.upload_slots.clone().acquire_owned().await,
+        ) else {
+            return;
         };
         let (blocks, errors) = (self.blocks.clone(), st.errors.clone());
         let handle = tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, slot);
             let bytes = &d.data[d.lo as usize..d.hi as usize];
             record(&errors, Ok(blocks.write(BlockId::new(ino, index), d.lo, bytes).await));
         });
