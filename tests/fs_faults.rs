@@ -174,3 +174,43 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     assert_eq!(&c[..300_000], &chunk(4, 0, 300_000)[..]);
     assert_eq!(std::fs::read(mnt.join("from-2/x")).unwrap(), b"x");
 }
+
+#[test]
+fn full_nodes_give_the_writer_enospc_and_keep_what_was_stored() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let cluster = Cluster::new();
+    let (_members, addrs) = meta_group(&cluster, "127.0.10", 1, &[]);
+    let admin = meta_client(&cluster, Role::Admin, &addrs);
+    let mut node = {
+        let tls = cluster.tls(Role::Node, "node-1");
+        let data = cluster.path().join("data").join("node-1");
+        NodeProc::spawn("127.0.10.11:0", &data, &tls, &["--meta", &addrs, "--node-id", "1"])
+    };
+    rt.block_on(wait_until("a live node", LONG, || async { alive_nodes(&admin).await >= 1 }));
+    let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
+    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    let mnt = cluster.path().join("mnt");
+    let mount = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    std::fs::write(mnt.join("kept"), chunk(5, 0, 200_000)).unwrap();
+
+    // The node restarts demanding more free space than any disk has: it is "full".
+    assert!(node.terminate().success());
+    let cfg = cluster.path().join("full.toml");
+    std::fs::write(&cfg, "reserve-bytes = 1152921504606846976\n").unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let _full = NodeProc::spawn(
+        &node.addr.to_string(),
+        &node.data,
+        &node.tls,
+        &["--meta", &addrs, "--node-id", "1", "--config", &cfg],
+    );
+    let mut f = std::fs::File::create(mnt.join("new")).unwrap();
+    // Written into the write-back buffer; the refusal arrives by the next write, fsync or close.
+    let written = f.write_all(&chunk(6, 0, 1 << 20)).and_then(|()| f.sync_all());
+    let err = written.expect_err("a full cluster refuses the data");
+    assert_eq!(err.raw_os_error(), Some(28), "ENOSPC, got {err}");
+    drop(f);
+    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), chunk(5, 0, 200_000), "stored data unharmed");
+    drop(mount);
+}

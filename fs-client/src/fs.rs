@@ -102,6 +102,9 @@ pub struct PrefetchStats {
 
 /// Most files whose prefetch counters are remembered.
 const PREFETCH_STATS_FILES_MAX: usize = 4096;
+/// Inodes whose last reported (size, mtime) is remembered for invalidating the kernel's copy;
+/// an inode forgotten here is simply invalidated at its next open.
+const TOLD_INODES_MAX: usize = 1 << 16;
 /// Unlinked files whose blocks are being deleted in the background at once.
 const RECLAIMS_IN_FLIGHT: usize = 64;
 /// Directory entries fetched from the meta group per page.
@@ -109,7 +112,8 @@ const READDIR_PAGE: u32 = 1024;
 /// Most entries a directory handle snapshots (larger directories are listed in parts).
 const DIR_SNAPSHOT_ENTRIES_MAX: usize = 1 << 20;
 
-enum Handle_ {
+/// What a FUSE file handle stands for.
+enum OpenHandle {
     File { ino: Ino },
     Dir { ino: Ino, entries: Mutex<Option<Arc<Vec<DirEntry>>>> },
 }
@@ -123,7 +127,7 @@ pub struct Inner {
     pub opts: MountOptions,
     pub cache: BlockCache,
     files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
-    handles: Mutex<HashMap<u64, Arc<Handle_>>>,
+    handles: Mutex<HashMap<u64, Arc<OpenHandle>>>,
     next_fh: AtomicU64,
     /// Write-back budget in KiB permits.
     write_budget: Arc<Semaphore>,
@@ -263,7 +267,7 @@ impl Inner {
             fetching: Mutex::new(HashMap::new()),
             stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
             notifier: OnceLock::new(),
-            told: quick_cache::sync::Cache::new(1 << 16),
+            told: quick_cache::sync::Cache::new(TOLD_INODES_MAX),
         }
     }
 
@@ -271,13 +275,13 @@ impl Inner {
         self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
     }
 
-    fn new_handle(&self, h: Handle_) -> u64 {
+    fn new_handle(&self, h: OpenHandle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(h));
         fh
     }
 
-    fn handle(&self, fh: u64) -> Option<Arc<Handle_>> {
+    fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned()
     }
 
@@ -1156,7 +1160,7 @@ impl Filesystem for AugurFs {
         self.spawn(move |fs| async move {
             match fs.open(ino(i)).await {
                 Ok(f) => {
-                    let fh = fs.new_handle(Handle_::File { ino: f.ino });
+                    let fh = fs.new_handle(OpenHandle::File { ino: f.ino });
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(fail("open", &e)),
@@ -1238,7 +1242,7 @@ impl Filesystem for AugurFs {
         self.spawn(move |fs| async move {
             let h = fs.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
             let f = match h.as_deref() {
-                Some(Handle_::File { ino }) => fs.file(*ino),
+                Some(OpenHandle::File { ino }) => fs.file(*ino),
                 _ => None,
             };
             let r = match f {
@@ -1262,7 +1266,7 @@ impl Filesystem for AugurFs {
         self.spawn(move |fs| async move {
             match fs.attr_op(NsOp::GetAttr { ino: ino(i) }).await {
                 Ok(a) if a.kind == FileKind::Dir => {
-                    let fh = fs.new_handle(Handle_::Dir { ino: a.ino, entries: Mutex::new(None) });
+                    let fh = fs.new_handle(OpenHandle::Dir { ino: a.ino, entries: Mutex::new(None) });
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Ok(_) => reply.error(Errno::ENOTDIR),
@@ -1277,7 +1281,7 @@ impl Filesystem for AugurFs {
                 reply.error(Errno::EBADF);
                 return;
             };
-            let Handle_::Dir { ino: dir, entries } = &*h else {
+            let OpenHandle::Dir { ino: dir, entries } = &*h else {
                 reply.error(Errno::ENOTDIR);
                 return;
             };
@@ -1475,7 +1479,7 @@ impl Filesystem for AugurFs {
             });
             match r {
                 Ok((a, f)) => {
-                    let fh = fs.new_handle(Handle_::File { ino: f.ino });
+                    let fh = fs.new_handle(OpenHandle::File { ino: f.ino });
                     reply.created(
                         &fs.opts.attr_ttl,
                         &fs.to_kernel(&a),
