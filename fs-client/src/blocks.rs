@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use augur_meta::MetaClient;
 use augur_proto::meta::VolumeInfo;
-use augur_proto::msg::{BlockRead, Replica, RequestBody, ResponseBody, ShardPlacement};
+use augur_proto::msg::{BlockRead, ByteRange, Replica, RequestBody, ResponseBody, ShardPlacement};
 use augur_proto::{BlockId, ErrorCode, Ino, RpcClient, RpcError, ShardId, ShardRef};
 use serde_bytes::ByteBuf;
 use tracing::{debug, warn};
@@ -120,6 +120,12 @@ impl BlockClient {
     /// Reads a whole block (bytes past what was ever written read as zeros: the result may be
     /// shorter than the block size). Verifies the CRC again on arrival.
     pub async fn read(&self, block: BlockId) -> Result<Vec<u8>, BlockError> {
+        self.read_range(block, None).await
+    }
+
+    /// Reads `range` of a block (all of it when `None`); the result may be shorter than asked
+    /// (bytes never written read as zeros).
+    pub async fn read_range(&self, block: BlockId, range: Option<ByteRange>) -> Result<Vec<u8>, BlockError> {
         let started = Instant::now();
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -128,7 +134,7 @@ impl BlockClient {
             let mut last = String::from("no replicas");
             for r in self.read_order(replicas) {
                 let Some(addr) = addr_of(&r) else { continue };
-                let body = RequestBody::ReadBlock { read: BlockRead { shard, block, range: None } };
+                let body = RequestBody::ReadBlock { read: BlockRead { shard, block, range } };
                 match self.rpc.call_with_deadline(addr, body, BLOCK_ATTEMPT_DEADLINE).await {
                     Ok(ResponseBody::Block(b)) if crc32fast::hash(&b.data) == b.crc32 => {
                         return Ok(b.data.into_vec());

@@ -105,6 +105,8 @@ const PREFETCH_STATS_FILES_MAX: usize = 4096;
 /// Inodes whose last reported (size, mtime) is remembered for invalidating the kernel's copy;
 /// an inode forgotten here is simply invalidated at its next open.
 const TOLD_INODES_MAX: usize = 1 << 16;
+/// A read of at most 1/this of a block, not following the previous one, fetches only its bytes.
+const SMALL_READ_FRACTION: u64 = 8;
 /// Unlinked files whose blocks are being deleted in the background at once.
 const RECLAIMS_IN_FLIGHT: usize = 64;
 /// Directory entries fetched from the meta group per page.
@@ -411,6 +413,19 @@ impl Inner {
         }
         let len = (u64::from(size)).min(file_size - offset);
         let pieces: Vec<(u64, u32, u32)> = split(offset, len, self.block_bytes).collect();
+        // A small read away from where the last one ended, of a block not cached: fetch just
+        // those bytes (a random 4 KiB read need not move a whole block), and cache nothing.
+        if let [(index, off, n)] = pieces[..]
+            && u64::from(n) * SMALL_READ_FRACTION <= self.block_bytes
+            && f.ra.lock().unwrap_or_else(|p| p.into_inner()).next != index
+            && !self.cache.contains(BlockKey { ino: f.ino, index }, f.stamp())
+        {
+            let range = Some(augur_proto::msg::ByteRange { offset: off, len: n });
+            let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
+            data.resize(n as usize, 0);
+            f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
+            return Ok(data);
+        }
         let mut tasks = Vec::with_capacity(pieces.len());
         for &(index, _, _) in &pieces {
             let (me, f) = (self.clone(), f.clone());
