@@ -1,9 +1,10 @@
 //! `augur dev`: three meta members, three nodes, the default volume mounted; Ctrl-C unmounts
-//! cleanly; a restart on the same state directory finds every file again.
+//! cleanly; a restart on the same state directory finds every file again. Also the Augur
+//! extended attributes on the mount.
 
 mod common;
 
-use common::DevProc;
+use common::{DevProc, sh_ok};
 
 #[test]
 fn dev_mounts_stops_cleanly_and_finds_its_files_after_restart() {
@@ -14,6 +15,48 @@ fn dev_mounts_stops_cleanly_and_finds_its_files_after_restart() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(mnt.join("dir/file"), &data).unwrap();
     std::os::unix::fs::symlink("dir/file", mnt.join("link")).unwrap();
+
+    // Extended attributes (python's os.*xattr gives exact errno values).
+    let script = r#"
+import errno, os
+def fails(code, f, *a):
+    try:
+        f(*a)
+    except OSError as e:
+        assert e.errno == code, (f, a, e)
+        return
+    raise AssertionError(("expected", errno.errorcode[code], f, a))
+os.setxattr("dir", "user.augur.prefetch", b"readahead:8")
+os.mkdir("dir/sub"); open("dir/sub/new", "w").close(); open("dir/new", "w").close()
+for p in ["dir", "dir/sub", "dir/new", "dir/sub/new"]:
+    assert os.getxattr(p, "user.augur.prefetch") == b"readahead:8", p
+fails(errno.EINVAL, os.setxattr, "dir", "user.augur.prefetch", b"sometimes")
+fails(errno.EINVAL, os.setxattr, "dir", "user.augur.prefetch", b"readahead:x")
+fails(errno.EINVAL, os.setxattr, "dir", "user.augur.prefetch", b"readahead:0")
+assert os.getxattr("dir", "user.augur.prefetch") == b"readahead:8", "a bad value changes nothing"
+for v in [b"auto", b"sequential", b"random", b"off", b"readahead:64"]:
+    os.setxattr("dir/new", "user.augur.prefetch", v)
+shards = os.getxattr("dir/file", "user.augur.shards").decode()
+assert "shard-" in shards and "replicas=" in shards and "epoch=" in shards, shards
+fails(errno.EPERM, os.setxattr, "dir/file", "user.augur.shards", b"x")
+os.setxattr("dir/file", "user.note", b"\x00binary\xff")
+assert os.getxattr("dir/file", "user.note") == b"\x00binary\xff"
+fails(errno.EEXIST, os.setxattr, "dir/file", "user.note", b"y", os.XATTR_CREATE)
+fails(errno.ENODATA, os.setxattr, "dir/file", "user.other", b"y", os.XATTR_REPLACE)
+assert "user.note" in os.listxattr("dir/file")
+os.removexattr("dir/file", "user.note")
+fails(errno.ENODATA, os.getxattr, "dir/file", "user.note")
+fails(errno.EOPNOTSUPP, os.setxattr, "dir/file", "trusted.x", b"y")
+with open("dir/file", "rb") as f:
+    while f.read(1 << 20):
+        pass
+stats = os.getxattr("dir/file", "user.augur.prefetch_stats").decode()
+assert stats.startswith("issued=") and "used=" in stats and "wasted=" in stats, stats
+print("xattrs ok", stats.strip())
+"#;
+    let out = sh_ok(&mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")));
+    assert!(out.contains("xattrs ok"), "{out}");
+
     assert!(dev.stop().success(), "augur dev exits cleanly on Ctrl-C:\n{}", dev.log());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(mnt.to_str().unwrap()), "unmounted on Ctrl-C");

@@ -191,6 +191,15 @@ fn full_nodes_give_the_writer_enospc_and_keep_what_was_stored() {
     let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
     rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
     let mnt = cluster.path().join("mnt");
+    // Bad mount requests fail with a message naming what is wrong.
+    let tls = cluster.tls(Role::Client, "mount");
+    let tls = tls.to_str().unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (ok, _, err) =
+        common::augur(&["mount", "nosuch", mnt.to_str().unwrap(), "--meta", &addrs, "--tls", tls]);
+    assert!(!ok && err.contains("nosuch"), "{err}");
+    let (ok, _, err) = common::augur(&["mount", "v", "/proc/version", "--meta", &addrs, "--tls", tls]);
+    assert!(!ok && err.contains("not a directory"), "{err}");
     let mount = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
     std::fs::write(mnt.join("kept"), chunk(5, 0, 200_000)).unwrap();
 
