@@ -178,6 +178,25 @@ fn run_suite(root: &Path) -> Suite {
         );
     }
     s.check("write: a hole extends the size", fs::metadata(&rw).unwrap().len() == 300_004, || "size".into());
+    {
+        // Read back through one descriptor while uploads are in flight, twice over, in pieces
+        // that make the client read ahead into blocks just written.
+        let mut h =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(s.p("rw2")).unwrap();
+        for round in 0..2u8 {
+            let want: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8 ^ round).collect();
+            h.seek(SeekFrom::Start(0)).unwrap();
+            h.write_all(&want).unwrap();
+            h.seek(SeekFrom::Start(0)).unwrap();
+            let mut got = vec![0u8; want.len()];
+            for piece in got.chunks_mut(128 << 10) {
+                h.read_exact(piece).unwrap();
+            }
+            s.check(&format!("write: read back while uploading (round {round})"), got == want, || {
+                format!("first difference at {:?}", got.iter().zip(&want).position(|(a, b)| a != b))
+            });
+        }
+    }
 
     // ---------- chmod ----------
     let c = s.p("chmod_f");

@@ -65,8 +65,9 @@ pub struct OpenFile {
     pub handles: AtomicU64,
     /// Size including writes not yet flushed; read without the async lock by getattr.
     pub size: AtomicU64,
-    /// Bumped on every write: a block fetched across a write is not cached.
-    pub write_gen: AtomicU64,
+    /// Bumped on every write and every finished upload: a block fetched across either is not
+    /// cached.
+    pub write_gen: std::sync::Arc<AtomicU64>,
     /// Cached blocks are valid only with this stamp (the mtime seen at open).
     pub stamp: Mutex<Timestamp>,
     pub state: tokio::sync::Mutex<FileState>,
@@ -81,7 +82,7 @@ impl OpenFile {
             ino,
             handles: AtomicU64::new(0),
             size: AtomicU64::new(size),
-            write_gen: AtomicU64::new(0),
+            write_gen: std::sync::Arc::new(AtomicU64::new(0)),
             stamp: Mutex::new(stamp),
             state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
             ra: Mutex::new(ReadAhead::default()),

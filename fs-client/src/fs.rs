@@ -46,8 +46,9 @@ pub struct MountOptions {
     /// to the backups). More only queue inside the nodes, past the per-attempt deadline, and
     /// come back as retries. Default 64.
     pub uploads_in_flight_max: usize,
-    /// Partly written blocks kept per file before they are sent. Default 256.
-    pub dirty_blocks_per_file: usize,
+    /// Bytes of partly written blocks kept per open file before they are all sent. Default
+    /// 16 MiB (at least one block).
+    pub dirty_bytes_per_file: u64,
     /// Most blocks read ahead of a sequential reader. Default 32.
     pub readahead_blocks_max: u32,
     /// Block fetches for readahead in flight over all files. Default 64.
@@ -72,7 +73,7 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             write_back_bytes: 64 << 20,
             uploads_in_flight_max: 64,
-            dirty_blocks_per_file: 256,
+            dirty_bytes_per_file: 16 << 20,
             readahead_blocks_max: 32,
             prefetch_in_flight_max: 64,
             attr_ttl: Duration::from_secs(1),
@@ -127,7 +128,7 @@ pub struct Inner {
     pub vol: VolumeId,
     pub block_bytes: u64,
     pub opts: MountOptions,
-    pub cache: BlockCache,
+    pub cache: Arc<BlockCache>,
     files: Mutex<HashMap<Ino, Arc<OpenFile>>>,
     handles: Mutex<HashMap<u64, Arc<OpenHandle>>>,
     next_fh: AtomicU64,
@@ -254,7 +255,7 @@ impl Inner {
         let block_bytes = u64::from(blocks.volume.block_size_bytes);
         Self {
             vol: blocks.volume.id,
-            cache: BlockCache::new(opts.cache_bytes, block_bytes),
+            cache: Arc::new(BlockCache::new(opts.cache_bytes, block_bytes)),
             write_budget: Arc::new(Semaphore::new(((opts.write_back_bytes >> 10) as usize).max(1))),
             prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_in_flight_max.max(1))),
             upload_slots: Arc::new(Semaphore::new(opts.uploads_in_flight_max.max(1))),
@@ -381,12 +382,13 @@ impl Inner {
     ) -> FsResult<Arc<[u8]>> {
         let gen_before = f.write_gen.load(Ordering::Acquire);
         let data: Arc<[u8]> = self.blocks.read(BlockId::new(key.ino, key.index)).await?.into();
-        // A write that landed while we fetched makes these bytes possibly old: do not keep them.
-        if f.write_gen.load(Ordering::Acquire) == gen_before {
-            self.cache.insert(
-                key,
-                CachedBlock { stamp, data: data.clone(), prefetched: Arc::new(AtomicBool::new(prefetch)) },
-            );
+        // A write (or an upload landing) while we fetched makes these bytes possibly old: do
+        // not keep them. Insert first and check after, so a write between the two still wins.
+        let block =
+            CachedBlock { stamp, data: data.clone(), prefetched: Arc::new(AtomicBool::new(prefetch)) };
+        self.cache.insert(key, block);
+        if f.write_gen.load(Ordering::Acquire) != gen_before {
+            self.cache.remove(key);
         }
         Ok(data)
     }
@@ -404,7 +406,9 @@ impl Inner {
             let pending = st.dirty.range(first..last).next().is_some()
                 || st.uploads.keys().any(|i| (first..last).contains(i));
             if pending {
-                self.flush_data(&f, &mut st).await?;
+                self.flush_data(&f, &mut st).await;
+                // A failed upload leaves its error for the writer's flush; this read fails too.
+                peek_error(&st.errors)?;
             }
         }
         let file_size = f.size();
@@ -522,7 +526,8 @@ impl Inner {
 
     /// Hands block `index`'s dirty bytes to a background upload (after any earlier upload of
     /// the same block, so writes land in order), within the write-back budget.
-    async fn upload(&self, st: &mut crate::file::FileState, ino: Ino, index: u64, d: Dirty) {
+    async fn upload(&self, st: &mut crate::file::FileState, f: &OpenFile, index: u64, d: Dirty) {
+        let ino = f.ino;
         if let Some(earlier) = st.uploads.remove(&index) {
             record(&st.errors, earlier.await.map(|()| Ok(())));
         }
@@ -535,10 +540,14 @@ impl Inner {
             return;
         };
         let (blocks, errors) = (self.blocks.clone(), st.errors.clone());
+        let (cache, write_gen) = (self.cache.clone(), f.write_gen.clone());
         let handle = tokio::spawn(async move {
             let _permits = (permit, slot);
             let bytes = &d.data[d.lo as usize..d.hi as usize];
             record(&errors, Ok(blocks.write(BlockId::new(ino, index), d.lo, bytes).await));
+            // Whatever was fetched or cached for this block before it landed is old now.
+            write_gen.fetch_add(1, Ordering::AcqRel);
+            cache.remove(BlockKey { ino, index });
         });
         st.uploads.insert(index, handle);
     }
@@ -564,7 +573,7 @@ impl Inner {
                 && !d.joins(off, n)
             {
                 let old = st.dirty.remove(&index).expect("present");
-                self.upload(&mut st, f.ino, index, old).await;
+                self.upload(&mut st, f, index, old).await;
             }
             let block_bytes = self.block_bytes as usize;
             let d = st.dirty.entry(index).or_insert_with(|| Dirty {
@@ -577,13 +586,13 @@ impl Inner {
             d.hi = d.hi.max(off + n);
             if d.lo == 0 && d.hi as u64 == self.block_bytes {
                 let full = st.dirty.remove(&index).expect("present");
-                self.upload(&mut st, f.ino, index, full).await;
+                self.upload(&mut st, f, index, full).await;
             }
         }
-        if st.dirty.len() > self.opts.dirty_blocks_per_file {
+        if st.dirty.len() as u64 > (self.opts.dirty_bytes_per_file / self.block_bytes).max(1) {
             let all = std::mem::take(&mut st.dirty);
             for (index, d) in all {
-                self.upload(&mut st, f.ino, index, d).await;
+                self.upload(&mut st, f, index, d).await;
             }
         }
         st.wrote = true;
@@ -592,24 +601,25 @@ impl Inner {
         Ok(data.len() as u32)
     }
 
-    /// Sends every dirty block and waits for every upload of the file; the first failure since
-    /// the last flush is returned (and forgotten).
-    async fn flush_data(&self, f: &OpenFile, st: &mut crate::file::FileState) -> FsResult<()> {
+    /// Sends every dirty block and waits for every upload of the file. Failures stay in the
+    /// file's error slot for the next write, flush or fsync to report.
+    async fn flush_data(&self, f: &OpenFile, st: &mut crate::file::FileState) {
         let all = std::mem::take(&mut st.dirty);
         for (index, d) in all {
-            self.upload(st, f.ino, index, d).await;
+            self.upload(st, f, index, d).await;
         }
         let uploads: Vec<_> = st.uploads.drain().collect();
         for (_, h) in uploads {
             record(&st.errors, h.await.map(|()| Ok(())));
         }
-        take_error(&st.errors)
     }
 
-    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open).
+    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open). A
+    /// failed upload is reported here (once) and the size is not committed over it.
     async fn flush(&self, f: &OpenFile) -> FsResult<()> {
         let mut st = f.state.lock().await;
-        self.flush_data(f, &mut st).await?;
+        self.flush_data(f, &mut st).await;
+        take_error(&st.errors)?;
         if st.wrote {
             let size = f.size();
             let a = self.attr_op(NsOp::Extend { ino: f.ino, size }).await?;
@@ -673,7 +683,8 @@ impl Inner {
         let mut old_size = current.size;
         if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
             f.write_gen.fetch_add(1, Ordering::AcqRel);
-            self.flush_data(f, st).await?;
+            self.flush_data(f, st).await;
+            take_error(&st.errors)?;
             old_size = old_size.max(f.size());
         }
         if current.kind == FileKind::File && size < old_size {
@@ -695,90 +706,123 @@ impl Inner {
         Ok(a)
     }
 
-    /// Deletes an orphan's blocks and forgets it in the meta group.
-    async fn reclaim(&self, orphan: &Attr) -> FsResult<()> {
-        if orphan.kind == FileKind::File {
-            self.delete_blocks(orphan.ino, 0, orphan.size).await?;
+    /// Deletes an orphan's blocks and forgets it in the meta group. The size is looked up
+    /// again (a release elsewhere may have grown it since the unlink answered); `size_hint` is
+    /// what this client knows on top.
+    async fn reclaim(&self, ino: Ino, size_hint: u64) -> FsResult<()> {
+        let a = match self.attr_op(NsOp::GetAttr { ino }).await {
+            Ok(a) => a,
+            Err(e) if e.errno == libc::ENOENT => return Ok(()), // reclaimed already
+            Err(e) => return Err(e),
+        };
+        if a.nlink != 0 {
+            return Ok(());
         }
-        self.ns(NsOp::Reclaim { ino: orphan.ino }).await?;
+        if a.kind == FileKind::File {
+            self.delete_blocks(ino, 0, a.size.max(size_hint)).await?;
+        }
+        self.ns(NsOp::Reclaim { ino }).await?;
         Ok(())
     }
 
-    /// After an unlink/rename dropped a last link: reclaim on the last release, or now in the
-    /// background (at most `RECLAIMS_IN_FLIGHT` at once; the unlink waits for a slot).
-    async fn orphaned(self: &Arc<Self>, orphan: Option<Attr>) -> FsResult<()> {
-        let Some(mut o) = orphan else { return Ok(()) };
-        if let Some(f) = self.file(o.ino) {
-            f.unlinked.store(true, Ordering::Release);
-            // The last release may have raced ahead of this: check again under the table lock.
-            let still_open = self.files.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&o.ino);
-            if still_open {
-                return Ok(());
-            }
-            o.size = o.size.max(f.size());
-        }
-        let Ok(slot) = self.reclaims.clone().acquire_owned().await else { return Ok(()) };
+    /// Reclaims in the background, at most `RECLAIMS_IN_FLIGHT` at once (the caller waits for
+    /// a slot). A failure leaves an orphan in the meta group and is logged.
+    async fn reclaim_later(self: &Arc<Self>, ino: Ino, size_hint: u64) {
+        let Ok(slot) = self.reclaims.clone().acquire_owned().await else { return };
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.reclaim(&o).await {
-                warn!(ino = %o.ino, error = %e.what, "reclaiming an unlinked file failed; it stays an orphan");
+            if let Err(e) = me.reclaim(ino, size_hint).await {
+                warn!(%ino, error = %e.what, "reclaiming an unlinked file failed; it stays an orphan");
             }
             drop(slot);
         });
+    }
+
+    /// After an unlink/rename dropped a last link: reclaim on the last release here, or now.
+    async fn orphaned(self: &Arc<Self>, orphan: Option<Attr>) -> FsResult<()> {
+        let Some(o) = orphan else { return Ok(()) };
+        let mut size = o.size;
+        {
+            // Under the table lock, so a release cannot slip between the check and the mark.
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = files.get(&o.ino) {
+                f.unlinked.store(true, Ordering::Release);
+                return Ok(());
+            }
+        }
+        if let Some(f) = self.file(o.ino) {
+            size = size.max(f.size());
+        }
+        self.reclaim_later(o.ino, size).await;
         Ok(())
     }
 
-    async fn open(&self, i: Ino) -> FsResult<Arc<OpenFile>> {
-        let a = self.attr_op(NsOp::GetAttr { ino: i }).await?;
-        Ok(self.open_with(&a))
-    }
-
-    /// Opens a file whose fresh attributes are `a` (from a GetAttr, or the create itself).
-    fn open_with(&self, a: &Attr) -> Arc<OpenFile> {
-        let i = a.ino;
-        let f = {
-            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-            let f = files.entry(i).or_insert_with(|| Arc::new(OpenFile::new(i, a.size, a.mtime))).clone();
-            f.handles.fetch_add(1, Ordering::AcqRel);
-            f
-        };
-        // Close-to-open: another mount's close since this file was last seen shows as a new
-        // mtime; the cache keys on it, and the kernel's copy of the attributes is dropped.
-        if f.stamp() != a.mtime
-            && let Ok(st) = f.state.try_lock()
-            && !st.wrote
-            && st.dirty.is_empty()
-            && st.uploads.is_empty()
-        {
-            f.set_stamp(a.mtime);
-            f.size.store(a.size, Ordering::Release);
-        }
-        let told = self.told.get(&i);
-        if told != Some((a.size, a.mtime))
-            && let Some(n) = self.notifier.get()
-            && let Err(e) = n.inval_inode(INodeNo(i.0), -1, 0)
-        {
-            debug!(ino = %i, error = %e, "could not drop the kernel's attributes");
-        }
+    /// Counts one more handle on `i`, creating its state if needed. Done before the inode's
+    /// attributes are fetched, so an unlink meanwhile defers its reclaim to our release.
+    fn register(&self, i: Ino, a: Option<&Attr>) -> Arc<OpenFile> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let f = files
+            .entry(i)
+            .or_insert_with(|| {
+                let (size, mtime) = a.map_or((0, Timestamp::default()), |a| (a.size, a.mtime));
+                Arc::new(OpenFile::new(i, size, mtime))
+            })
+            .clone();
+        f.handles.fetch_add(1, Ordering::AcqRel);
         f
     }
 
-    async fn release(&self, f: Arc<OpenFile>) -> FsResult<()> {
+    /// Drops one handle; the last one removes the file's state. True when it was the last.
+    fn unregister(&self, f: &OpenFile) -> bool {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let left = f.handles.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 {
+            files.remove(&f.ino);
+        }
+        left == 0
+    }
+
+    async fn open(self: &Arc<Self>, i: Ino) -> FsResult<Arc<OpenFile>> {
+        let f = self.register(i, None);
+        match self.attr_op(NsOp::GetAttr { ino: i }).await {
+            Ok(a) => {
+                self.refresh(&f, &a).await;
+                Ok(f)
+            }
+            Err(e) => {
+                if self.unregister(&f) && f.unlinked.load(Ordering::Acquire) {
+                    self.reclaim_later(i, 0).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the fresh attributes `a` seen at an open (close-to-open): with no unflushed
+    /// writes here, size and cache stamp follow the meta group (a new mtime from another
+    /// mount's close makes every cached block of the file stale), and the kernel's copy of the
+    /// attributes is dropped when it differs.
+    async fn refresh(&self, f: &OpenFile, a: &Attr) {
+        {
+            let mut st = f.state.lock().await;
+            if !st.wrote && st.dirty.is_empty() && st.uploads.is_empty() {
+                f.set_stamp(a.mtime);
+                f.size.store(a.size, Ordering::Release);
+                st.meta_size = a.size;
+            }
+        }
+        if self.told.get(&a.ino) != Some((a.size, a.mtime))
+            && let Some(n) = self.notifier.get()
+            && let Err(e) = n.inval_inode(INodeNo(a.ino.0), -1, 0)
+        {
+            debug!(ino = %a.ino, error = %e, "could not drop the kernel's attributes");
+        }
+    }
+
+    async fn release(self: &Arc<Self>, f: Arc<OpenFile>) -> FsResult<()> {
         let flushed = self.flush(&f).await;
-        let last = {
-            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-            let left = f.handles.fetch_sub(1, Ordering::AcqRel) - 1;
-            if left == 0 {
-                files.remove(&f.ino);
-            }
-            left == 0
-        };
-        if last && f.unlinked.load(Ordering::Acquire) {
-            let mut a = self.attr_op(NsOp::GetAttr { ino: f.ino }).await?;
-            a.size = a.size.max(f.size());
-            if a.nlink == 0 {
-                self.reclaim(&a).await?;
-            }
+        if self.unregister(&f) && f.unlinked.load(Ordering::Acquire) {
+            self.reclaim_later(f.ino, f.size()).await;
         }
         flushed
     }
@@ -903,6 +947,14 @@ fn record(slot: &UploadError, r: Result<Result<(), BlockError>, tokio::task::Joi
         if slot.is_none() {
             *slot = Some((e.errno, e.what));
         }
+    }
+}
+
+/// The pending upload error, left in place.
+fn peek_error(slot: &UploadError) -> FsResult<()> {
+    match &*slot.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some((errno, what)) => Err(FsError::new(*errno, what.clone())),
+        None => Ok(()),
     }
 }
 
@@ -1488,10 +1540,14 @@ impl Filesystem for AugurFs {
     ) {
         let op = mknode(req, parent, name, FileKind::File, mode & !umask, 0, None);
         self.spawn(move |fs| async move {
-            let r = fs.attr_op(op).await.map(|a| {
-                let f = fs.open_with(&a);
-                (a, f)
-            });
+            let r = match fs.attr_op(op).await {
+                Ok(a) => {
+                    let f = fs.register(a.ino, Some(&a));
+                    fs.refresh(&f, &a).await;
+                    Ok((a, f))
+                }
+                Err(e) => Err(e),
+            };
             match r {
                 Ok((a, f)) => {
                     let fh = fs.new_handle(OpenHandle::File { ino: f.ino });
