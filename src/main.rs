@@ -14,6 +14,7 @@ mod bench;
 mod dev;
 mod mount;
 mod status;
+mod trace;
 
 #[derive(Parser)]
 #[command(name = "augur", version, about = "Augur: a distributed file system with a learned prefetcher")]
@@ -75,6 +76,16 @@ enum Command {
     /// Cluster overview: meta leader, storage nodes (liveness, capacity, load), volumes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Block I/O traces: judge the prefetch predictors on them.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Replay traces through every predictor (simulated LRU cache and fetch latency) and print
+    /// accuracy, coverage, hit ratio, over-fetch, late share and read latency side by side.
+    Eval(trace::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -355,6 +366,9 @@ async fn run(command: Command) -> Result<()> {
             admin::move_shard(volume, shard, nodes, meta).await?
         }
         Command::Cluster(ClusterCommand::Status { meta }) => admin::cluster_status(meta).await?,
+        Command::Trace(TraceCommand::Eval(args)) => {
+            tokio::task::spawn_blocking(move || trace::eval(args)).await??
+        }
     }
     Ok(())
 }

@@ -1,1 +1,12 @@
-//! Filled by a later issue; see ARCHITECTURE.md.
+//! Prefetch logic shared by the client and the trace tools: access streams and trace files
+//! (`trace`), file-type detection (`filetype`), predictors behind one trait (`predict`), and the
+//! replay model that judges them (`replay`).
+
+pub mod filetype;
+pub mod predict;
+pub mod replay;
+pub mod trace;
+
+pub use predict::{HEURISTICS, Predictor, by_name};
+pub use replay::{ReplayConfig, Score, replay};
+pub use trace::{Access, Op, Trace};

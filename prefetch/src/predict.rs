@@ -1,0 +1,394 @@
+//! Predictors behind one trait, shared by the client and the trace evaluator. Each sees the
+//! demand reads of a stream (block index, hit or miss) and answers with blocks to fetch ahead,
+//! best first. Per-stream state is bounded (`STREAMS_MAX`); tables are bounded per predictor.
+
+use std::collections::{HashMap, VecDeque};
+
+/// Streams a predictor keeps state for; past it, the state of an arbitrary stream is dropped.
+pub const STREAMS_MAX: usize = 4096;
+
+pub trait Predictor: Send {
+    fn name(&self) -> String;
+    /// A demand read of `block` in `stream`; `hit` says whether it was already cached.
+    /// Appends the blocks to prefetch to `out`, best first.
+    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>);
+}
+
+/// The heuristic set every evaluation reports (SPEC §7), in order.
+pub const HEURISTICS: [&str; 9] =
+    ["none", "next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril"];
+
+/// Builds a predictor by name: `none`, `next-N`, `linux-ra`, `leap`, `markov`, `mithril`.
+pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
+    Ok(match name {
+        "none" => Box::new(NoPrefetch),
+        "linux-ra" => Box::new(LinuxReadahead::default()),
+        "leap" => Box::new(Leap::default()),
+        "markov" => Box::new(Markov::default()),
+        "mithril" => Box::new(Mithril::default()),
+        n if n.starts_with("next-") => {
+            let k: u32 = n[5..].parse().map_err(|_| format!("bad predictor {n:?}: next-N needs a number"))?;
+            if !(1..=256).contains(&k) {
+                return Err(format!("bad predictor {n:?}: N must be 1..=256"));
+            }
+            Box::new(NextN(k))
+        }
+        other => {
+            return Err(format!("unknown predictor {other:?} (known: {}, next-N)", HEURISTICS.join(", ")));
+        }
+    })
+}
+
+/// Keeps per-stream state within `STREAMS_MAX`.
+struct PerStream<S> {
+    map: HashMap<u64, S>,
+}
+
+impl<S: Default> Default for PerStream<S> {
+    fn default() -> Self {
+        Self { map: HashMap::new() }
+    }
+}
+
+impl<S: Default> PerStream<S> {
+    fn get(&mut self, stream: u64) -> &mut S {
+        if !self.map.contains_key(&stream) && self.map.len() >= STREAMS_MAX {
+            let victim = *self.map.keys().next().expect("non-empty");
+            self.map.remove(&victim);
+        }
+        self.map.entry(stream).or_default()
+    }
+}
+
+pub struct NoPrefetch;
+
+impl Predictor for NoPrefetch {
+    fn name(&self) -> String {
+        "none".into()
+    }
+    fn on_read(&mut self, _: u64, _: u64, _: bool, _: &mut Vec<u64>) {}
+}
+
+/// The next N blocks after every read.
+pub struct NextN(pub u32);
+
+impl Predictor for NextN {
+    fn name(&self) -> String {
+        format!("next-{}", self.0)
+    }
+    fn on_read(&mut self, _: u64, block: u64, _: bool, out: &mut Vec<u64>) {
+        out.extend((1..=u64::from(self.0)).map(|i| block + i));
+    }
+}
+
+/// Linux on-demand readahead, per stream: a sequential miss opens a window of 4 blocks; reading
+/// the async marker (the first block of the window's last `async_size`) issues the next window,
+/// twice as large, up to 32; a non-sequential read starts over.
+#[derive(Default)]
+pub struct LinuxReadahead {
+    streams: PerStream<RaState>,
+}
+
+#[derive(Default)]
+struct RaState {
+    prev: Option<u64>,
+    start: u64,
+    size: u64,
+    async_size: u64,
+}
+
+const RA_INITIAL: u64 = 4;
+const RA_MAX: u64 = 32;
+
+impl Predictor for LinuxReadahead {
+    fn name(&self) -> String {
+        "linux-ra".into()
+    }
+    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>) {
+        let s = self.streams.get(stream);
+        let sequential = s.prev.is_some_and(|p| block == p + 1 || block == p);
+        s.prev = Some(block);
+        let in_window = s.size > 0 && block >= s.start && block < s.start + s.size;
+        if in_window {
+            // Reading the async marker issues the next window, twice as large.
+            if block == s.start + s.size - s.async_size {
+                let next = s.start + s.size;
+                s.size = (s.size * 2).min(RA_MAX);
+                s.start = next;
+                s.async_size = s.size;
+                out.extend(s.start..s.start + s.size);
+            }
+        } else if !hit && (sequential || block == 0) {
+            // A sequential miss (or the start of a file) opens an initial window after it.
+            s.start = block + 1;
+            s.size = RA_INITIAL;
+            s.async_size = RA_INITIAL - 1;
+            out.extend(s.start..s.start + s.size);
+        } else if !hit {
+            // A random miss is read alone and forgets the window.
+            s.size = 0;
+        }
+    }
+}
+
+/// Leap (ATC'20): the majority delta over the last 8, 16 or 32 deltas (the smallest window
+/// with a strict majority), prefetching along it; the depth grows while reads hit and shrinks
+/// on misses.
+#[derive(Default)]
+pub struct Leap {
+    streams: PerStream<LeapState>,
+}
+
+#[derive(Default)]
+struct LeapState {
+    prev: Option<u64>,
+    deltas: VecDeque<i64>,
+    depth: u64,
+}
+
+const LEAP_HISTORY: usize = 32;
+const LEAP_DEPTH_MAX: u64 = 8;
+
+fn majority(d: &VecDeque<i64>, window: usize) -> Option<i64> {
+    if d.len() < window {
+        return None;
+    }
+    let slice = d.iter().rev().take(window);
+    let (mut cand, mut count) = (0i64, 0usize);
+    for &x in slice.clone() {
+        if count == 0 {
+            cand = x;
+            count = 1;
+        } else if x == cand {
+            count += 1;
+        } else {
+            count -= 1;
+        }
+    }
+    let n = slice.filter(|&&x| x == cand).count();
+    (n * 2 > window).then_some(cand)
+}
+
+impl Predictor for Leap {
+    fn name(&self) -> String {
+        "leap".into()
+    }
+    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>) {
+        let s = self.streams.get(stream);
+        if let Some(p) = s.prev {
+            s.deltas.push_back(block as i64 - p as i64);
+            if s.deltas.len() > LEAP_HISTORY {
+                s.deltas.pop_front();
+            }
+        }
+        s.prev = Some(block);
+        s.depth = if hit { (s.depth * 2).clamp(1, LEAP_DEPTH_MAX) } else { (s.depth / 2).max(1) };
+        let trend = [8, 16, 32].iter().find_map(|&w| majority(&s.deltas, w));
+        if let Some(d) = trend.filter(|&d| d != 0) {
+            for i in 1..=s.depth as i64 {
+                let b = block as i64 + d * i;
+                if b >= 0 {
+                    out.push(b as u64);
+                }
+            }
+        }
+    }
+}
+
+/// Order-1 Markov chain over block deltas, learned online per stream: after delta `a`, which
+/// deltas followed and how often. Predicts up to 4 deltas with probability above 0.1.
+#[derive(Default)]
+pub struct Markov {
+    streams: PerStream<MarkovState>,
+}
+
+#[derive(Default)]
+struct MarkovState {
+    prev: Option<u64>,
+    last_delta: Option<i64>,
+    table: HashMap<i64, Vec<(i64, u32)>>,
+}
+
+const MARKOV_FROM_MAX: usize = 4096;
+const MARKOV_NEXT_MAX: usize = 16;
+const MARKOV_TOP: usize = 4;
+const MARKOV_MIN_P: f64 = 0.1;
+
+impl Predictor for Markov {
+    fn name(&self) -> String {
+        "markov".into()
+    }
+    fn on_read(&mut self, stream: u64, block: u64, _hit: bool, out: &mut Vec<u64>) {
+        let s = self.streams.get(stream);
+        let delta = s.prev.map(|p| block as i64 - p as i64);
+        if let (Some(from), Some(to)) = (s.last_delta, delta) {
+            if s.table.len() >= MARKOV_FROM_MAX && !s.table.contains_key(&from) {
+                s.table.clear();
+            }
+            let next = s.table.entry(from).or_default();
+            if let Some(i) = next.iter().position(|(d, _)| *d == to) {
+                next[i].1 += 1;
+            } else if next.len() < MARKOV_NEXT_MAX {
+                next.push((to, 1));
+            } else if let Some(min) = next.iter_mut().min_by_key(|(_, c)| *c) {
+                // Replace the rarest follower.
+                *min = (to, 1);
+            }
+        }
+        s.prev = Some(block);
+        s.last_delta = delta;
+        let Some(d) = delta else { return };
+        let Some(next) = s.table.get(&d) else { return };
+        let total: u32 = next.iter().map(|(_, c)| c).sum();
+        let mut ranked: Vec<(i64, u32)> = next.clone();
+        ranked.sort_by_key(|&(_, c)| std::cmp::Reverse(c));
+        for (nd, c) in ranked.into_iter().take(MARKOV_TOP) {
+            if f64::from(c) / f64::from(total) > MARKOV_MIN_P {
+                let b = block as i64 + nd;
+                if b >= 0 && nd != 0 {
+                    out.push(b as u64);
+                }
+            }
+        }
+    }
+}
+
+/// Mithril-style association mining (SoCC'17, simplified): blocks read within a short window
+/// after block `a`, seen there at least `MITHRIL_SUPPORT` times, become `a`'s associations and
+/// are prefetched when `a` is read. Counting is bounded and restarts when full.
+#[derive(Default)]
+pub struct Mithril {
+    recent: PerStream<VecDeque<u64>>,
+    counts: HashMap<(u64, u64, u64), u16>,
+    assoc: HashMap<(u64, u64), Vec<u64>>,
+}
+
+const MITHRIL_WINDOW: usize = 8;
+const MITHRIL_SUPPORT: u16 = 2;
+const MITHRIL_ASSOC_MAX: usize = 4;
+const MITHRIL_COUNTS_MAX: usize = 1 << 20;
+const MITHRIL_TABLE_MAX: usize = 1 << 18;
+
+impl Predictor for Mithril {
+    fn name(&self) -> String {
+        "mithril".into()
+    }
+    fn on_read(&mut self, stream: u64, block: u64, _hit: bool, out: &mut Vec<u64>) {
+        if let Some(list) = self.assoc.get(&(stream, block)) {
+            out.extend(list.iter().copied());
+        }
+        let recent = self.recent.get(stream);
+        let earlier: Vec<u64> = recent.iter().copied().filter(|&b| b != block).collect();
+        recent.push_back(block);
+        if recent.len() > MITHRIL_WINDOW {
+            recent.pop_front();
+        }
+        if self.counts.len() >= MITHRIL_COUNTS_MAX {
+            self.counts.clear();
+        }
+        if self.assoc.len() >= MITHRIL_TABLE_MAX {
+            self.assoc.clear();
+        }
+        for a in earlier {
+            let c = self.counts.entry((stream, a, block)).or_insert(0);
+            *c = c.saturating_add(1);
+            if *c == MITHRIL_SUPPORT {
+                let list = self.assoc.entry((stream, a)).or_default();
+                if !list.contains(&block) {
+                    if list.len() >= MITHRIL_ASSOC_MAX {
+                        list.remove(0);
+                    }
+                    list.push(block);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p: &mut dyn Predictor, blocks: &[u64]) -> Vec<Vec<u64>> {
+        blocks
+            .iter()
+            .map(|&b| {
+                let mut out = Vec::new();
+                p.on_read(0, b, false, &mut out);
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_build_predictors_and_bad_names_are_refused() {
+        for n in HEURISTICS {
+            assert_eq!(by_name(n).unwrap().name(), n);
+        }
+        assert!(by_name("next-0").is_err());
+        assert!(by_name("next-x").err().unwrap().contains("next-N"));
+        assert!(by_name("oracle").err().unwrap().contains("unknown predictor"));
+    }
+
+    #[test]
+    fn next_n_and_readahead_follow_a_sequential_stream() {
+        assert_eq!(run(&mut NextN(2), &[10])[0], vec![11, 12]);
+        let mut ra = LinuxReadahead::default();
+        let outs = run(&mut ra, &[0, 1, 2, 3, 4, 5]);
+        assert_eq!(outs[0], vec![1, 2, 3, 4], "initial window of 4");
+        // Reading the async marker (block 2 = start 1 + size 4 - async 3) issues the next window.
+        assert_eq!(outs[2], (5..13).collect::<Vec<_>>(), "doubled window");
+    }
+
+    #[test]
+    fn leap_finds_a_strided_trend_among_noise() {
+        let mut blocks = Vec::new();
+        for i in 0..40u64 {
+            blocks.push(if i % 5 == 4 { 10_000 + i * 7 } else { 100 + i * 3 });
+        }
+        let mut l = Leap::default();
+        let mut out = Vec::new();
+        for &b in &blocks {
+            out.clear();
+            l.on_read(0, b, true, &mut out);
+        }
+        assert!(!out.is_empty());
+    }
+
+    #[test]
+    fn markov_learns_an_alternating_delta_pattern() {
+        // Deltas +1, +10, +1, +10, ...
+        let mut b = 0u64;
+        let mut seq = Vec::new();
+        for i in 0..50 {
+            b += if i % 2 == 0 { 1 } else { 10 };
+            seq.push(b);
+        }
+        let mut m = Markov::default();
+        let outs = run(&mut m, &seq);
+        let last = *seq.last().unwrap();
+        let last_delta = seq[49] - seq[48];
+        let expected_next = if last_delta == 1 { last + 10 } else { last + 1 };
+        assert_eq!(outs[49], vec![expected_next]);
+    }
+
+    #[test]
+    fn mithril_associates_blocks_read_together() {
+        let mut m = Mithril::default();
+        let pattern = [5u64, 900, 42, 7000];
+        let mut out = Vec::new();
+        for round in 0..3 {
+            for &b in &pattern {
+                out.clear();
+                m.on_read(1, b, false, &mut out);
+                if round == 2 && b == 5 {
+                    assert!(out.contains(&900) && out.contains(&42), "{out:?}");
+                }
+            }
+            // Unrelated reads between rounds.
+            for x in 0..10 {
+                m.on_read(1, 50_000 + round * 100 + x, false, &mut out);
+            }
+        }
+    }
+}

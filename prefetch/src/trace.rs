@@ -1,0 +1,160 @@
+//! Access streams and the trace files they come from.
+//!
+//! The shared CSV shape (`.csv` or `.csv.gz`): header
+//! `timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id`, `op` is `R` or `W`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+/// Largest trace read into memory, in records (a trace is replayed whole).
+pub const TRACE_RECORDS_MAX: usize = 50_000_000;
+/// The header every trace file starts with.
+pub const CSV_HEADER: &str = "timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+}
+
+/// One request of a trace (or one read seen by the client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub t_us: u64,
+    pub op: Op,
+    pub offset: u64,
+    pub size: u64,
+    /// The stream it belongs to: a volume/object in block traces, a file in client traces.
+    pub stream: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Trace {
+    pub name: String,
+    pub accesses: Vec<Access>,
+    /// False when the timestamps are only ordinals (the ARC traces): replay then spaces
+    /// requests by a fixed inter-arrival time.
+    pub timed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: line {line}: {what}")]
+    Bad { path: String, line: usize, what: String },
+    #[error("{path}: more than {TRACE_RECORDS_MAX} records")]
+    TooLarge { path: String },
+}
+
+impl Trace {
+    /// Reads a trace in the shared CSV shape, gzip-compressed when the name ends in `.gz`.
+    pub fn read(path: &Path) -> Result<Trace, TraceError> {
+        let p = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| TraceError::Io { path: p.clone(), source })?;
+        let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".csv").to_string())
+            .unwrap_or_default();
+        Self::parse(&p, &name, BufReader::new(reader))
+    }
+
+    pub fn parse(path: &str, name: &str, reader: impl BufRead) -> Result<Trace, TraceError> {
+        let bad = |line: usize, what: String| TraceError::Bad { path: path.into(), line, what };
+        let mut accesses = Vec::new();
+        let mut ordinal = true;
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.map_err(|source| TraceError::Io { path: path.into(), source })?;
+            let n = i + 1;
+            if i == 0 {
+                if line.trim() != CSV_HEADER {
+                    return Err(bad(n, format!("expected the header {CSV_HEADER:?}, found {line:?}")));
+                }
+                continue;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let f: Vec<&str> = line.trim().split(',').collect();
+            if f.len() != 5 {
+                return Err(bad(n, format!("expected 5 fields, found {}", f.len())));
+            }
+            let num = |k: usize, what: &str| -> Result<u64, TraceError> {
+                f[k].parse().map_err(|_| bad(n, format!("{what} {:?} is not a non-negative integer", f[k])))
+            };
+            let op = match f[1] {
+                "R" | "r" => Op::Read,
+                "W" | "w" => Op::Write,
+                other => return Err(bad(n, format!("op {other:?} is neither R nor W"))),
+            };
+            let a = Access {
+                t_us: num(0, "timestamp_us")?,
+                op,
+                offset: num(2, "offset_bytes")?,
+                size: num(3, "size_bytes")?,
+                stream: num(4, "volume_or_object_id")?,
+            };
+            ordinal &= a.t_us == accesses.len() as u64;
+            if accesses.len() >= TRACE_RECORDS_MAX {
+                return Err(TraceError::TooLarge { path: path.into() });
+            }
+            accesses.push(a);
+        }
+        Ok(Trace { name: name.into(), timed: !ordinal || accesses.is_empty(), accesses })
+    }
+
+    /// Distinct (stream, block) pairs the trace touches at `block_bytes`.
+    pub fn footprint(&self, block_bytes: u64) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        for a in &self.accesses {
+            for b in blocks_of(a, block_bytes) {
+                seen.insert((a.stream, b));
+            }
+        }
+        seen.len()
+    }
+}
+
+/// The blocks a request's byte range covers (a zero-length request touches its offset's block).
+pub fn blocks_of(a: &Access, block_bytes: u64) -> std::ops::Range<u64> {
+    let first = a.offset / block_bytes;
+    let last = (a.offset + a.size.max(1) - 1) / block_bytes;
+    first..last + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_shared_shape_and_detects_ordinal_time() {
+        let text = format!("{CSV_HEADER}\n0,R,0,4096,0\n1,W,65536,131072,0\n2,R,100,1,3\n");
+        let t = Trace::parse("x", "x", text.as_bytes()).unwrap();
+        assert_eq!(t.accesses.len(), 3);
+        assert!(!t.timed, "ordinal timestamps mean untimed");
+        assert_eq!(t.accesses[1], Access { t_us: 1, op: Op::Write, offset: 65536, size: 131072, stream: 0 });
+        assert_eq!(blocks_of(&t.accesses[1], 65536), 1..3);
+        assert_eq!(t.footprint(65536), 4);
+        let timed = format!("{CSV_HEADER}\n5,R,0,1,0\n90,R,0,1,0\n");
+        assert!(Trace::parse("x", "x", timed.as_bytes()).unwrap().timed);
+    }
+
+    #[test]
+    fn bad_input_names_line_and_field() {
+        let e = Trace::parse("t.csv", "t", "a,b\n".as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("header"), "{e}");
+        let e = Trace::parse("t.csv", "t", format!("{CSV_HEADER}\n0,X,0,1,0\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("op"), "{e}");
+        let e = Trace::parse("t.csv", "t", format!("{CSV_HEADER}\n0,R,-5,1,0\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("offset_bytes"), "{e}");
+    }
+}
