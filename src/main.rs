@@ -86,6 +86,11 @@ enum TraceCommand {
     /// Replay traces through every predictor (simulated LRU cache and fetch latency) and print
     /// accuracy, coverage, hit ratio, over-fetch, late share and read latency side by side.
     Eval(trace::EvalArgs),
+    /// Rewrite a trace in the shared CSV shape (filter reads, streams, a prefix; gzip by name).
+    Convert(trace::ConvertArgs),
+    /// Compute the model's input tensors from traces (NumPy .npy files + features.json), so
+    /// training reads exactly what the runtime computes.
+    Features(trace::FeaturesArgs),
 }
 
 #[derive(Subcommand)]
@@ -368,6 +373,12 @@ async fn run(command: Command) -> Result<()> {
         Command::Cluster(ClusterCommand::Status { meta }) => admin::cluster_status(meta).await?,
         Command::Trace(TraceCommand::Eval(args)) => {
             tokio::task::spawn_blocking(move || trace::eval(args)).await??
+        }
+        Command::Trace(TraceCommand::Convert(args)) => {
+            tokio::task::spawn_blocking(move || trace::convert(args)).await??
+        }
+        Command::Trace(TraceCommand::Features(args)) => {
+            tokio::task::spawn_blocking(move || trace::features(args)).await??
         }
     }
     Ok(())

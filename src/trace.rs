@@ -138,3 +138,120 @@ fn table(r: &TraceReport, a: &EvalArgs) -> String {
     }
     out
 }
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Input: the shared CSV shape or the client's own trace (`augur mount --trace` writes the
+    /// same shape, one stream per file), `.csv` or `.csv.gz`.
+    input: PathBuf,
+    /// Output file; gzip-compressed when it ends in `.gz`.
+    output: PathBuf,
+    /// Keep reads only.
+    #[arg(long)]
+    reads_only: bool,
+    /// Keep only the first N records (after filtering).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Keep only these streams (volume/object or file ids), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<u64>,
+}
+
+pub fn convert(args: ConvertArgs) -> Result<()> {
+    let trace =
+        Trace::read(&args.input).with_context(|| format!("reading trace {}", args.input.display()))?;
+    let kept: Vec<_> = trace
+        .accesses
+        .iter()
+        .filter(|a| !args.reads_only || a.op == augur_prefetch::Op::Read)
+        .filter(|a| args.streams.is_empty() || args.streams.contains(&a.stream))
+        .take(args.limit.unwrap_or(usize::MAX))
+        .copied()
+        .collect();
+    augur_prefetch::trace::write_csv(&args.output, &kept)?;
+    println!("wrote {} of {} records to {}", kept.len(), trace.accesses.len(), args.output.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// Traces to turn into training tensors.
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
+    /// Directory for the tensors (`NAME.tokens.npy`, `.features.npy`, `.labels.npy`,
+    /// `.request.npy`) and `features.json` (vocabulary and shapes).
+    #[arg(long)]
+    out: PathBuf,
+    /// Block size in KiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    block_kib: u64,
+    /// Keep every Nth sample.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    stride: u64,
+    /// Most samples per trace.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_samples: usize,
+}
+
+#[derive(Serialize)]
+struct FeaturesReport {
+    vocab: i64,
+    delta_range: i64,
+    seq_len: usize,
+    features: Vec<&'static str>,
+    block_kib: u64,
+    token_pad: i64,
+    token_far_behind: i64,
+    token_far_ahead: i64,
+    traces: Vec<FeaturesTrace>,
+}
+
+#[derive(Serialize)]
+struct FeaturesTrace {
+    name: String,
+    samples: usize,
+    requests: usize,
+    timed: bool,
+}
+
+pub fn features(args: FeaturesArgs) -> Result<()> {
+    use augur_prefetch::features as f;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut report = FeaturesReport {
+        vocab: f::VOCAB,
+        delta_range: f::DELTA_RANGE,
+        seq_len: f::SEQ_LEN,
+        features: f::FEATURES.to_vec(),
+        block_kib: args.block_kib,
+        token_pad: f::TOKEN_PAD,
+        token_far_behind: f::TOKEN_FAR_BEHIND,
+        token_far_ahead: f::TOKEN_FAR_AHEAD,
+        traces: Vec::new(),
+    };
+    for path in &args.traces {
+        let trace = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+        let s = f::samples(&trace, args.block_kib << 10, args.stride as usize, args.max_samples);
+        let n = s.len();
+        let write = |suffix: &str, descr: &str, shape: &[usize], data: Vec<u8>| -> Result<()> {
+            let p = args.out.join(format!("{}.{suffix}.npy", trace.name));
+            let file = std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+            f::write_npy(std::io::BufWriter::new(file), descr, shape, &data)
+                .with_context(|| format!("writing {}", p.display()))
+        };
+        write("tokens", "<i8", &[n, f::SEQ_LEN], f::i64_bytes(&s.tokens))?;
+        write("features", "<f4", &[n, f::SEQ_LEN, f::FEATURES.len()], f::f32_bytes(&s.features))?;
+        write("labels", "<i8", &[n], f::i64_bytes(&s.labels))?;
+        write("request", "<i8", &[n], f::i64_bytes(&s.request))?;
+        println!("{}: {n} samples from {} requests", trace.name, trace.accesses.len());
+        report.traces.push(FeaturesTrace {
+            name: trace.name.clone(),
+            samples: n,
+            requests: trace.accesses.len(),
+            timed: trace.timed,
+        });
+    }
+    let json = args.out.join("features.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    Ok(())
+}

@@ -55,3 +55,47 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     let (ok, _, err) = augur(&["trace", "eval", &cp, "--cache-frac", "0"]);
     assert!(!ok && err.contains("--cache-frac"), "{err}");
 }
+
+/// Reads a .npy header: (descr, shape).
+fn npy_header(path: &std::path::Path) -> (String, String) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap().to_string();
+    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap().to_string();
+    let shape = header.split("'shape': ").nth(1).unwrap().split(')').next().unwrap().to_string() + ")";
+    (descr, shape)
+}
+
+#[test]
+fn features_and_convert_write_what_training_and_replay_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = excerpt("cloudphysics_excerpt.csv.gz");
+    let out = dir.path().join("feat");
+    let (ok, stdout, err) =
+        augur(&["trace", "features", &cp, "--out", out.to_str().unwrap(), "--stride", "2"]);
+    assert!(ok, "{err}");
+    let n: usize = stdout.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(n > 1000, "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("features.json")).unwrap()).unwrap();
+    let (seq, nf) = (config["seq_len"].as_u64().unwrap(), config["features"].as_array().unwrap().len());
+    let name = "cloudphysics_excerpt";
+    assert_eq!(npy_header(&out.join(format!("{name}.tokens.npy"))), ("<i8".into(), format!("({n}, {seq})")));
+    assert_eq!(
+        npy_header(&out.join(format!("{name}.features.npy"))),
+        ("<f4".into(), format!("({n}, {seq}, {nf})"))
+    );
+    assert_eq!(npy_header(&out.join(format!("{name}.labels.npy"))), ("<i8".into(), format!("({n},)")));
+
+    // convert: reads of one stream, a prefix, gzip by name; the result replays.
+    let small = dir.path().join("small.csv.gz");
+    let (ok, stdout, err) =
+        augur(&["trace", "convert", &cp, small.to_str().unwrap(), "--reads-only", "--limit", "500"]);
+    assert!(ok, "{err}");
+    assert!(stdout.starts_with("wrote 500 of 20000"), "{stdout}");
+    let (ok, out, err) = augur(&["trace", "eval", small.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["requests"], 500);
+}

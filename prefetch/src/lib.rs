@@ -1,7 +1,8 @@
 //! Prefetch logic shared by the client and the trace tools: access streams and trace files
-//! (`trace`), file-type detection (`filetype`), predictors behind one trait (`predict`), and the
-//! replay model that judges them (`replay`).
+//! (`trace`), file-type detection (`filetype`), the model's input features (`features`),
+//! predictors behind one trait (`predict`), and the replay model that judges them (`replay`).
 
+pub mod features;
 pub mod filetype;
 pub mod predict;
 pub mod replay;

@@ -107,7 +107,29 @@ impl Trace {
         }
         Ok(Trace { name: name.into(), timed: !ordinal || accesses.is_empty(), accesses })
     }
+}
 
+/// Writes accesses in the shared CSV shape (gzip-compressed when `path` ends in `.gz`).
+pub fn write_csv(path: &Path, accesses: &[Access]) -> Result<(), TraceError> {
+    use std::io::Write;
+    let p = path.display().to_string();
+    let io = |source| TraceError::Io { path: p.clone(), source };
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::write::GzEncoder::new(file, flate2::Compression::default()))
+    } else {
+        Box::new(std::io::BufWriter::new(file))
+    };
+    writeln!(w, "{CSV_HEADER}").map_err(io)?;
+    for a in accesses {
+        let op = if a.op == Op::Read { 'R' } else { 'W' };
+        writeln!(w, "{},{op},{},{},{}", a.t_us, a.offset, a.size, a.stream).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok(())
+}
+
+impl Trace {
     /// Distinct (stream, block) pairs the trace touches at `block_bytes`.
     pub fn footprint(&self, block_bytes: u64) -> usize {
         let mut seen = std::collections::HashSet::new();
