@@ -37,3 +37,20 @@ done
 # Build output lives outside the clone so every clone and CI run reuses one RocksDB build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/augur/target}"
 mkdir -p "$CARGO_TARGET_DIR"
+
+# Python for model-training/ only: a venv outside the clone, installed once per machine (PyTorch
+# from PyPI brings ~5 GB of wheels) and again only when requirements.txt changes.
+export AUGUR_VENV="${AUGUR_VENV:-$HOME/.cache/augur/venv}"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+requirements="$repo_root/model-training/requirements.txt"
+stamp="$AUGUR_VENV/.augur-requirements"
+if [[ ! -x "$AUGUR_VENV/bin/python" ]]; then
+  echo "setup: creating the Python venv in $AUGUR_VENV" >&2
+  python3 -m venv "$AUGUR_VENV"
+fi
+if ! cmp -s "$requirements" "$stamp"; then
+  echo "setup: installing model-training requirements into $AUGUR_VENV (PyTorch: a few minutes, once)" >&2
+  "$AUGUR_VENV/bin/pip" install -q --upgrade pip
+  "$AUGUR_VENV/bin/pip" install -q -r "$requirements"
+  cp "$requirements" "$stamp"
+fi

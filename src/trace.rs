@@ -34,9 +34,28 @@ pub struct EvalArgs {
     /// Score only this last share of each trace (everything before warms caches and predictors).
     #[arg(long, default_value_t = 1.0)]
     tail_frac: f64,
+    /// The ONNX model for the `model` predictor (its `.json` config sits beside it). A missing
+    /// or corrupt model is reported and `model` runs as its fallback heuristic.
+    #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
+    model: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+/// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
+pub const MODEL_FALLBACK: &str = "linux-ra";
+
+/// Builds a predictor by name; `model` loads the network (once; clones share it).
+fn predictor(name: &str, model: &Option<augur_prefetch::model::Model>) -> Box<dyn augur_prefetch::Predictor> {
+    match name {
+        "model" => Box::new(augur_prefetch::model::ModelPredictor::new(
+            model.clone(),
+            by_name(MODEL_FALLBACK).expect("a known heuristic"),
+            augur_prefetch::model::ModelKnobs::default(),
+        )),
+        n => by_name(n).expect("checked"),
+    }
 }
 
 #[derive(Serialize)]
@@ -65,9 +84,20 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     // Refuse unknown names before any work.
-    for n in &names {
+    for n in names.iter().filter(|n| *n != "model") {
         by_name(n).map_err(anyhow::Error::msg)?;
     }
+    let model = if names.iter().any(|n| n == "model") {
+        match augur_prefetch::model::Model::load(&args.model) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("augur: {e}; the model predictor runs as its fallback ({MODEL_FALLBACK})");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let cfg = ReplayConfig {
         block_bytes: args.block_kib << 10,
         cache_frac: args.cache_frac,
@@ -82,7 +112,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let scores: Vec<Score> = names
             .iter()
             .map(|n| {
-                let mut p = by_name(n).expect("checked above");
+                let mut p = predictor(n, &model);
                 replay(&trace, &mut *p, &cfg)
             })
             .collect();

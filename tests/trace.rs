@@ -99,3 +99,23 @@ fn features_and_convert_write_what_training_and_replay_read() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["requests"], 500);
 }
+
+#[test]
+fn eval_runs_the_shipped_model_and_falls_back_without_one() {
+    let cp = excerpt("cloudphysics_excerpt.csv.gz");
+    let model = format!("{}/models/prefetch.onnx", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = augur(&["trace", "eval", &cp, "--predictors", "model", "--model", &model, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let m = v[0]["scores"].as_array().unwrap().iter().find(|s| s["predictor"] == "model").cloned().unwrap();
+    assert!(m["issued"].as_u64().unwrap() > 0, "{m}");
+
+    let (ok, out, err) =
+        augur(&["trace", "eval", &cp, "--predictors", "model", "--model", "/nonexistent/m.onnx", "--json"]);
+    assert!(ok, "a missing model is not fatal: {err}");
+    assert!(err.contains("/nonexistent/m.json") && err.contains("fallback"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let scores = v[0]["scores"].as_array().unwrap();
+    let get = |n: &str| scores.iter().find(|s| s["predictor"] == n).cloned().unwrap();
+    assert_eq!(get("model")["mean_latency_us"], get("linux-ra")["mean_latency_us"], "runs as its fallback");
+}

@@ -4,10 +4,11 @@
 
 pub mod features;
 pub mod filetype;
+pub mod model;
 pub mod predict;
 pub mod replay;
 pub mod trace;
 
-pub use predict::{HEURISTICS, Predictor, by_name};
+pub use predict::{HEURISTICS, Predictor, Read, by_name};
 pub use replay::{ReplayConfig, Score, replay};
 pub use trace::{Access, Op, Trace};

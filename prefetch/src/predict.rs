@@ -7,11 +7,40 @@ use std::collections::{HashMap, VecDeque};
 /// Streams a predictor keeps state for; past it, the state of an arbitrary stream is dropped.
 pub const STREAMS_MAX: usize = 4096;
 
+/// One demand read of one block, as a predictor sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Read {
+    pub stream: u64,
+    pub block: u64,
+    /// Already cached (a prefetch still in flight counts as a miss).
+    pub hit: bool,
+    /// Time of the request in µs (an ordinal when `timed` is false).
+    pub t_us: u64,
+    pub timed: bool,
+    /// Blocks the whole request covers.
+    pub request_blocks: u64,
+    pub group: crate::filetype::Group,
+}
+
+impl Read {
+    /// A read with no timing or type information (tests, simple callers).
+    pub fn at(stream: u64, block: u64, hit: bool) -> Self {
+        Read {
+            stream,
+            block,
+            hit,
+            t_us: 0,
+            timed: false,
+            request_blocks: 1,
+            group: crate::filetype::Group::Other,
+        }
+    }
+}
+
 pub trait Predictor: Send {
     fn name(&self) -> String;
-    /// A demand read of `block` in `stream`; `hit` says whether it was already cached.
-    /// Appends the blocks to prefetch to `out`, best first.
-    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>);
+    /// A demand read; appends the blocks to prefetch to `out`, best first.
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>);
 }
 
 /// The heuristic set every evaluation reports (SPEC §7), in order.
@@ -40,7 +69,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
 }
 
 /// Keeps per-stream state within `STREAMS_MAX`.
-struct PerStream<S> {
+pub(crate) struct PerStream<S> {
     map: HashMap<u64, S>,
 }
 
@@ -51,7 +80,7 @@ impl<S: Default> Default for PerStream<S> {
 }
 
 impl<S: Default> PerStream<S> {
-    fn get(&mut self, stream: u64) -> &mut S {
+    pub(crate) fn get(&mut self, stream: u64) -> &mut S {
         if !self.map.contains_key(&stream) && self.map.len() >= STREAMS_MAX {
             let victim = *self.map.keys().next().expect("non-empty");
             self.map.remove(&victim);
@@ -66,7 +95,7 @@ impl Predictor for NoPrefetch {
     fn name(&self) -> String {
         "none".into()
     }
-    fn on_read(&mut self, _: u64, _: u64, _: bool, _: &mut Vec<u64>) {}
+    fn on_read(&mut self, _: &Read, _: &mut Vec<u64>) {}
 }
 
 /// The next N blocks after every read.
@@ -76,8 +105,8 @@ impl Predictor for NextN {
     fn name(&self) -> String {
         format!("next-{}", self.0)
     }
-    fn on_read(&mut self, _: u64, block: u64, _: bool, out: &mut Vec<u64>) {
-        out.extend((1..=u64::from(self.0)).map(|i| block + i));
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        out.extend((1..=u64::from(self.0)).map(|i| r.block + i));
     }
 }
 
@@ -104,7 +133,8 @@ impl Predictor for LinuxReadahead {
     fn name(&self) -> String {
         "linux-ra".into()
     }
-    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>) {
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let (stream, block, hit) = (r.stream, r.block, r.hit);
         let s = self.streams.get(stream);
         let sequential = s.prev.is_some_and(|p| block == p + 1 || block == p);
         s.prev = Some(block);
@@ -173,7 +203,8 @@ impl Predictor for Leap {
     fn name(&self) -> String {
         "leap".into()
     }
-    fn on_read(&mut self, stream: u64, block: u64, hit: bool, out: &mut Vec<u64>) {
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let (stream, block, hit) = (r.stream, r.block, r.hit);
         let s = self.streams.get(stream);
         if let Some(p) = s.prev {
             s.deltas.push_back(block as i64 - p as i64);
@@ -218,7 +249,8 @@ impl Predictor for Markov {
     fn name(&self) -> String {
         "markov".into()
     }
-    fn on_read(&mut self, stream: u64, block: u64, _hit: bool, out: &mut Vec<u64>) {
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let (stream, block) = (r.stream, r.block);
         let s = self.streams.get(stream);
         let delta = s.prev.map(|p| block as i64 - p as i64);
         if let (Some(from), Some(to)) = (s.last_delta, delta) {
@@ -273,7 +305,8 @@ impl Predictor for Mithril {
     fn name(&self) -> String {
         "mithril".into()
     }
-    fn on_read(&mut self, stream: u64, block: u64, _hit: bool, out: &mut Vec<u64>) {
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let (stream, block) = (r.stream, r.block);
         if let Some(list) = self.assoc.get(&(stream, block)) {
             out.extend(list.iter().copied());
         }
@@ -314,7 +347,7 @@ mod tests {
             .iter()
             .map(|&b| {
                 let mut out = Vec::new();
-                p.on_read(0, b, false, &mut out);
+                p.on_read(&Read::at(0, b, false), &mut out);
                 out
             })
             .collect()
@@ -350,7 +383,7 @@ mod tests {
         let mut out = Vec::new();
         for &b in &blocks {
             out.clear();
-            l.on_read(0, b, true, &mut out);
+            l.on_read(&Read::at(0, b, true), &mut out);
         }
         assert!(!out.is_empty());
     }
@@ -380,14 +413,14 @@ mod tests {
         for round in 0..3 {
             for &b in &pattern {
                 out.clear();
-                m.on_read(1, b, false, &mut out);
+                m.on_read(&Read::at(1, b, false), &mut out);
                 if round == 2 && b == 5 {
                     assert!(out.contains(&900) && out.contains(&42), "{out:?}");
                 }
             }
             // Unrelated reads between rounds.
             for x in 0..10 {
-                m.on_read(1, 50_000 + round * 100 + x, false, &mut out);
+                m.on_read(&Read::at(1, 50_000 + round * 100 + x, false), &mut out);
             }
         }
     }

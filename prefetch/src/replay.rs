@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use serde::Serialize;
 
-use crate::predict::Predictor;
+use crate::predict::{Predictor, Read};
 use crate::trace::{Op, Trace, blocks_of};
 
 #[derive(Clone, Copy, Debug)]
@@ -157,7 +157,10 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             continue;
         }
         let mut wait = 0u64;
-        for b in blocks_of(a, cfg.block_bytes) {
+        let range = blocks_of(a, cfg.block_bytes);
+        let request_blocks = range.end - range.start;
+        let t_step = if trace.timed { a.t_us } else { i as u64 };
+        for b in range {
             let k = (a.stream, b);
             let hit;
             if let Some(e) = cache.touch(k) {
@@ -199,7 +202,16 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
                 s.blocks_read += 1;
             }
             predictions.clear();
-            predictor.on_read(a.stream, b, hit, &mut predictions);
+            let read = Read {
+                stream: a.stream,
+                block: b,
+                hit,
+                t_us: t_step,
+                timed: trace.timed,
+                request_blocks,
+                group: crate::filetype::Group::Other,
+            };
+            predictor.on_read(&read, &mut predictions);
             for &p in &predictions {
                 let k = (a.stream, p);
                 if cache.map.contains_key(&k) || inflight.contains_key(&k) {

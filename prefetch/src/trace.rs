@@ -92,8 +92,16 @@ impl Trace {
                 "W" | "w" => Op::Write,
                 other => return Err(bad(n, format!("op {other:?} is neither R nor W"))),
             };
+            // Some traces write times as decimals ("8188.0"): whole microseconds are kept.
+            let t_us = match f[0].parse::<u64>() {
+                Ok(t) => t,
+                Err(_) => match f[0].parse::<f64>() {
+                    Ok(t) if t.is_finite() && t >= 0.0 => t.round() as u64,
+                    _ => return Err(bad(n, format!("timestamp_us {:?} is not a non-negative number", f[0]))),
+                },
+            };
             let a = Access {
-                t_us: num(0, "timestamp_us")?,
+                t_us,
                 op,
                 offset: num(2, "offset_bytes")?,
                 size: num(3, "size_bytes")?,
@@ -162,7 +170,7 @@ mod tests {
         assert_eq!(t.accesses[1], Access { t_us: 1, op: Op::Write, offset: 65536, size: 131072, stream: 0 });
         assert_eq!(blocks_of(&t.accesses[1], 65536), 1..3);
         assert_eq!(t.footprint(65536), 4);
-        let timed = format!("{CSV_HEADER}\n5,R,0,1,0\n90,R,0,1,0\n");
+        let timed = format!("{CSV_HEADER}\n5,R,0,1,0\n90.0,R,0,1,0\n");
         assert!(Trace::parse("x", "x", timed.as_bytes()).unwrap().timed);
     }
 

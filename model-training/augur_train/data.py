@@ -1,0 +1,68 @@
+"""Loading the tensors `augur trace features` writes, and splitting them.
+
+Splits: chronological per trace (the first `train_frac` of each trace's samples, by the request
+their label comes from, train; the rest test), and whole traces held out of training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class TraceSet:
+    name: str
+    tokens: np.ndarray  # int64 [N, S]
+    features: np.ndarray  # float32 [N, S, F]
+    labels: np.ndarray  # int64 [N]
+    request: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: np.ndarray) -> "TraceSet":
+        return TraceSet(self.name, self.tokens[idx], self.features[idx], self.labels[idx], self.request[idx])
+
+    def chronological(self, train_frac: float) -> tuple["TraceSet", "TraceSet"]:
+        """First `train_frac` of the samples (in trace order) and the rest."""
+        order = np.argsort(self.request, kind="stable")
+        cut = int(round(len(order) * train_frac))
+        return self.take(order[:cut]), self.take(order[cut:])
+
+
+def load_config(features_dir: Path) -> dict:
+    path = Path(features_dir) / "features.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run `augur trace features ... --out {features_dir}` first")
+    return json.loads(path.read_text())
+
+
+def load(features_dir: Path) -> tuple[dict, list[TraceSet]]:
+    features_dir = Path(features_dir)
+    config = load_config(features_dir)
+    sets = []
+    for t in config["traces"]:
+        name = t["name"]
+        arr = {k: np.load(features_dir / f"{name}.{k}.npy") for k in ("tokens", "features", "labels", "request")}
+        s, f = config["seq_len"], len(config["features"])
+        if arr["tokens"].ndim != 2 or arr["tokens"].shape[1] != s:
+            raise ValueError(f"{name}.tokens.npy has shape {arr['tokens'].shape}, expected (N, {s})")
+        if arr["features"].shape[1:] != (s, f):
+            raise ValueError(f"{name}.features.npy has shape {arr['features'].shape}, expected (N, {s}, {f})")
+        sets.append(TraceSet(name, arr["tokens"], arr["features"].astype(np.float32), arr["labels"], arr["request"]))
+    return config, sets
+
+
+def concat(sets: list[TraceSet], name: str = "all") -> TraceSet:
+    if not sets:
+        raise ValueError("no samples to concatenate")
+    return TraceSet(
+        name,
+        np.concatenate([s.tokens for s in sets]),
+        np.concatenate([s.features for s in sets]),
+        np.concatenate([s.labels for s in sets]),
+        np.concatenate([s.request for s in sets]),
+    )

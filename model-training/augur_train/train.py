@@ -1,0 +1,181 @@
+"""Train, evaluate and export the prefetch model.
+
+    python -m augur_train.train --features DIR --out ../models [--holdout NAME,...] [--epochs N]
+
+Reads the tensors of `augur trace features`, trains on the first 70% of every trace not held
+out, reports top-1/top-4 accuracy on the last 30% of those traces and on the held-out traces
+(beside the "+1 block" baseline), and writes to --out:
+
+- `prefetch.onnx`: opset 17, inputs `tokens` int64 [1, S] and `features` float32 [1, S, F],
+  output `probs` float32 [1, V] (constant sequence length);
+- `prefetch.json`: vocabulary and feature config (as `augur trace features` wrote it) plus the
+  metrics;
+- `prefetch.parity.json`: inputs and the probabilities PyTorch and onnxruntime gave for them
+  (agreeing within 1e-5), which the Rust runtime (tract) is tested against.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data
+from .model import DeltaLSTM
+
+PARITY_CASES = 8
+PARITY_TOLERANCE = 1e-5
+
+
+def accuracy(model: DeltaLSTM, s: data.TraceSet, batch: int = 4096) -> dict:
+    if len(s) == 0:
+        return {"samples": 0, "top1": 0.0, "top4": 0.0}
+    model.eval()
+    top1 = top4 = 0
+    with torch.no_grad():
+        for i in range(0, len(s), batch):
+            t = torch.from_numpy(s.tokens[i : i + batch])
+            f = torch.from_numpy(s.features[i : i + batch])
+            y = torch.from_numpy(s.labels[i : i + batch])
+            best = model.logits(t, f).topk(4, dim=-1).indices
+            top1 += int((best[:, 0] == y).sum())
+            top4 += int((best == y[:, None]).any(dim=-1).sum())
+    return {"samples": len(s), "top1": top1 / len(s), "top4": top4 / len(s)}
+
+
+def plus_one_baseline(s: data.TraceSet, config: dict) -> float:
+    """Share of labels that are the +1 delta (what next-1 bets on)."""
+    if len(s) == 0:
+        return 0.0
+    plus_one = 3 + config["delta_range"] + 1
+    return float((s.labels == plus_one).mean())
+
+
+def train(
+    config: dict,
+    train_set: data.TraceSet,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    embed: int,
+    hidden: int,
+    log=print,
+) -> DeltaLSTM:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = DeltaLSTM(config["vocab"], len(config["features"]), embed=embed, hidden=hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(train_set))
+        total, started = 0.0, time.time()
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            t = torch.from_numpy(train_set.tokens[idx])
+            f = torch.from_numpy(train_set.features[idx])
+            y = torch.from_numpy(train_set.labels[idx])
+            opt.zero_grad()
+            loss = loss_fn(model.logits(t, f), y)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        log(f"epoch {epoch + 1}/{epochs}: loss {total / max(1, len(order)):.4f} ({time.time() - started:.1f} s)")
+    return model
+
+
+def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    s, f = config["seq_len"], len(config["features"])
+    tokens = torch.zeros((1, s), dtype=torch.int64)
+    feats = torch.zeros((1, s, f), dtype=torch.float32)
+    onnx_path = out / "prefetch.onnx"
+    torch.onnx.export(
+        model,
+        (tokens, feats),
+        str(onnx_path),
+        input_names=["tokens", "features"],
+        output_names=["probs"],
+        opset_version=17,
+        dynamo=False,
+    )
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(str(onnx_path)))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(sample), size=min(PARITY_CASES, len(sample)), replace=False) if len(sample) else []
+    cases = []
+    for i in picks:
+        t = sample.tokens[i : i + 1]
+        x = sample.features[i : i + 1]
+        with torch.no_grad():
+            expected = model(torch.from_numpy(t), torch.from_numpy(x)).numpy()
+        got = session.run(["probs"], {"tokens": t, "features": x})[0]
+        diff = float(np.abs(expected - got).max())
+        if diff > PARITY_TOLERANCE:
+            raise RuntimeError(f"onnxruntime disagrees with PyTorch by {diff} (> {PARITY_TOLERANCE})")
+        cases.append({"tokens": t[0].tolist(), "features": x[0].tolist(), "probs": expected[0].tolist()})
+    (out / "prefetch.parity.json").write_text(json.dumps({"tolerance": 1e-4, "cases": cases}))
+    model_config = {k: config[k] for k in ("vocab", "delta_range", "seq_len", "features", "block_kib", "token_pad", "token_far_behind", "token_far_ahead")}
+    model_config.update({"inputs": ["tokens", "features"], "output": "probs", "opset": 17, "metrics": metrics})
+    (out / "prefetch.json").write_text(json.dumps(model_config, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", type=Path, required=True, help="directory written by `augur trace features`")
+    p.add_argument("--out", type=Path, required=True, help="where the model files go (e.g. ../models)")
+    p.add_argument("--holdout", default="", help="trace names left out of training, comma-separated")
+    p.add_argument("--train-frac", type=float, default=0.7, help="chronological share of each trace to train on")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--embed", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
+    a = p.parse_args(argv)
+    if not 0.0 < a.train_frac < 1.0:
+        p.error(f"--train-frac {a.train_frac} must be between 0 and 1")
+    torch.set_num_threads(a.threads)
+    config, sets = data.load(a.features)
+    holdout = {h for h in a.holdout.split(",") if h}
+    unknown = holdout - {s.name for s in sets}
+    if unknown:
+        p.error(f"--holdout names traces not in {a.features}: {sorted(unknown)}")
+    trains, tests = [], []
+    for s in sets:
+        if s.name not in holdout:
+            tr, te = s.chronological(a.train_frac)
+            trains.append(tr)
+            tests.append(te)
+    if not trains:
+        p.error("every trace is held out: nothing to train on")
+    train_set = data.concat(trains, "train")
+    print(f"training on {len(train_set)} samples from {len(trains)} traces", file=sys.stderr)
+    model = train(config, train_set, a.epochs, a.batch, a.lr, a.seed, a.embed, a.hidden,
+                  log=lambda m: print(m, file=sys.stderr))
+    metrics = {"tail": {}, "held_out": {}}
+    for te in tests:
+        metrics["tail"][te.name] = {**accuracy(model, te), "plus_one": plus_one_baseline(te, config)}
+    for s in sets:
+        if s.name in holdout:
+            metrics["held_out"][s.name] = {**accuracy(model, s), "plus_one": plus_one_baseline(s, config)}
+    print(json.dumps(metrics, indent=2))
+    sample = data.concat(tests) if tests and sum(len(t) for t in tests) else train_set
+    export(model, config, sample, a.out, metrics)
+    print(f"wrote {a.out / 'prefetch.onnx'}, prefetch.json, prefetch.parity.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
