@@ -209,7 +209,7 @@ pub struct FeaturesArgs {
     #[arg(required = true)]
     traces: Vec<PathBuf>,
     /// Directory for the tensors (`NAME.tokens.npy`, `.features.npy`, `.labels.npy`,
-    /// `.request.npy`) and `features.json` (vocabulary and shapes).
+    /// `.future.npy`, `.request.npy`) and `features.json` (vocabulary and shapes).
     #[arg(long)]
     out: PathBuf,
     /// Block size in KiB.
@@ -228,6 +228,7 @@ struct FeaturesReport {
     vocab: i64,
     delta_range: i64,
     seq_len: usize,
+    horizon: usize,
     features: Vec<&'static str>,
     block_kib: u64,
     token_pad: i64,
@@ -251,6 +252,7 @@ pub fn features(args: FeaturesArgs) -> Result<()> {
         vocab: f::VOCAB,
         delta_range: f::DELTA_RANGE,
         seq_len: f::SEQ_LEN,
+        horizon: f::HORIZON,
         features: f::FEATURES.to_vec(),
         block_kib: args.block_kib,
         token_pad: f::TOKEN_PAD,
@@ -271,6 +273,7 @@ pub fn features(args: FeaturesArgs) -> Result<()> {
         write("tokens", "<i8", &[n, f::SEQ_LEN], f::i64_bytes(&s.tokens))?;
         write("features", "<f4", &[n, f::SEQ_LEN, f::FEATURES.len()], f::f32_bytes(&s.features))?;
         write("labels", "<i8", &[n], f::i64_bytes(&s.labels))?;
+        write("future", "<i8", &[n, f::HORIZON], f::i64_bytes(&s.future))?;
         write("request", "<i8", &[n], f::i64_bytes(&s.request))?;
         println!("{}: {n} samples from {} requests", trace.name, trace.accesses.len());
         report.traces.push(FeaturesTrace {

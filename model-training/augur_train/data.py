@@ -17,20 +17,30 @@ class TraceSet:
     name: str
     tokens: np.ndarray  # int64 [N, S]
     features: np.ndarray  # float32 [N, S, F]
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N]: the next read's delta token
+    future: np.ndarray  # int64 [N, H]: delta tokens of the next H reads from the current block
     request: np.ndarray  # int64 [N]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def take(self, idx: np.ndarray) -> "TraceSet":
-        return TraceSet(self.name, self.tokens[idx], self.features[idx], self.labels[idx], self.request[idx])
+        return TraceSet(self.name, self.tokens[idx], self.features[idx], self.labels[idx], self.future[idx], self.request[idx])
 
     def chronological(self, train_frac: float) -> tuple["TraceSet", "TraceSet"]:
         """First `train_frac` of the samples (in trace order) and the rest."""
         order = np.argsort(self.request, kind="stable")
         cut = int(round(len(order) * train_frac))
         return self.take(order[:cut]), self.take(order[cut:])
+
+
+def multi_hot(future: np.ndarray, vocab: int, pad: int) -> np.ndarray:
+    """[N, H] tokens -> [N, vocab] float32 with 1 for every token read within the horizon."""
+    out = np.zeros((future.shape[0], vocab), dtype=np.float32)
+    rows = np.repeat(np.arange(future.shape[0]), future.shape[1])
+    out[rows, future.reshape(-1)] = 1.0
+    out[:, pad] = 0.0
+    return out
 
 
 def load_config(features_dir: Path) -> dict:
@@ -46,13 +56,15 @@ def load(features_dir: Path) -> tuple[dict, list[TraceSet]]:
     sets = []
     for t in config["traces"]:
         name = t["name"]
-        arr = {k: np.load(features_dir / f"{name}.{k}.npy") for k in ("tokens", "features", "labels", "request")}
+        arr = {k: np.load(features_dir / f"{name}.{k}.npy") for k in ("tokens", "features", "labels", "future", "request")}
         s, f = config["seq_len"], len(config["features"])
         if arr["tokens"].ndim != 2 or arr["tokens"].shape[1] != s:
             raise ValueError(f"{name}.tokens.npy has shape {arr['tokens'].shape}, expected (N, {s})")
         if arr["features"].shape[1:] != (s, f):
             raise ValueError(f"{name}.features.npy has shape {arr['features'].shape}, expected (N, {s}, {f})")
-        sets.append(TraceSet(name, arr["tokens"], arr["features"].astype(np.float32), arr["labels"], arr["request"]))
+        if arr["future"].shape != (arr["tokens"].shape[0], config["horizon"]):
+            raise ValueError(f"{name}.future.npy has shape {arr['future'].shape}, expected (N, {config['horizon']})")
+        sets.append(TraceSet(name, arr["tokens"], arr["features"].astype(np.float32), arr["labels"], arr["future"], arr["request"]))
     return config, sets
 
 
@@ -64,5 +76,6 @@ def concat(sets: list[TraceSet], name: str = "all") -> TraceSet:
         np.concatenate([s.tokens for s in sets]),
         np.concatenate([s.features for s in sets]),
         np.concatenate([s.labels for s in sets]),
+        np.concatenate([s.future for s in sets]),
         np.concatenate([s.request for s in sets]),
     )

@@ -1,5 +1,6 @@
-"""The prefetch model: a small LSTM over per-stream delta tokens plus step features, giving a
-probability for every next-delta token."""
+"""The prefetch model: a small LSTM over per-stream delta tokens plus step features, giving for
+every delta token the probability that the block that far from the current one is read within
+the next `horizon` reads of the stream (independent sigmoids, multi-label)."""
 from __future__ import annotations
 
 import torch
@@ -19,5 +20,5 @@ class DeltaLSTM(nn.Module):
         return self.head(out[:, -1, :])
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Probabilities of the next token, [batch, vocab]."""
-        return torch.softmax(self.logits(tokens, features), dim=-1)
+        """Per-token probabilities of being read within the horizon, [batch, vocab]."""
+        return torch.sigmoid(self.logits(tokens, features))

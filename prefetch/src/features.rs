@@ -8,8 +8,8 @@
 //! - features ([`FEATURES`]): log2 of the inter-arrival time (0 when untimed), whether the trace
 //!   is timed, log2 of the request's length in blocks, the file-type group (image, database).
 //!
-//! A training sample is `SEQ_LEN` consecutive steps of one stream; its label is the token of the
-//! step after them.
+//! A training sample is `SEQ_LEN` consecutive steps of one stream up to a read; its targets are
+//! the deltas from that read's block to the stream's next `HORIZON` reads.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -110,13 +110,24 @@ impl StreamFeatures {
     }
 }
 
-/// Training samples of one trace: inputs, labels, and where each label falls in the trace.
+/// Steps ahead a training sample's targets look: the model learns which deltas (from the
+/// current block) are read within the next `HORIZON` reads of the stream, so what it issues is
+/// needed far enough ahead to arrive in time.
+pub const HORIZON: usize = 8;
+
+/// Training samples of one trace: inputs, targets, and where each sample falls in the trace.
 #[derive(Default)]
 pub struct Samples {
+    /// `[N, SEQ_LEN]`: the window up to and including the current read.
     pub tokens: Vec<i64>,
+    /// `[N, SEQ_LEN, FEATURES]`.
     pub features: Vec<f32>,
+    /// `[N]`: the token of the next read (the delta after the current one).
     pub labels: Vec<i64>,
-    /// Index of the request the label comes from (chronological splits use it).
+    /// `[N, HORIZON]`: tokens of the next `HORIZON` reads as deltas from the current block
+    /// (padding past the stream's end).
+    pub future: Vec<i64>,
+    /// Index of the request the current read comes from (chronological splits use it).
     pub request: Vec<i64>,
 }
 
@@ -130,12 +141,22 @@ impl Samples {
     }
 }
 
-/// Builds samples from the reads of `trace` at `block_bytes`: every read step that has a full
-/// window before it becomes one sample (every `stride`-th, at most `max` in all).
+/// Builds samples from the reads of `trace` at `block_bytes`: every read with a full window
+/// becomes one sample (every `stride`-th, at most `max` in all).
 pub fn samples(trace: &crate::trace::Trace, block_bytes: u64, stride: usize, max: usize) -> Samples {
+    // Each stream's blocks in order, to look ahead for the targets.
+    let mut order: Vec<(u64, usize)> = Vec::new();
+    let mut seqs: HashMap<u64, Vec<u64>> = HashMap::new();
+    for a in trace.accesses.iter().filter(|a| a.op == crate::trace::Op::Read) {
+        for b in crate::trace::blocks_of(a, block_bytes) {
+            let seq = seqs.entry(a.stream).or_default();
+            order.push((a.stream, seq.len()));
+            seq.push(b);
+        }
+    }
     let mut streams: HashMap<u64, StreamFeatures> = HashMap::new();
     let mut out = Samples::default();
-    let mut k = 0usize;
+    let (mut k, mut step) = (0usize, 0usize);
     for (i, a) in trace.accesses.iter().enumerate() {
         if a.op != crate::trace::Op::Read {
             continue;
@@ -144,22 +165,29 @@ pub fn samples(trace: &crate::trace::Trace, block_bytes: u64, stride: usize, max
         let n = blocks.end - blocks.start;
         let t = if trace.timed { a.t_us } else { i as u64 };
         for b in blocks {
-            let s = streams.entry(a.stream).or_default();
-            let full = s.window.len() == SEQ_LEN;
-            let before = s.sequence();
-            let step = s.push(b, t, trace.timed, n, Group::Other);
-            if !full {
+            let (stream, pos) = order[step];
+            step += 1;
+            let s = streams.entry(stream).or_default();
+            s.push(b, t, trace.timed, n, Group::Other);
+            if s.window.len() < SEQ_LEN {
                 continue;
             }
             k += 1;
             if !k.is_multiple_of(stride.max(1)) || out.len() >= max {
                 continue;
             }
-            for st in before {
+            for st in s.sequence() {
                 out.tokens.push(st.token);
                 out.features.extend_from_slice(&st.features);
             }
-            out.labels.push(step.token);
+            let seq = &seqs[&stream];
+            for h in 1..=HORIZON {
+                let tok = seq.get(pos + h).map_or(TOKEN_PAD, |&f| delta_token(f as i64 - b as i64));
+                if h == 1 {
+                    out.labels.push(tok);
+                }
+                out.future.push(tok);
+            }
             out.request.push(i as i64);
         }
     }
@@ -208,18 +236,24 @@ mod tests {
     }
 
     #[test]
-    fn samples_are_windows_of_one_stream_labelled_by_the_next_step() {
+    fn samples_are_windows_of_one_stream_with_the_next_reads_as_targets() {
         let accesses = (0..40u64)
             .map(|i| Access { t_us: i * 10, op: Op::Read, offset: i * 2 * 4096, size: 4096, stream: i % 2 })
             .collect();
         let t = Trace { name: "t".into(), accesses, timed: true };
         let s = samples(&t, 4096, 1, usize::MAX);
-        // Each stream: 20 reads; the 17th onwards has a full window before it: 4 samples each.
-        assert_eq!(s.len(), 8);
-        assert_eq!(s.tokens.len(), 8 * SEQ_LEN);
-        assert_eq!(s.features.len(), 8 * SEQ_LEN * FEATURES.len());
+        // Each stream: 20 reads; from the 16th on the window is full: 5 samples each.
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.tokens.len(), 10 * SEQ_LEN);
+        assert_eq!(s.features.len(), 10 * SEQ_LEN * FEATURES.len());
+        assert_eq!(s.future.len(), 10 * HORIZON);
         // Within a stream, blocks go up by 4 (stride 2 blocks, every other request).
         assert!(s.labels.iter().all(|&l| l == delta_token(4)));
+        // The first sample of stream 0 (its 16th read) sees 4 more reads, then the end.
+        let first: Vec<i64> = s.future[..HORIZON].to_vec();
+        let want: Vec<i64> =
+            (1..=HORIZON as i64).map(|h| if h <= 4 { delta_token(4 * h) } else { TOKEN_PAD }).collect();
+        assert_eq!(first, want);
     }
 
     #[test]

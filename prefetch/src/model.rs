@@ -1,11 +1,12 @@
 //! The `model` predictor: the ONNX network trained in `model-training/`, run with tract-onnx.
 //!
 //! State is kept per stream (its last `SEQ_LEN` steps, computed by `features`). For each read
-//! the network gives a probability per next-delta token; the predictor issues the most likely
-//! deltas (top-k chosen here) until their cumulative probability reaches `threshold` or
-//! `budget_blocks` are issued. When the best probability is below `unsure_below`, or the
-//! stream's measured hit rate of the model's own predictions falls below `accuracy_floor`, it
-//! hands the read to the fallback heuristic instead.
+//! the network gives, per delta token, the probability that the block that far away is read
+//! within the stream's next `HORIZON` reads. The predictor takes the likeliest deltas (top-k
+//! chosen here) while each is at least `min_p`, until their probabilities add up to `threshold`
+//! (expected useful blocks) or `budget_blocks` are issued. When the best probability is below
+//! `unsure_below`, or the share of recent reads the model had predicted falls below
+//! `accuracy_floor`, the fallback heuristic decides instead.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ impl Model {
             ("vocab", features::VOCAB as u64),
             ("delta_range", features::DELTA_RANGE as u64),
             ("seq_len", SEQ_LEN as u64),
+            ("horizon", features::HORIZON as u64),
         ];
         for (k, v) in want {
             if cfg[k].as_u64() != Some(v) {
@@ -79,7 +81,7 @@ impl Model {
         Ok(Model { plan, path: onnx.to_path_buf() })
     }
 
-    /// Next-token probabilities for a window of steps.
+    /// Per-token probabilities (read within the horizon) for a window of steps.
     pub fn probs(&self, seq: &[Step; SEQ_LEN]) -> TractResult<Vec<f32>> {
         let nf = features::FEATURES.len();
         let tokens: Vec<i64> = seq.iter().map(|s| s.token).collect();
@@ -94,8 +96,10 @@ impl Model {
 /// Knobs of the model predictor.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelKnobs {
-    /// Issue predictions until their probabilities add up to this.
+    /// Issue predictions until their probabilities add up to this (expected useful blocks).
     pub threshold: f32,
+    /// Never issue a block less likely than this.
+    pub min_p: f32,
     /// Most blocks issued per read.
     pub budget_blocks: usize,
     /// Below this top probability the fallback decides.
@@ -106,7 +110,7 @@ pub struct ModelKnobs {
 
 impl Default for ModelKnobs {
     fn default() -> Self {
-        Self { threshold: 0.6, budget_blocks: 8, unsure_below: 0.15, accuracy_floor: 0.2 }
+        Self { threshold: 4.0, min_p: 0.3, budget_blocks: 8, unsure_below: 0.3, accuracy_floor: 0.2 }
     }
 }
 
@@ -116,8 +120,8 @@ const ACCURACY_WINDOW: usize = 32;
 #[derive(Default)]
 struct ModelStream {
     features: StreamFeatures,
-    /// Blocks the model predicted at the last read (to score the next one).
-    predicted: Vec<u64>,
+    /// Blocks the model predicted at each of the last `HORIZON` reads (to score later reads).
+    predicted: VecDeque<Vec<u64>>,
     /// Whether each recent read was among the model's predictions for it.
     recent: VecDeque<bool>,
 }
@@ -159,8 +163,8 @@ impl Predictor for ModelPredictor {
         self.scratch.clear();
         self.fallback.on_read(r, &mut self.scratch);
         let s = self.streams.get(stream);
-        let was_predicted = s.predicted.contains(&block);
-        if !s.predicted.is_empty() {
+        let was_predicted = s.predicted.iter().any(|p| p.contains(&block));
+        if s.predicted.iter().any(|p| !p.is_empty()) {
             s.recent.push_back(was_predicted);
             if s.recent.len() > ACCURACY_WINDOW {
                 s.recent.pop_front();
@@ -181,25 +185,34 @@ impl Predictor for ModelPredictor {
             self.inferences += 1;
             let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            confident = ranked.first().is_some_and(|&(_, p)| p >= self.knobs.unsure_below);
+            confident = ranked
+                .iter()
+                .find(|&&(t, _)| token_delta(t as i64).is_some_and(|d| d != 0))
+                .is_some_and(|&(_, p)| p >= self.knobs.unsure_below);
             let mut cumulative = 0.0;
             for (token, p) in ranked {
-                if cumulative >= self.knobs.threshold || chosen.len() >= self.knobs.budget_blocks {
+                if p < self.knobs.min_p
+                    || cumulative >= self.knobs.threshold
+                    || chosen.len() >= self.knobs.budget_blocks
+                {
                     break;
                 }
-                cumulative += p;
                 if let Some(d) = token_delta(token as i64)
                     && d != 0
                 {
                     let b = block as i64 + d;
                     if b >= 0 {
+                        cumulative += p;
                         chosen.push(b as u64);
                     }
                 }
             }
         }
         let s = self.streams.get(stream);
-        s.predicted = chosen.clone();
+        s.predicted.push_back(chosen.clone());
+        if s.predicted.len() > features::HORIZON {
+            s.predicted.pop_front();
+        }
         if confident && accuracy >= self.knobs.accuracy_floor {
             out.extend(chosen);
         } else {
