@@ -247,8 +247,10 @@ mod tests {
         assert_eq!(s.tokens.len(), 10 * SEQ_LEN);
         assert_eq!(s.features.len(), 10 * SEQ_LEN * FEATURES.len());
         assert_eq!(s.future.len(), 10 * HORIZON);
-        // Within a stream, blocks go up by 4 (stride 2 blocks, every other request).
-        assert!(s.labels.iter().all(|&l| l == delta_token(4)));
+        // Within a stream, blocks go up by 4 (stride 2 blocks, every other request); a stream's
+        // last read has nothing after it.
+        assert_eq!(s.labels.iter().filter(|&&l| l == delta_token(4)).count(), 8);
+        assert_eq!(s.labels.iter().filter(|&&l| l == TOKEN_PAD).count(), 2);
         // The first sample of stream 0 (its 16th read) sees 4 more reads, then the end.
         let first: Vec<i64> = s.future[..HORIZON].to_vec();
         let want: Vec<i64> =
