@@ -237,6 +237,22 @@ struct NodeServeArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time per access of every predictor (the model through tract, the heuristics) on one
+    /// core over a trace's reads.
+    Predictor {
+        /// Trace whose reads drive the predictors.
+        #[arg(long, default_value = "tests/data/traces/cloudphysics_excerpt.csv.gz")]
+        trace: PathBuf,
+        /// The ONNX model.
+        #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
+        model: PathBuf,
+        /// Accesses timed per predictor.
+        #[arg(long, default_value_t = 20_000)]
+        accesses: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// File system: sequential write/read, 4 KiB random read latency (queue depth 1) and
     /// small-file create/stat/unlink, on an embedded Augur mount vs a local directory.
     Fs {
@@ -338,6 +354,15 @@ async fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
+            }
+        }
+        Command::Bench(BenchCommand::Predictor { trace, model, accesses, json }) => {
+            let rows = tokio::task::spawn_blocking(move || bench::predictor::run(&trace, &model, accesses))
+                .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", bench::predictor::table(&rows));
             }
         }
         Command::Bench(BenchCommand::Fs { json, runs, size_mb, samples, files, local, tuning }) => {

@@ -119,3 +119,16 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     let get = |n: &str| scores.iter().find(|s| s["predictor"] == n).cloned().unwrap();
     assert_eq!(get("model")["mean_latency_us"], get("linux-ra")["mean_latency_us"], "runs as its fallback");
 }
+
+#[test]
+fn bench_predictor_times_the_model_beside_every_heuristic() {
+    let cp = excerpt("cloudphysics_excerpt.csv.gz");
+    let model = format!("{}/models/prefetch.onnx", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) =
+        augur(&["bench", "predictor", "--trace", &cp, "--model", &model, "--accesses", "300", "--json"]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1 + augur_prefetch::HEURISTICS.len());
+    assert!(rows.iter().all(|r| r["accesses"] == 300 && r["p50_us"].as_f64().unwrap() > 0.0), "{out}");
+}

@@ -3,3 +3,4 @@
 pub mod fs;
 pub mod meta;
 pub mod node;
+pub mod predictor;
