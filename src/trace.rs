@@ -43,21 +43,6 @@ pub struct EvalArgs {
     json: bool,
 }
 
-/// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
-pub const MODEL_FALLBACK: &str = "linux-ra";
-
-/// Builds a predictor by name; `model` loads the network (once; clones share it).
-fn predictor(name: &str, model: &Option<augur_prefetch::model::Model>) -> Box<dyn augur_prefetch::Predictor> {
-    match name {
-        "model" => Box::new(augur_prefetch::model::ModelPredictor::new(
-            model.clone(),
-            by_name(MODEL_FALLBACK).expect("a known heuristic"),
-            augur_prefetch::model::ModelKnobs::default(),
-        )),
-        n => by_name(n).expect("checked"),
-    }
-}
-
 #[derive(Serialize)]
 struct TraceReport {
     trace: String,
@@ -91,7 +76,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         match augur_prefetch::model::Model::load(&args.model) {
             Ok(m) => Some(m),
             Err(e) => {
-                eprintln!("augur: {e}; the model predictor runs as its fallback ({MODEL_FALLBACK})");
+                let fallback = augur_prefetch::model::FALLBACK;
+                eprintln!("augur: {e}; the model predictor runs as its fallback ({fallback})");
                 None
             }
         }
@@ -112,7 +98,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let scores: Vec<Score> = names
             .iter()
             .map(|n| {
-                let mut p = predictor(n, &model);
+                let mut p = augur_prefetch::model::predictor(n, model.as_ref()).expect("checked above");
                 replay(&trace, &mut *p, &cfg)
             })
             .collect();

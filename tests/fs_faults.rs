@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use augur_meta::MetaClient;
 use augur_proto::Role;
 use augur_proto::meta::VolumeSpec;
-use augur_proto::msg::{RequestBody, ResponseBody};
-use common::{Cluster, MountProc, NodeProc, ci, meta_client, meta_group, wait_until};
+use augur_proto::msg::RequestBody;
+use common::{Cluster, MountProc, NodeProc, ci, meta_client, meta_group};
 
 const LONG: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -67,18 +66,7 @@ fn check_file(path: &Path, seed: u64, size: u64, done: &AtomicU64) -> Result<(),
 }
 
 fn node(cluster: &Cluster, i: u64, meta: &str) -> NodeProc {
-    let name = format!("node-{i}");
-    let tls = cluster.tls(Role::Node, &name);
-    let data = cluster.path().join("data").join(&name);
-    let id = i.to_string();
-    NodeProc::spawn(&format!("127.0.8.{}:0", 10 + i), &data, &tls, &["--meta", meta, "--node-id", &id])
-}
-
-async fn alive_nodes(admin: &MetaClient) -> usize {
-    match admin.call(RequestBody::ClusterStatus).await {
-        Ok(ResponseBody::Cluster(c)) => c.nodes.iter().filter(|n| n.alive).count(),
-        _ => 0,
-    }
+    common::registered_node(cluster, &format!("node-{i}"), &format!("127.0.8.{}", 10 + i), meta, &[])
 }
 
 /// Runs `work` on a thread and kills `victim` once `progress` passes a third of `total`.
@@ -109,7 +97,7 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     let (mut members, addrs) = meta_group(&cluster, "127.0.8", 1, &["--node-dead-after-ms", "3000"]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
     let mut nodes: Vec<NodeProc> = (1..=3).map(|i| node(&cluster, i, &addrs)).collect();
-    rt.block_on(wait_until("three live nodes", LONG, || async { alive_nodes(&admin).await >= 3 }));
+    rt.block_on(common::wait_for_nodes(&admin, 3));
     let spec = VolumeSpec { shard_count: 8, ..VolumeSpec::with_defaults("v") };
     rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
 
@@ -166,7 +154,7 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
         n.restart();
     }
     members[0].restart(&[]);
-    rt.block_on(wait_until("nodes back", LONG, || async { alive_nodes(&admin).await >= 3 }));
+    rt.block_on(common::wait_for_nodes(&admin, 3));
     let _m1 = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
     check_file(&mnt.join("a"), 1, size_a, &AtomicU64::new(0)).expect("a after restart");
     check_file(&mnt.join("b"), 2, size_b, &AtomicU64::new(0)).expect("b after restart");
@@ -182,12 +170,8 @@ fn full_nodes_give_the_writer_enospc_and_keep_what_was_stored() {
     let cluster = Cluster::new();
     let (_members, addrs) = meta_group(&cluster, "127.0.10", 1, &[]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let mut node = {
-        let tls = cluster.tls(Role::Node, "node-1");
-        let data = cluster.path().join("data").join("node-1");
-        NodeProc::spawn("127.0.10.11:0", &data, &tls, &["--meta", &addrs, "--node-id", "1"])
-    };
-    rt.block_on(wait_until("a live node", LONG, || async { alive_nodes(&admin).await >= 1 }));
+    let mut node = common::registered_node(&cluster, "node-1", "127.0.10.11", &addrs, &[]);
+    rt.block_on(common::wait_for_nodes(&admin, 1));
     let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
     rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
     let mnt = cluster.path().join("mnt");

@@ -62,34 +62,13 @@ async fn leader_index(rpc: &augur_proto::RpcClient, members: &[MetaProc]) -> Opt
     None
 }
 
-/// A storage node that registers with the group (volumes need live nodes for their shards).
-fn registered_node(cluster: &Cluster, name: &str, ip: &str, meta: &str, extra: &[&str]) -> NodeProc {
-    let tls = cluster.tls(Role::Node, name);
-    let data = cluster.path().join("data").join(name);
-    let mut args = vec!["--meta", meta, "--node-id"];
-    let id = name.trim_start_matches("node-");
-    args.push(id);
-    args.extend_from_slice(extra);
-    NodeProc::spawn(&format!("{ip}:0"), &data, &tls, &args)
-}
-
-async fn wait_for_nodes(admin: &MetaClient, n: usize) {
-    wait_until("storage nodes to register", LONG, || async {
-        match admin.call(RequestBody::ClusterStatus).await {
-            Ok(ResponseBody::Cluster(c)) => c.nodes.iter().filter(|n| n.alive).count() >= n,
-            _ => false,
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill9_mid_stream_loses_no_acked_write_and_restarts_keep_state() {
     let cluster = Cluster::new();
     let (mut members, addrs) = meta_group(&cluster, "127.0.1", 3, &[]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let _node = registered_node(&cluster, "node-1", "127.0.1.10", &addrs, &[]);
-    wait_for_nodes(&admin, 1).await;
+    let _node = common::registered_node(&cluster, "node-1", "127.0.1.10", &addrs, &[]);
+    common::wait_for_nodes(&admin, 1).await;
     let spec = VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("ns") };
     let vol = create_volume(&admin, spec).await;
     let client = meta_client(&cluster, Role::Client, &addrs);
@@ -169,8 +148,8 @@ async fn wiped_member_rejoins_through_a_snapshot_and_members_change() {
     // A short log so the wiped member cannot catch up from entries alone.
     let (mut members, addrs) = meta_group(&cluster, "127.0.2", 3, &["--compact-entries", "20"]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let _node = registered_node(&cluster, "node-1", "127.0.2.10", &addrs, &[]);
-    wait_for_nodes(&admin, 1).await;
+    let _node = common::registered_node(&cluster, "node-1", "127.0.2.10", &addrs, &[]);
+    common::wait_for_nodes(&admin, 1).await;
     let spec = VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("snap") };
     let vol = create_volume(&admin, spec).await;
     let client = meta_client(&cluster, Role::Client, &addrs);
@@ -268,8 +247,8 @@ async fn reads_never_see_state_older_than_an_acked_write() {
     let cluster = Cluster::new();
     let (mut members, addrs) = meta_group(&cluster, "127.0.3", 3, &[]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let _node = registered_node(&cluster, "node-1", "127.0.3.10", &addrs, &[]);
-    wait_for_nodes(&admin, 1).await;
+    let _node = common::registered_node(&cluster, "node-1", "127.0.3.10", &addrs, &[]);
+    common::wait_for_nodes(&admin, 1).await;
     let vol =
         create_volume(&admin, VolumeSpec { replicas: 1, shard_count: 1, ..VolumeSpec::with_defaults("lin") })
             .await;
@@ -338,9 +317,17 @@ async fn three_replicas_failover_and_stale_epochs() {
     let (_members, addrs) = meta_group(&cluster, "127.0.4", 1, &["--node-dead-after-ms", "3000"]);
     let admin = meta_client(&cluster, Role::Admin, &addrs);
     let mut nodes: Vec<NodeProc> = (1..=3)
-        .map(|i| registered_node(&cluster, &format!("node-{i}"), &format!("127.0.4.{}", 10 + i), &addrs, &[]))
+        .map(|i| {
+            common::registered_node(
+                &cluster,
+                &format!("node-{i}"),
+                &format!("127.0.4.{}", 10 + i),
+                &addrs,
+                &[],
+            )
+        })
         .collect();
-    wait_for_nodes(&admin, 3).await;
+    common::wait_for_nodes(&admin, 3).await;
     let spec =
         VolumeSpec { replicas: 3, shard_count: 4, stripe_unit_blocks: 1, ..VolumeSpec::with_defaults("r3") };
     let vol = create_volume(&admin, spec).await;

@@ -738,6 +738,14 @@ impl Inner {
         });
     }
 
+    /// An unlink or rename; an inode whose last link it dropped is reclaimed.
+    async fn remove(self: &Arc<Self>, op: NsOp) -> FsResult<()> {
+        match self.ns(op).await? {
+            NsReply::Removed { orphan } => self.orphaned(orphan).await,
+            _ => Ok(()),
+        }
+    }
+
     /// After an unlink/rename dropped a last link: reclaim on the last release here, or now.
     async fn orphaned(self: &Arc<Self>, orphan: Option<Attr>) -> FsResult<()> {
         let Some(o) = orphan else { return Ok(()) };
@@ -978,6 +986,16 @@ impl AugurFs {
         Self { inner, rt, slots }
     }
 
+    /// An operation answered with a new or found entry (lookup, mknod, mkdir, symlink, link).
+    fn entry(&self, op: NsOp, reply: ReplyEntry, what: &'static str) {
+        self.spawn(move |fs| async move {
+            match fs.attr_op(op).await {
+                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
+                Err(e) => reply.error(fail(what, &e)),
+            }
+        });
+    }
+
     /// Runs `work` on the runtime with one of the bounded operation slots.
     fn spawn<F, Fut>(&self, work: F)
     where
@@ -1019,12 +1037,7 @@ impl Filesystem for AugurFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let op = NsOp::Lookup { parent: ino(parent), name: name_buf(name) };
-        self.spawn(move |fs| async move {
-            match fs.attr_op(op).await {
-                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
-                Err(e) => reply.error(fail("lookup", &e)),
-            }
-        });
+        self.entry(op, reply, "lookup");
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1111,35 +1124,18 @@ impl Filesystem for AugurFs {
             return;
         }
         let op = mknode(req, parent, name, kind, mode & !umask, rdev, None);
-        self.spawn(move |fs| async move {
-            match fs.attr_op(op).await {
-                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
-                Err(e) => reply.error(fail("mknod", &e)),
-            }
-        });
+        self.entry(op, reply, "mknod");
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let op = mknode(req, parent, name, FileKind::Dir, mode & !umask, 0, None);
-        self.spawn(move |fs| async move {
-            match fs.attr_op(op).await {
-                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
-                Err(e) => reply.error(fail("mkdir", &e)),
-            }
-        });
+        self.entry(op, reply, "mkdir");
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let op = NsOp::Unlink { parent: ino(parent), name: name_buf(name) };
         self.spawn(move |fs| async move {
-            let r = async {
-                match fs.ns(op).await? {
-                    NsReply::Removed { orphan } => fs.orphaned(orphan).await,
-                    _ => Ok(()),
-                }
-            }
-            .await;
-            match r {
+            match fs.remove(op).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail("unlink", &e)),
             }
@@ -1166,12 +1162,7 @@ impl Filesystem for AugurFs {
     ) {
         let target = ByteBuf::from(target.as_os_str().as_bytes().to_vec());
         let op = mknode(req, parent, link_name, FileKind::Symlink, 0o777, 0, Some(target));
-        self.spawn(move |fs| async move {
-            match fs.attr_op(op).await {
-                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
-                Err(e) => reply.error(fail("symlink", &e)),
-            }
-        });
+        self.entry(op, reply, "symlink");
     }
 
     fn rename(
@@ -1199,14 +1190,7 @@ impl Filesystem for AugurFs {
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
         };
         self.spawn(move |fs| async move {
-            let r = async {
-                match fs.ns(op).await? {
-                    NsReply::Removed { orphan } => fs.orphaned(orphan).await,
-                    _ => Ok(()),
-                }
-            }
-            .await;
-            match r {
+            match fs.remove(op).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail("rename", &e)),
             }
@@ -1215,12 +1199,7 @@ impl Filesystem for AugurFs {
 
     fn link(&self, _req: &Request, i: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let op = NsOp::Link { ino: ino(i), new_parent: ino(newparent), new_name: name_buf(newname) };
-        self.spawn(move |fs| async move {
-            match fs.attr_op(op).await {
-                Ok(a) => reply.entry(&fs.opts.attr_ttl, &fs.to_kernel(&a), Generation(0)),
-                Err(e) => reply.error(fail("link", &e)),
-            }
-        });
+        self.entry(op, reply, "link");
     }
 
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -221,3 +221,18 @@ impl Predictor for ModelPredictor {
         }
     }
 }
+
+/// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
+pub const FALLBACK: &str = "linux-ra";
+
+/// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
+/// knobs; the rest as [`crate::predict::by_name`].
+pub fn predictor(name: &str, model: Option<&Model>) -> Result<Box<dyn Predictor>, String> {
+    match name {
+        "model" => {
+            let fallback = crate::predict::by_name(FALLBACK)?;
+            Ok(Box::new(ModelPredictor::new(model.cloned(), fallback, ModelKnobs::default())))
+        }
+        n => crate::predict::by_name(n),
+    }
+}

@@ -39,14 +39,7 @@ pub fn run(trace: &Path, model: &Path, accesses: usize) -> Result<Vec<Row>> {
     let mut names: Vec<&str> = vec!["model"];
     names.extend(HEURISTICS);
     for name in names {
-        let mut p: Box<dyn augur_prefetch::Predictor> = match name {
-            "model" => Box::new(augur_prefetch::model::ModelPredictor::new(
-                Some(model.clone()),
-                augur_prefetch::by_name("none").map_err(anyhow::Error::msg)?,
-                augur_prefetch::model::ModelKnobs::default(),
-            )),
-            n => augur_prefetch::by_name(n).map_err(anyhow::Error::msg)?,
-        };
+        let mut p = augur_prefetch::model::predictor(name, Some(&model)).map_err(anyhow::Error::msg)?;
         let mut lat = Vec::with_capacity(reads.len());
         let mut out = Vec::new();
         for r in &reads {

@@ -108,10 +108,7 @@ impl NodeProc {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
-        self.child.wait().expect("wait for node")
+        interrupt(&mut self.child, nix::sys::signal::Signal::SIGTERM)
     }
 
     /// Starts the node again on the same address and data directory (after `kill9` or `terminate`).
@@ -212,10 +209,7 @@ impl MetaProc {
     }
 
     pub fn terminate(&mut self) -> ExitStatus {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
-        self.child.wait().expect("wait for meta member")
+        interrupt(&mut self.child, nix::sys::signal::Signal::SIGTERM)
     }
 
     /// Starts the member again with the same flags plus `extra` (e.g. `--join` after a wipe).
@@ -449,4 +443,29 @@ pub fn sh_as(dir: &Path, uid: u32, gid: u32, groups: &[u32], script: &str) -> (b
 /// True in CI (smaller data sets where a test says so).
 pub fn ci() -> bool {
     std::env::var_os("CI").is_some()
+}
+
+/// A storage node named `node-ID` that registers with the meta group at `meta`.
+pub fn registered_node(cluster: &Cluster, name: &str, ip: &str, meta: &str, extra: &[&str]) -> NodeProc {
+    let tls = cluster.tls(Role::Node, name);
+    let data = cluster.path().join("data").join(name);
+    let mut args = vec!["--meta", meta, "--node-id"];
+    let id = name.trim_start_matches("node-");
+    args.push(id);
+    args.extend_from_slice(extra);
+    NodeProc::spawn(&format!("{ip}:0"), &data, &tls, &args)
+}
+
+/// Storage nodes the meta leader considers alive.
+pub async fn alive_nodes(admin: &augur_meta::MetaClient) -> usize {
+    use augur_proto::msg::{RequestBody, ResponseBody};
+    match admin.call(RequestBody::ClusterStatus).await {
+        Ok(ResponseBody::Cluster(c)) => c.nodes.iter().filter(|n| n.alive).count(),
+        _ => 0,
+    }
+}
+
+/// Waits until at least `n` storage nodes are alive.
+pub async fn wait_for_nodes(admin: &augur_meta::MetaClient, n: usize) {
+    wait_until("storage nodes to register", READY_TIMEOUT, || async { alive_nodes(admin).await >= n }).await;
 }
