@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use augur_prefetch::model::ModelKnobs;
 use augur_prefetch::{HEURISTICS, ReplayConfig, Score, Trace, by_name, replay};
 use clap::Args;
 use serde::Serialize;
@@ -38,6 +39,16 @@ pub struct EvalArgs {
     /// or corrupt model is reported and `model` runs as its fallback heuristic.
     #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
     model: PathBuf,
+    /// Knobs of the `model` predictor, `name=value,...` (threshold, min_p, budget_blocks,
+    /// unsure_below, accuracy_floor). Repeat the flag to run the model once per set, side by side
+    /// (validation sweeps); each then reports as `model[KNOBS]`.
+    #[arg(long = "model-knobs")]
+    model_knobs: Vec<String>,
+    /// Use only this first share of each trace (before `--tail-frac`): with `--head-frac 0.7
+    /// --tail-frac 0.3` the scored part lies inside the first 70%, the part models train on,
+    /// so knobs chosen there are not tuned on the last 30%.
+    #[arg(long, default_value_t = 1.0)]
+    head_frac: f64,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -59,6 +70,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.tail_frac) || args.tail_frac == 0.0 {
         bail!("--tail-frac {} must be in (0, 1]", args.tail_frac);
     }
+    if !(0.0..=1.0).contains(&args.head_frac) || args.head_frac == 0.0 {
+        bail!("--head-frac {} must be in (0, 1]", args.head_frac);
+    }
+    let knob_sets: Vec<Option<ModelKnobs>> = if args.model_knobs.is_empty() {
+        vec![None]
+    } else {
+        args.model_knobs
+            .iter()
+            .map(|k| ModelKnobs::parse(k).map(Some))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?
+    };
     if !(args.latency_ms >= 0.0 && args.latency_ms <= 60_000.0) {
         bail!("--latency-ms {} must be between 0 and 60000", args.latency_ms);
     }
@@ -94,14 +117,27 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let mut reports = Vec::new();
     for path in &args.traces {
-        let trace = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
-        let scores: Vec<Score> = names
-            .iter()
-            .map(|n| {
-                let mut p = augur_prefetch::model::predictor(n, model.as_ref()).expect("checked above");
-                replay(&trace, &mut *p, &cfg)
-            })
-            .collect();
+        let mut trace = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+        let keep = (args.head_frac * trace.accesses.len() as f64).round() as usize;
+        trace.accesses.truncate(keep.max(1));
+        let mut scores: Vec<Score> = Vec::new();
+        for n in &names {
+            if n != "model" {
+                let mut p = by_name(n).expect("checked above");
+                scores.push(replay(&trace, &mut *p, &cfg));
+                continue;
+            }
+            for (i, knobs) in knob_sets.iter().enumerate() {
+                let k = knobs.unwrap_or_default();
+                let mut p =
+                    augur_prefetch::model::predictor_with(n, model.as_ref(), k).expect("checked above");
+                let mut score = replay(&trace, &mut *p, &cfg);
+                if knobs.is_some() {
+                    score.predictor = format!("model[{}]", args.model_knobs[i]);
+                }
+                scores.push(score);
+            }
+        }
         let report = TraceReport {
             trace: trace.name.clone(),
             requests: trace.accesses.len(),

@@ -54,6 +54,8 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     assert!(!ok && err.contains("unknown predictor \"oracle\""), "{err}");
     let (ok, _, err) = augur(&["trace", "eval", &cp, "--cache-frac", "0"]);
     assert!(!ok && err.contains("--cache-frac"), "{err}");
+    let (ok, _, err) = augur(&["trace", "eval", &cp, "--head-frac", "1.5"]);
+    assert!(!ok && err.contains("--head-frac"), "{err}");
 }
 
 /// Reads a .npy header: (descr, shape).
@@ -110,14 +112,52 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     let m = v[0]["scores"].as_array().unwrap().iter().find(|s| s["predictor"] == "model").cloned().unwrap();
     assert!(m["issued"].as_u64().unwrap() > 0, "{m}");
 
+    // Without a model, `model` is its fallback (here with a fetch budget that never binds).
+    let args = ["--predictors", "model", "--model", "/nonexistent/m.onnx", "--json"];
     let (ok, out, err) =
-        augur(&["trace", "eval", &cp, "--predictors", "model", "--model", "/nonexistent/m.onnx", "--json"]);
+        augur(&[&["trace", "eval", &cp][..], &args, &["--model-knobs", "fetch_ratio=64"]].concat());
     assert!(ok, "a missing model is not fatal: {err}");
     assert!(err.contains("/nonexistent/m.json") && err.contains("fallback"), "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let scores = v[0]["scores"].as_array().unwrap();
     let get = |n: &str| scores.iter().find(|s| s["predictor"] == n).cloned().unwrap();
-    assert_eq!(get("model")["mean_latency_us"], get("linux-ra")["mean_latency_us"], "runs as its fallback");
+    let m = get("model[fetch_ratio=64]");
+    assert_eq!(m["mean_latency_us"], get("linux-ra")["mean_latency_us"], "runs as its fallback");
+    assert_eq!(m["issued"], get("linux-ra")["issued"]);
+
+    // Knob sets side by side, on the first half only; bad knobs are named.
+    let (ok, out, err) = augur(&[
+        "trace",
+        "eval",
+        &cp,
+        "--predictors",
+        "model",
+        "--model",
+        &model,
+        "--json",
+        "--head-frac",
+        "0.5",
+        "--model-knobs",
+        "min_p=0.2",
+        "--model-knobs",
+        "min_p=0.05,fallback=mithril,fetch_ratio=0.5",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["requests"], 10_000, "--head-frac 0.5 of the 20 000-request excerpt");
+    let names: Vec<&str> =
+        v[0]["scores"].as_array().unwrap().iter().map(|s| s["predictor"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"model[min_p=0.2]")
+            && names.contains(&"model[min_p=0.05,fallback=mithril,fetch_ratio=0.5]"),
+        "{names:?}"
+    );
+    for (knob, want) in
+        [("min_p=x", "min_p"), ("fallback=oracle", "not one of"), ("depth=3", "unknown model knob")]
+    {
+        let (ok, _, err) = augur(&["trace", "eval", &cp, "--predictors", "model", "--model-knobs", knob]);
+        assert!(!ok && err.contains(want), "{knob}: {err}");
+    }
 }
 
 #[test]

@@ -7,12 +7,17 @@ out, reports precision@4 (of the 4 likeliest deltas, the share read within the h
 next-read accuracy on the last 30% of those traces and on the held-out traces (beside the
 "+1 block" baseline), and writes to --out:
 
-- `prefetch.onnx`: opset 17, inputs `tokens` int64 [1, S] and `features` float32 [1, S, F],
-  output `probs` float32 [1, V] (constant sequence length);
+- `prefetch.onnx`: opset 17, one LSTM step for `LANES` state lanes of a stream (constant sequence
+  length 1): inputs `token` int64 [L], `x` float32 [L, F + H] (the step's features, then the
+  state h), `c` float32 [L, H]; outputs `probs` float32 [L, V], `h_out`, `c_out`. The runtime keeps the state per stream;
+  training windows start from a zero state and are S/2+1..S steps long, and the runtime
+  restarts one of a stream's two states every S/2 steps and reads the older one, so serving sees
+  exactly the history lengths training saw;
 - `prefetch.json`: vocabulary and feature config (as `augur trace features` wrote it) plus the
   metrics;
 - `prefetch.parity.json`: inputs and the probabilities PyTorch and onnxruntime gave for them
-  (agreeing within 1e-5), which the Rust runtime (tract) is tested against.
+  (agreeing within 1e-5), which the Rust runtime (tract) is tested against: the step graph run
+  over a window from a zero state equals the window model.
 """
 from __future__ import annotations
 
@@ -27,10 +32,13 @@ import torch
 from torch import nn
 
 from . import data
-from .model import DeltaLSTM
+from .model import DeltaLSTM, StepModel
 
 PARITY_CASES = 8
 PARITY_TOLERANCE = 1e-5
+# State lanes one run of the exported step graph serves per stream (see the module doc; equal
+# to `LANES` in prefetch/src/model.rs).
+LANES = 1
 
 
 def accuracy(model: DeltaLSTM, s: data.TraceSet, config: dict, batch: int = 4096) -> dict:
@@ -85,10 +93,13 @@ def train(
         model.train()
         order = rng.permutation(len(train_set))
         total, started = 0.0, time.time()
+        s = config["seq_len"]
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
-            t = torch.from_numpy(train_set.tokens[idx])
-            f = torch.from_numpy(train_set.features[idx])
+            # The history lengths serving sees (S - S/L + 1..S steps since the state started).
+            length = int(rng.integers(s - s // LANES + 1, s + 1))
+            t = torch.from_numpy(train_set.tokens[idx, -length:])
+            f = torch.from_numpy(train_set.features[idx, -length:])
             y = torch.from_numpy(data.multi_hot(train_set.future[idx], config["vocab"], config["token_pad"]))
             opt.zero_grad()
             loss = loss_fn(model.logits(t, f), y)
@@ -99,19 +110,37 @@ def train(
     return model
 
 
+def step_run(session, tokens: np.ndarray, feats: np.ndarray, hidden: int) -> np.ndarray:
+    """Runs the exported step graph over one window (both lanes the same) from a zero state."""
+    h = np.zeros((LANES, hidden), dtype=np.float32)
+    c = np.zeros((LANES, hidden), dtype=np.float32)
+    probs = None
+    for j in range(tokens.shape[0]):
+        x = np.concatenate([np.repeat(feats[j : j + 1], LANES, axis=0).astype(np.float32), h], axis=1)
+        probs, h, c = session.run(
+            ["probs", "h_out", "c_out"],
+            {"token": np.full((LANES,), tokens[j], dtype=np.int64), "x": x, "c": c},
+        )
+    return probs[0]
+
+
 def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, metrics: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    s, f = config["seq_len"], len(config["features"])
-    tokens = torch.zeros((1, s), dtype=torch.int64)
-    feats = torch.zeros((1, s, f), dtype=torch.float32)
+    step = StepModel(model).eval()
+    f, hidden = len(config["features"]), model.hidden
+    args = (
+        torch.zeros((LANES,), dtype=torch.int64),
+        torch.zeros((LANES, f + hidden), dtype=torch.float32),
+        torch.zeros((LANES, hidden), dtype=torch.float32),
+    )
     onnx_path = out / "prefetch.onnx"
     torch.onnx.export(
-        model,
-        (tokens, feats),
+        step,
+        args,
         str(onnx_path),
-        input_names=["tokens", "features"],
-        output_names=["probs"],
+        input_names=["token", "x", "c"],
+        output_names=["probs", "h_out", "c_out"],
         opset_version=17,
         dynamo=False,
     )
@@ -127,15 +156,22 @@ def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, met
         t = sample.tokens[i : i + 1]
         x = sample.features[i : i + 1]
         with torch.no_grad():
-            expected = model(torch.from_numpy(t), torch.from_numpy(x)).numpy()
-        got = session.run(["probs"], {"tokens": t, "features": x})[0]
+            expected = model(torch.from_numpy(t), torch.from_numpy(x)).numpy()[0]
+        got = step_run(session, t[0], x[0], hidden)
         diff = float(np.abs(expected - got).max())
         if diff > PARITY_TOLERANCE:
-            raise RuntimeError(f"onnxruntime disagrees with PyTorch by {diff} (> {PARITY_TOLERANCE})")
-        cases.append({"tokens": t[0].tolist(), "features": x[0].tolist(), "probs": expected[0].tolist()})
+            raise RuntimeError(f"onnxruntime (step graph) disagrees with PyTorch (window) by {diff} (> {PARITY_TOLERANCE})")
+        cases.append({"tokens": t[0].tolist(), "features": x[0].tolist(), "probs": expected.tolist()})
     (out / "prefetch.parity.json").write_text(json.dumps({"tolerance": 1e-4, "cases": cases}))
     model_config = {k: config[k] for k in ("vocab", "delta_range", "seq_len", "horizon", "features", "block_kib", "token_pad", "token_far_behind", "token_far_ahead")}
-    model_config.update({"inputs": ["tokens", "features"], "output": "probs", "opset": 17, "metrics": metrics})
+    model_config.update({
+        "hidden": hidden,
+        "lanes": LANES,
+        "inputs": ["token", "x", "c"],
+        "outputs": ["probs", "h_out", "c_out"],
+        "opset": 17,
+        "metrics": metrics,
+    })
     (out / "prefetch.json").write_text(json.dumps(model_config, indent=2))
 
 
@@ -148,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--embed", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--embed", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
     a = p.parse_args(argv)

@@ -1,5 +1,5 @@
 """A tiny end-to-end run: synthetic features in the layout `augur trace features` writes,
-training, evaluation, ONNX export and parity with onnxruntime."""
+training, evaluation, ONNX export of the step graph and parity with onnxruntime."""
 import json
 from pathlib import Path
 
@@ -64,10 +64,13 @@ def test_train_evaluate_export_and_parity(features_dir: Path, tmp_path: Path):
     assert len(parity["cases"]) == train.PARITY_CASES
     session = ort.InferenceSession(str(out / "prefetch.onnx"), providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs()}
-    assert shapes == {"tokens": [1, SEQ], "features": [1, SEQ, FEATS]}, "constant sequence length"
+    lanes, hidden = train.LANES, cfg["hidden"]
+    assert shapes == {"token": [lanes], "x": [lanes, FEATS + hidden], "c": [lanes, hidden]}, \
+        "constant shapes: one step per run"
     for case in parity["cases"]:
-        got = session.run(["probs"], {"tokens": np.array([case["tokens"]], dtype=np.int64),
-                                      "features": np.array([case["features"]], dtype=np.float32)})[0][0]
+        # The step graph over the window from a zero state gives the window model's answer.
+        got = train.step_run(session, np.array(case["tokens"], dtype=np.int64),
+                             np.array(case["features"], dtype=np.float32), hidden)
         assert np.abs(got - np.array(case["probs"])).max() < 1e-5
         assert ((got >= 0) & (got <= 1)).all()
 

@@ -6,7 +6,10 @@
 //! - a delta token: the block minus the stream's previous block, `DELTA_RANGE` each way, with
 //!   tokens for "far behind", "far ahead" and padding ([`delta_token`]);
 //! - features ([`FEATURES`]): log2 of the inter-arrival time (0 when untimed), whether the trace
-//!   is timed, log2 of the request's length in blocks, the file-type group (image, database).
+//!   is timed, log2 of the request's length in blocks, the file-type group (image, database),
+//!   and whether the block just before / just after this one was among the stream's last
+//!   `CONTEXT` reads (a sequential run that other reads interleave with shows up there even when
+//!   the delta from the previous read does not).
 //!
 //! A training sample is `SEQ_LEN` consecutive steps of one stream up to a read; its targets are
 //! the deltas from that read's block to the stream's next `HORIZON` reads.
@@ -27,7 +30,17 @@ pub const VOCAB: i64 = TOKEN_FIRST_DELTA + 2 * DELTA_RANGE + 1;
 /// Steps the model sees at once (constant: the ONNX graph has a fixed sequence length).
 pub const SEQ_LEN: usize = 16;
 /// Names of the per-step features, in order.
-pub const FEATURES: [&str; 5] = ["log2_iat_us", "timed", "log2_request_blocks", "is_image", "is_database"];
+pub const FEATURES: [&str; 7] = [
+    "log2_iat_us",
+    "timed",
+    "log2_request_blocks",
+    "is_image",
+    "is_database",
+    "prev_block_recent",
+    "next_block_recent",
+];
+/// Reads of a stream the context features look back over.
+pub const CONTEXT: usize = 32;
 
 /// The token of a block delta.
 pub fn delta_token(d: i64) -> i64 {
@@ -60,11 +73,13 @@ fn log2_1p(x: u64) -> f32 {
     ((x as f64) + 1.0).log2() as f32
 }
 
-/// The running state of one stream: its last block and time, and its last `SEQ_LEN` steps.
+/// The running state of one stream: its last block and time, its last `CONTEXT` blocks and its
+/// last `SEQ_LEN` steps.
 #[derive(Clone, Debug, Default)]
 pub struct StreamFeatures {
     prev_block: Option<u64>,
     prev_t_us: Option<u64>,
+    recent: std::collections::VecDeque<u64>,
     pub window: std::collections::VecDeque<Step>,
 }
 
@@ -80,16 +95,24 @@ impl StreamFeatures {
             (true, Some(p)) => log2_1p(t_us.saturating_sub(p)),
             _ => 0.0,
         };
+        let seen = |b: Option<u64>| b.is_some_and(|b| self.recent.contains(&b));
+        let flag = |x: bool| if x { 1.0 } else { 0.0 };
         let step = Step {
             token,
             features: [
                 iat,
-                if timed { 1.0 } else { 0.0 },
+                flag(timed),
                 log2_1p(request_blocks.saturating_sub(1)),
-                if group == Group::Image { 1.0 } else { 0.0 },
-                if group == Group::Database { 1.0 } else { 0.0 },
+                flag(group == Group::Image),
+                flag(group == Group::Database),
+                flag(seen(block.checked_sub(1))),
+                flag(seen(block.checked_add(1))),
             ],
         };
+        self.recent.push_back(block);
+        if self.recent.len() > CONTEXT {
+            self.recent.pop_front();
+        }
         self.prev_block = Some(block);
         self.prev_t_us = Some(t_us);
         self.window.push_back(step);
@@ -97,6 +120,11 @@ impl StreamFeatures {
             self.window.pop_front();
         }
         step
+    }
+
+    /// Whether `block` is among the stream's last `CONTEXT` reads.
+    pub fn recently_read(&self, block: u64) -> bool {
+        self.recent.contains(&block)
     }
 
     /// The last `SEQ_LEN` steps, left-padded.
@@ -113,7 +141,7 @@ impl StreamFeatures {
 /// Steps ahead a training sample's targets look: the model learns which deltas (from the
 /// current block) are read within the next `HORIZON` reads of the stream, so what it issues is
 /// needed far enough ahead to arrive in time.
-pub const HORIZON: usize = 8;
+pub const HORIZON: usize = 32;
 
 /// Training samples of one trace: inputs, targets, and where each sample falls in the trace.
 #[derive(Default)]
@@ -256,6 +284,25 @@ mod tests {
         let want: Vec<i64> =
             (1..=HORIZON as i64).map(|h| if h <= 4 { delta_token(4 * h) } else { TOKEN_PAD }).collect();
         assert_eq!(first, want);
+    }
+
+    #[test]
+    fn context_features_see_a_run_through_interleaved_reads() {
+        let mut s = StreamFeatures::default();
+        let f = |s: &mut StreamFeatures, b: u64| s.push(b, 0, false, 1, Group::Other).features;
+        let (prev, next) = (FEATURES.len() - 2, FEATURES.len() - 1);
+        assert_eq!(f(&mut s, 100)[prev], 0.0);
+        f(&mut s, 7000);
+        // 101 follows 100 although 7000 came between: a run the delta does not show.
+        let x = f(&mut s, 101);
+        assert_eq!((x[prev], x[next]), (1.0, 0.0));
+        // 99 sits just before 100 (read recently): the run read backwards.
+        assert_eq!(f(&mut s, 99)[next], 1.0);
+        for b in 0..CONTEXT as u64 {
+            f(&mut s, 50_000 + 10 * b);
+        }
+        assert_eq!(f(&mut s, 102)[prev], 0.0, "101 is out of the context by now");
+        assert!(s.recently_read(102) && !s.recently_read(101));
     }
 
     #[test]

@@ -1,12 +1,21 @@
 //! The `model` predictor: the ONNX network trained in `model-training/`, run with tract-onnx.
 //!
-//! State is kept per stream (its last `SEQ_LEN` steps, computed by `features`). For each read
-//! the network gives, per delta token, the probability that the block that far away is read
-//! within the stream's next `HORIZON` reads. The predictor takes the likeliest deltas (top-k
-//! chosen here) while each is at least `min_p`, until their probabilities add up to `threshold`
-//! (expected useful blocks) or `budget_blocks` are issued. When the best probability is below
-//! `unsure_below`, or the share of recent reads the model had predicted falls below
-//! `accuracy_floor`, the fallback heuristic decides instead.
+//! The exported graph is one LSTM step with constant shapes (`LANES` state lanes, sequence
+//! length 1): inputs `token` [LANES], `x` = the step's features then the state h [LANES, F + H],
+//! `c` [LANES, H]; outputs `probs` [LANES, V], `h_out`, `c_out`. State is kept per stream: its
+//! features (`features::StreamFeatures`) and `LANES` LSTM states, each restarted every `SEQ_LEN`
+//! steps, `SEQ_LEN / LANES` steps apart; the oldest answers, so the model looks back
+//! `SEQ_LEN - SEQ_LEN / LANES + 1 ..= SEQ_LEN` steps, exactly the window lengths it was trained
+//! on, at one tract run per read. With one lane (the default: a run costs about 60% of a
+//! two-lane run) that is 1..=16 steps.
+//!
+//! For each read the network gives, per delta token, the probability that the block that far
+//! away is read within the stream's next `HORIZON` reads. The predictor takes the likeliest
+//! deltas (top-k chosen here), skipping blocks it issued or the stream read recently (no
+//! duplicate fetches), while each is at least `min_p`, until their probabilities add up to
+//! `threshold` (expected useful blocks) or `budget_blocks` new blocks are issued. When the best
+//! probability is below `unsure_below`, or the measured accuracy of its recent predictions on
+//! this stream (used / issued) falls below `accuracy_floor`, the fallback heuristic decides.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -27,11 +36,25 @@ pub enum ModelError {
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// State lanes one run of the step graph serves per stream (see the module doc).
+pub const LANES: usize = 1;
+/// Largest LSTM state accepted from a config.
+const HIDDEN_MAX: u64 = 1024;
+
 /// A loaded network and the config it was trained with.
 #[derive(Clone)]
 pub struct Model {
     plan: Plan,
+    hidden: usize,
     pub path: PathBuf,
+}
+
+/// The recurrent state of one stream.
+#[derive(Clone, Debug, Default)]
+pub struct StreamState {
+    h: Vec<f32>,
+    c: Vec<f32>,
+    steps: u64,
 }
 
 impl Model {
@@ -48,6 +71,7 @@ impl Model {
             ("delta_range", features::DELTA_RANGE as u64),
             ("seq_len", SEQ_LEN as u64),
             ("horizon", features::HORIZON as u64),
+            ("lanes", LANES as u64),
         ];
         for (k, v) in want {
             if cfg[k].as_u64() != Some(v) {
@@ -65,73 +89,242 @@ impl Model {
                 what: format!("features {names:?}, this build computes {:?}", features::FEATURES),
             });
         }
+        let hidden = match cfg["hidden"].as_u64() {
+            Some(h) if (1..=HIDDEN_MAX).contains(&h) => h as usize,
+            _ => {
+                return Err(ModelError::Mismatch {
+                    path: p.clone(),
+                    what: format!("hidden is {} in its config, expected 1..={HIDDEN_MAX}", cfg["hidden"]),
+                });
+            }
+        };
         let file_err = |e: TractError| ModelError::File { path: p.clone(), what: format!("{e:#}") };
         let nf = features::FEATURES.len();
         let plan = tract_onnx::onnx()
             .model_for_path(onnx)
             .map_err(file_err)?
-            .with_input_fact(0, i64::fact([1, SEQ_LEN]).into())
+            .with_input_fact(0, i64::fact([LANES]).into())
             .map_err(file_err)?
-            .with_input_fact(1, f32::fact([1, SEQ_LEN, nf]).into())
+            .with_input_fact(1, f32::fact([LANES, nf + hidden]).into())
+            .map_err(file_err)?
+            .with_input_fact(2, f32::fact([LANES, hidden]).into())
             .map_err(file_err)?
             .into_optimized()
             .map_err(file_err)?
             .into_runnable()
             .map_err(file_err)?;
-        Ok(Model { plan, path: onnx.to_path_buf() })
+        Ok(Model { plan, hidden, path: onnx.to_path_buf() })
     }
 
-    /// Per-token probabilities (read within the horizon) for a window of steps.
-    pub fn probs(&self, seq: &[Step; SEQ_LEN]) -> TractResult<Vec<f32>> {
-        let nf = features::FEATURES.len();
-        let tokens: Vec<i64> = seq.iter().map(|s| s.token).collect();
-        let feats: Vec<f32> = seq.iter().flat_map(|s| s.features).collect();
-        let t = tract_ndarray::Array2::from_shape_vec((1, SEQ_LEN), tokens)?;
-        let f = tract_ndarray::Array3::from_shape_vec((1, SEQ_LEN, nf), feats)?;
-        let out = self.plan.run(tvec!(Tensor::from(t).into(), Tensor::from(f).into()))?;
-        Ok(out[0].to_plain_array_view::<f32>()?.iter().copied().collect())
+    /// A runner: tract's execution state for this plan, reused from read to read.
+    pub fn runner(&self) -> TractResult<Runner> {
+        Ok(Runner { state: TypedSimpleState::new(&self.plan)?, hidden: self.hidden })
+    }
+
+    /// Per-token probabilities after a whole window fed step by step from a fresh state (what
+    /// training computes for a window; the parity vectors are checked this way).
+    pub fn window_probs(&self, seq: &[Step; SEQ_LEN]) -> TractResult<Vec<f32>> {
+        let mut runner = self.runner()?;
+        let mut state = StreamState::default();
+        let mut probs = Vec::new();
+        for s in seq {
+            runner.step(&mut state, s, &mut probs)?;
+        }
+        Ok(probs)
+    }
+}
+
+/// Runs the step graph for one predictor (tract's state is reused, not rebuilt per read).
+pub struct Runner {
+    state: TypedSimpleState,
+    hidden: usize,
+}
+
+impl Runner {
+    /// Feeds one step of a stream; writes the per-token probabilities (read within the
+    /// horizon) as seen from the stream's oldest state into `probs`.
+    pub fn step(&mut self, state: &mut StreamState, step: &Step, probs: &mut Vec<f32>) -> TractResult<()> {
+        let (h, nf) = (self.hidden, features::FEATURES.len());
+        if state.h.len() != LANES * h {
+            *state = StreamState { h: vec![0.0; LANES * h], c: vec![0.0; LANES * h], steps: 0 };
+        }
+        let stagger = (SEQ_LEN / LANES) as u64;
+        // Steps since each lane (re)started, this one not counted.
+        let age = |lane: usize| (state.steps + lane as u64 * stagger) % SEQ_LEN as u64;
+        for lane in 0..LANES {
+            if age(lane) == 0 {
+                state.h[lane * h..(lane + 1) * h].fill(0.0);
+                state.c[lane * h..(lane + 1) * h].fill(0.0);
+            }
+        }
+        let older = (0..LANES).max_by_key(|&l| age(l)).unwrap_or(0);
+        let token = tract_ndarray::Array1::from_elem(LANES, step.token);
+        // x = [features | h] per lane.
+        let x = tract_ndarray::Array2::from_shape_fn((LANES, nf + h), |(lane, j)| {
+            if j < nf { step.features[j] } else { state.h[lane * h + j - nf] }
+        });
+        let c = tract_ndarray::Array2::from_shape_vec((LANES, h), state.c.clone())?;
+        let out = self.state.run(tvec!(
+            Tensor::from(token).into(),
+            Tensor::from(x).into(),
+            Tensor::from(c).into()
+        ))?;
+        let p = out[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let vocab = p.len() / LANES;
+        probs.clear();
+        probs.extend_from_slice(&p[older * vocab..(older + 1) * vocab]);
+        state.h.copy_from_slice(out[1].try_as_plain_ram()?.as_slice::<f32>()?);
+        state.c.copy_from_slice(out[2].try_as_plain_ram()?.as_slice::<f32>()?);
+        state.steps += 1;
+        Ok(())
     }
 }
 
 /// Knobs of the model predictor.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ModelKnobs {
     /// Issue predictions until their probabilities add up to this (expected useful blocks).
     pub threshold: f32,
     /// Never issue a block less likely than this.
     pub min_p: f32,
-    /// Most blocks issued per read.
+    /// Most new blocks issued per read.
     pub budget_blocks: usize,
     /// Below this top probability the fallback decides.
     pub unsure_below: f32,
-    /// Below this share of recent reads predicted by the model, the fallback decides.
+    /// Below this measured accuracy (used / issued) of recent predictions, the fallback decides.
     pub accuracy_floor: f32,
+    /// The heuristic that decides when the model does not (one of `HEURISTICS`).
+    pub fallback: &'static str,
+    /// The byte budget: blocks a stream may have fetched ahead per block it reads (model and
+    /// fallback together), kept by a bucket of at most `BUCKET_BLOCKS` credits.
+    pub fetch_ratio: f32,
 }
 
 impl Default for ModelKnobs {
     fn default() -> Self {
-        Self { threshold: 4.0, min_p: 0.3, budget_blocks: 8, unsure_below: 0.3, accuracy_floor: 0.2 }
+        // Chosen by validation inside the first 70% of the shared traces (`augur trace eval
+        // --head-frac 0.7 --tail-frac 0.3 --model-knobs ...`, see models/README.md), never on
+        // the last 30% that the figures are reported on.
+        Self {
+            threshold: 16.0,
+            min_p: 0.05,
+            budget_blocks: 32,
+            unsure_below: 0.05,
+            accuracy_floor: 0.05,
+            fallback: FALLBACK,
+            fetch_ratio: 1.2,
+        }
     }
 }
 
-/// Reads per stream over which the model's own accuracy is measured.
-const ACCURACY_WINDOW: usize = 32;
+impl ModelKnobs {
+    /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_ratio`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut k = Self::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) =
+                part.split_once('=').ok_or_else(|| format!("model knob {part:?}: expected name=value"))?;
+            let bad = |e: &dyn std::fmt::Display| format!("model knob {name}={value:?}: {e}");
+            let number = || match value.parse::<f32>() {
+                Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+                Ok(_) => Err(bad(&"must be a number >= 0")),
+                Err(e) => Err(bad(&e)),
+            };
+            match name {
+                "threshold" => k.threshold = number()?,
+                "min_p" => k.min_p = number()?,
+                "unsure_below" => k.unsure_below = number()?,
+                "accuracy_floor" => k.accuracy_floor = number()?,
+                "fetch_ratio" => k.fetch_ratio = number()?,
+                "fallback" => {
+                    k.fallback =
+                        crate::predict::HEURISTICS.into_iter().find(|h| *h == value).ok_or_else(|| {
+                            bad(&format!("not one of {}", crate::predict::HEURISTICS.join(", ")))
+                        })?;
+                }
+                "budget_blocks" => {
+                    k.budget_blocks = value.parse().map_err(|e| bad(&e))?;
+                    if !(1..=256).contains(&k.budget_blocks) {
+                        return Err(bad(&"must be 1..=256"));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
+                         accuracy_floor, fallback, fetch_ratio)"
+                    ));
+                }
+            }
+        }
+        Ok(k)
+    }
+}
+
+/// Most fetch credits a stream saves up (its largest burst of prefetches).
+const BUCKET_BLOCKS: f32 = 64.0;
+/// Blocks a stream remembers having issued (to skip duplicates and to measure accuracy).
+const ISSUED_MEMORY: usize = 256;
+/// Reads after which an issued block that was not read counts as wasted.
+const JUDGE_AFTER_READS: u64 = 2 * features::HORIZON as u64;
+/// Outcomes (used or wasted) of a stream's recent issued blocks its accuracy is taken over;
+/// until half of it is known the model is trusted.
+const ACCURACY_WINDOW: usize = 64;
+
+/// A block the model chose: issued, or only noted while the fallback decided, so the model's
+/// accuracy keeps being measured and it can take over again.
+struct Issued {
+    block: u64,
+    at_read: u64,
+    used: bool,
+}
 
 #[derive(Default)]
 struct ModelStream {
     features: StreamFeatures,
-    /// Blocks the model predicted at each of the last `HORIZON` reads (to score later reads).
-    predicted: VecDeque<Vec<u64>>,
-    /// Whether each recent read was among the model's predictions for it.
-    recent: VecDeque<bool>,
+    state: StreamState,
+    reads: u64,
+    /// Fetch credits (see `ModelKnobs::fetch_ratio`).
+    credits: f32,
+    issued: VecDeque<Issued>,
+    outcomes: VecDeque<bool>,
+}
+
+impl ModelStream {
+    /// Marks `block` used if it was issued, and judges what waited too long unread.
+    fn score(&mut self, block: u64) {
+        if let Some(i) = self.issued.iter_mut().find(|i| i.block == block && !i.used) {
+            i.used = true;
+        }
+        while let Some(front) = self.issued.front() {
+            if self.issued.len() <= ISSUED_MEMORY && front.at_read + JUDGE_AFTER_READS > self.reads {
+                break;
+            }
+            self.outcomes.push_back(front.used);
+            self.issued.pop_front();
+            if self.outcomes.len() > ACCURACY_WINDOW {
+                self.outcomes.pop_front();
+            }
+        }
+    }
+
+    /// Measured accuracy of the model's recent predictions (1.0 until enough are judged).
+    fn accuracy(&self) -> f32 {
+        if self.outcomes.len() < ACCURACY_WINDOW / 2 {
+            return 1.0;
+        }
+        self.outcomes.iter().filter(|&&u| u).count() as f32 / self.outcomes.len() as f32
+    }
 }
 
 pub struct ModelPredictor {
-    model: Option<Model>,
+    runner: Option<Runner>,
     fallback: Box<dyn Predictor>,
     knobs: ModelKnobs,
     streams: PerStream<ModelStream>,
     scratch: Vec<u64>,
+    probs: Vec<f32>,
+    ranked: Vec<(usize, f32)>,
     /// Times the fallback decided (unsure, inaccurate, or no model).
     pub fell_back: u64,
     pub inferences: u64,
@@ -141,11 +334,13 @@ impl ModelPredictor {
     /// With `model` None (missing or corrupt file), every read goes to `fallback`.
     pub fn new(model: Option<Model>, fallback: Box<dyn Predictor>, knobs: ModelKnobs) -> Self {
         Self {
-            model,
+            runner: model.and_then(|m| m.runner().ok()),
             fallback,
             knobs,
             streams: PerStream::default(),
             scratch: Vec::new(),
+            probs: Vec::new(),
+            ranked: Vec::new(),
             fell_back: 0,
             inferences: 0,
         }
@@ -158,68 +353,66 @@ impl Predictor for ModelPredictor {
     }
 
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
-        let (stream, block) = (r.stream, r.block);
+        let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
         self.fallback.on_read(r, &mut self.scratch);
-        let s = self.streams.get(stream);
-        let was_predicted = s.predicted.iter().any(|p| p.contains(&block));
-        if s.predicted.iter().any(|p| !p.is_empty()) {
-            s.recent.push_back(was_predicted);
-            if s.recent.len() > ACCURACY_WINDOW {
-                s.recent.pop_front();
-            }
-        }
-        s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
-        let accuracy = if s.recent.len() < ACCURACY_WINDOW / 2 {
-            1.0
-        } else {
-            s.recent.iter().filter(|&&x| x).count() as f32 / s.recent.len() as f32
-        };
-        let seq = s.features.sequence();
-        let mut chosen = Vec::new();
-        let mut confident = false;
-        if let Some(model) = &self.model
-            && let Ok(probs) = model.probs(&seq)
-        {
-            self.inferences += 1;
-            let mut ranked: Vec<(usize, f32)> = probs.iter().copied().enumerate().collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            confident = ranked
-                .iter()
-                .find(|&&(t, _)| token_delta(t as i64).is_some_and(|d| d != 0))
-                .is_some_and(|&(_, p)| p >= self.knobs.unsure_below);
-            let mut cumulative = 0.0;
-            for (token, p) in ranked {
-                if p < self.knobs.min_p
-                    || cumulative >= self.knobs.threshold
-                    || chosen.len() >= self.knobs.budget_blocks
-                {
-                    break;
-                }
-                if let Some(d) = token_delta(token as i64)
-                    && d != 0
-                {
-                    let b = block as i64 + d;
-                    if b >= 0 {
-                        cumulative += p;
-                        chosen.push(b as u64);
-                    }
-                }
-            }
-        }
-        let s = self.streams.get(stream);
-        s.predicted.push_back(chosen.clone());
-        if s.predicted.len() > features::HORIZON {
-            s.predicted.pop_front();
-        }
-        if confident && accuracy >= self.knobs.accuracy_floor {
-            out.extend(chosen);
-        } else {
+        let s = self.streams.get(r.stream);
+        s.reads += 1;
+        s.credits = (s.credits + self.knobs.fetch_ratio).min(BUCKET_BLOCKS);
+        s.score(block);
+        let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
+        let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
+        if !ran {
             self.fell_back += 1;
-            out.extend_from_slice(&self.scratch);
+            spend(&mut s.credits, &self.scratch, out);
+            return;
+        }
+        self.inferences += 1;
+        let min_p = self.knobs.min_p;
+        self.ranked.clear();
+        self.ranked.extend(
+            self.probs
+                .iter()
+                .enumerate()
+                .filter(|&(t, &p)| p >= min_p && token_delta(t as i64).is_some_and(|d| d != 0))
+                .map(|(t, &p)| (t, p)),
+        );
+        self.ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let top = self.ranked.first().map_or(0.0, |r| r.1);
+        let trusted = top >= self.knobs.unsure_below && s.accuracy() >= self.knobs.accuracy_floor;
+        let (mut cumulative, mut new) = (0.0, 0);
+        for &(token, p) in &self.ranked {
+            if cumulative >= self.knobs.threshold || new >= self.knobs.budget_blocks || s.credits < 1.0 {
+                break;
+            }
+            let Some(b) = token_delta(token as i64).and_then(|d| block.checked_add_signed(d)) else {
+                continue;
+            };
+            // Chosen or read recently (so cached or in flight): not again.
+            if s.issued.iter().any(|i| i.block == b) || s.features.recently_read(b) {
+                continue;
+            }
+            cumulative += p;
+            new += 1;
+            if trusted {
+                out.push(b);
+                s.credits -= 1.0;
+            }
+            s.issued.push_back(Issued { block: b, at_read: s.reads, used: false });
+        }
+        if !trusted {
+            self.fell_back += 1;
+            spend(&mut s.credits, &self.scratch, out);
         }
     }
+}
+
+/// Passes on as many of `blocks` as the credits pay for.
+fn spend(credits: &mut f32, blocks: &[u64], out: &mut Vec<u64>) {
+    let n = blocks.len().min(credits.max(0.0) as usize);
+    out.extend_from_slice(&blocks[..n]);
+    *credits -= n as f32;
 }
 
 /// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
@@ -228,10 +421,19 @@ pub const FALLBACK: &str = "linux-ra";
 /// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
 /// knobs; the rest as [`crate::predict::by_name`].
 pub fn predictor(name: &str, model: Option<&Model>) -> Result<Box<dyn Predictor>, String> {
+    predictor_with(name, model, ModelKnobs::default())
+}
+
+/// [`predictor`] with the model's knobs given.
+pub fn predictor_with(
+    name: &str,
+    model: Option<&Model>,
+    knobs: ModelKnobs,
+) -> Result<Box<dyn Predictor>, String> {
     match name {
         "model" => {
-            let fallback = crate::predict::by_name(FALLBACK)?;
-            Ok(Box::new(ModelPredictor::new(model.cloned(), fallback, ModelKnobs::default())))
+            let fallback = crate::predict::by_name(knobs.fallback)?;
+            Ok(Box::new(ModelPredictor::new(model.cloned(), fallback, knobs)))
         }
         n => crate::predict::by_name(n),
     }

@@ -28,7 +28,7 @@ fn tract_matches_the_parity_vectors() {
                 s.features[j] = case["features"][i][j].as_f64().unwrap() as f32;
             }
         }
-        let got = model.probs(&seq).unwrap();
+        let got = model.window_probs(&seq).unwrap();
         let want: Vec<f32> =
             case["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(got.len(), want.len());
@@ -38,13 +38,23 @@ fn tract_matches_the_parity_vectors() {
 }
 
 fn same_as_fallback(model: Option<Model>) {
-    let mut with = ModelPredictor::new(model, by_name("linux-ra").unwrap(), ModelKnobs::default());
+    // A fetch budget that never binds: exactly the fallback.
+    let loose = ModelKnobs { fetch_ratio: 64.0, ..ModelKnobs::default() };
+    let mut with = ModelPredictor::new(model.clone(), by_name("linux-ra").unwrap(), loose);
+    // The default budget: a prefix of what the fallback says, within the credits.
+    let mut budgeted = ModelPredictor::new(model, by_name("linux-ra").unwrap(), ModelKnobs::default());
     let mut alone = by_name("linux-ra").unwrap();
+    let (mut issued, mut reads) = (0.0, 0.0);
     for b in [0u64, 1, 2, 3, 4, 5, 100, 101, 7, 8, 9] {
-        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let (mut x, mut y, mut z) = (Vec::new(), Vec::new(), Vec::new());
         with.on_read(&Read::at(0, b, false), &mut x);
         alone.on_read(&Read::at(0, b, false), &mut y);
+        budgeted.on_read(&Read::at(0, b, false), &mut z);
         assert_eq!(x, y, "without a model, `model` is its fallback");
+        assert!(y.starts_with(&z), "{z:?} is not a prefix of {y:?}");
+        issued += z.len() as f32;
+        reads += 1.0;
+        assert!(issued <= reads * ModelKnobs::default().fetch_ratio, "{issued} blocks after {reads} reads");
     }
 }
 
@@ -68,6 +78,11 @@ fn missing_corrupt_or_mismatched_models_are_named_and_fall_back() {
     std::fs::write(corrupt.with_extension("json"), cfg.to_string()).unwrap();
     let e = Model::load(&corrupt).err().unwrap();
     assert!(matches!(e, ModelError::Mismatch { .. }) && e.to_string().contains("seq_len"), "{e}");
+    cfg["seq_len"] = serde_json::json!(SEQ_LEN);
+    cfg["hidden"] = serde_json::json!(-3);
+    std::fs::write(corrupt.with_extension("json"), cfg.to_string()).unwrap();
+    let e = Model::load(&corrupt).err().unwrap();
+    assert!(e.to_string().contains("hidden"), "{e}");
 
     same_as_fallback(None);
 }
@@ -83,4 +98,37 @@ fn the_model_predicts_ahead_of_a_stream() {
     }
     assert!(p.inferences > 0);
     assert!(out.iter().all(|&b| b != 1063), "never the block just read: {out:?}");
+}
+
+#[test]
+fn the_step_state_is_per_stream() {
+    // Two streams interleaved give each the answers it gets alone.
+    let model = Model::load(&shipped()).unwrap();
+    let knobs = ModelKnobs::default();
+    let mut both = ModelPredictor::new(Some(model.clone()), by_name("none").unwrap(), knobs);
+    let mut alone = ModelPredictor::new(Some(model), by_name("none").unwrap(), knobs);
+    for i in 0..40u64 {
+        let (mut x, mut y, mut z) = (Vec::new(), Vec::new(), Vec::new());
+        both.on_read(&Read::at(1, 500 + 3 * i, false), &mut x);
+        both.on_read(&Read::at(2, 9000 + i, false), &mut z);
+        alone.on_read(&Read::at(1, 500 + 3 * i, false), &mut y);
+        assert_eq!(x, y, "read {i}");
+    }
+}
+
+#[test]
+fn knobs_parse_and_bad_ones_are_named() {
+    let k = ModelKnobs::parse("min_p=0.2, budget_blocks=4,fallback=mithril").unwrap();
+    assert_eq!((k.min_p, k.budget_blocks, k.fallback), (0.2, 4, "mithril"));
+    assert_eq!(k.threshold, ModelKnobs::default().threshold);
+    for (bad, want) in [
+        ("min_p", "expected name=value"),
+        ("min_p=-1", "min_p"),
+        ("budget_blocks=0", "1..=256"),
+        ("fallback=model", "not one of"),
+        ("speed=9", "unknown model knob"),
+    ] {
+        let e = ModelKnobs::parse(bad).unwrap_err();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
 }
