@@ -198,6 +198,8 @@ pub struct ModelKnobs {
     /// The byte budget: blocks a stream may have fetched ahead per block it reads (model and
     /// fallback together), kept by a bucket of at most `BUCKET_BLOCKS` credits.
     pub fetch_ratio: f32,
+    /// Also pass on the fallback's predictions after the model's own, while credits last.
+    pub fill: bool,
 }
 
 impl Default for ModelKnobs {
@@ -213,13 +215,14 @@ impl Default for ModelKnobs {
             accuracy_floor: 0.05,
             fallback: FALLBACK,
             fetch_ratio: 1.2,
+            fill: false,
         }
     }
 }
 
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
-    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_ratio`).
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_ratio`, `fill`).
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut k = Self::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -237,6 +240,13 @@ impl ModelKnobs {
                 "unsure_below" => k.unsure_below = number()?,
                 "accuracy_floor" => k.accuracy_floor = number()?,
                 "fetch_ratio" => k.fetch_ratio = number()?,
+                "fill" => {
+                    k.fill = match value {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => return Err(bad(&"must be 0 or 1")),
+                    }
+                }
                 "fallback" => {
                     k.fallback =
                         crate::predict::HEURISTICS.into_iter().find(|h| *h == value).ok_or_else(|| {
@@ -252,7 +262,7 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_ratio)"
+                         accuracy_floor, fallback, fetch_ratio, fill)"
                     ));
                 }
             }
@@ -403,6 +413,9 @@ impl Predictor for ModelPredictor {
         }
         if !trusted {
             self.fell_back += 1;
+            spend(&mut s.credits, &self.scratch, out);
+        } else if self.knobs.fill {
+            self.scratch.retain(|b| !out.contains(b));
             spend(&mut s.credits, &self.scratch, out);
         }
     }
