@@ -47,6 +47,11 @@ pub struct MountTuning {
     /// Do not let the kernel check permissions from mode bits (`default_permissions` off).
     #[arg(long)]
     pub no_default_permissions: bool,
+    /// Record every read and write request to FILE (CSV in the shape of the shared traces, the
+    /// file's inode as the stream) for `augur trace eval|features` and training. Requests are
+    /// queued (65 536 at most; past it records are dropped and counted), never delayed.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 impl MountTuning {
@@ -58,6 +63,7 @@ impl MountTuning {
             attr_ttl: Duration::from_millis(self.attr_ttl_ms),
             fuse_threads: self.fuse_threads as usize,
             default_permissions: !self.no_default_permissions,
+            trace: self.trace.clone(),
             ..MountOptions::default()
         };
         if self.private {

@@ -10,7 +10,8 @@ use common::{DevProc, sh_ok};
 fn dev_mounts_stops_cleanly_and_finds_its_files_after_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let (state, mnt) = (tmp.path().join("state"), tmp.path().join("mnt"));
-    let mut dev = DevProc::start(&state, &mnt, "127.0.0.9");
+    let trace = tmp.path().join("client-trace.csv");
+    let mut dev = DevProc::start_with(&state, &mnt, "127.0.0.9", &["--trace", trace.to_str().unwrap()]);
     std::fs::create_dir(mnt.join("dir")).unwrap();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(mnt.join("dir/file"), &data).unwrap();
@@ -60,6 +61,28 @@ print("xattrs ok", stats.strip())
     assert!(dev.stop().success(), "augur dev exits cleanly on Ctrl-C:\n{}", dev.log());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(mnt.to_str().unwrap()), "unmounted on Ctrl-C");
+
+    // `--trace`: the client's own trace, in the shared shape, that the trace tools read.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let bytes =
+        |op: &str| rows.iter().filter(|r| r[1] == op).map(|r| r[3].parse::<u64>().unwrap()).sum::<u64>();
+    assert!(bytes("W") >= data.len() as u64, "every byte written is recorded: {}", bytes("W"));
+    assert!(bytes("R") >= data.len() as u64, "the whole-file read is recorded: {}", bytes("R"));
+    let (ok, out, err) =
+        common::augur(&["trace", "eval", trace.to_str().unwrap(), "--predictors", "model", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v[0]["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["predictor"] == "model" && s["reads"].as_u64() > Some(0)),
+        "{v}"
+    );
 
     let mut again = DevProc::start(&state, &mnt, "127.0.0.9");
     assert_eq!(std::fs::read(mnt.join("link")).unwrap(), data, "found again after a restart");

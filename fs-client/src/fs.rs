@@ -65,6 +65,8 @@ pub struct MountOptions {
     pub default_permissions: bool,
     /// Largest write the kernel sends in one request. Default 1 MiB.
     pub max_write_bytes: u32,
+    /// Record every read and write request here (`trace::TraceRecorder`). Default none.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -82,6 +84,7 @@ impl Default for MountOptions {
             allow_other: nix_is_root(),
             default_permissions: true,
             max_write_bytes: 1 << 20,
+            trace: None,
         }
     }
 }
@@ -138,6 +141,7 @@ pub struct Inner {
     prefetch_slots: Arc<Semaphore>,
     reclaims: Arc<Semaphore>,
     fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
+    trace: Option<crate::trace::TraceRecorder>,
     stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
     pub notifier: OnceLock<Notifier>,
     /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
@@ -251,7 +255,12 @@ fn name_buf(name: &OsStr) -> ByteBuf {
 }
 
 impl Inner {
-    pub fn new(meta: Arc<MetaClient>, blocks: Arc<BlockClient>, opts: MountOptions) -> Self {
+    pub fn new(
+        meta: Arc<MetaClient>,
+        blocks: Arc<BlockClient>,
+        opts: MountOptions,
+        trace: Option<crate::trace::TraceRecorder>,
+    ) -> Self {
         let block_bytes = u64::from(blocks.volume.block_size_bytes);
         Self {
             vol: blocks.volume.id,
@@ -268,6 +277,7 @@ impl Inner {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             fetching: Mutex::new(HashMap::new()),
+            trace,
             stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
             notifier: OnceLock::new(),
             told: quick_cache::sync::Cache::new(TOLD_INODES_MAX),
@@ -1230,6 +1240,9 @@ impl Filesystem for AugurFs {
                 reply.error(Errno::EBADF);
                 return;
             };
+            if let Some(t) = &fs.trace {
+                t.record(augur_prefetch::Op::Read, offset, u64::from(size), i.0);
+            }
             match fs.read(f, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(fail("read", &e)),
@@ -1255,6 +1268,9 @@ impl Filesystem for AugurFs {
                 reply.error(Errno::EBADF);
                 return;
             };
+            if let Some(t) = &fs.trace {
+                t.record(augur_prefetch::Op::Write, offset, data.len() as u64, i.0);
+            }
             match fs.write(&f, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(fail("write", &e)),

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod file;
 pub mod fs;
 pub mod mount;
+pub mod trace;
 
 pub use blocks::{BlockClient, BlockError};
 pub use fs::MountOptions;

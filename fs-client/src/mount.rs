@@ -21,6 +21,8 @@ pub enum MountError {
     MountPoint { path: PathBuf, what: String },
     #[error("mounting at {path}: {source} (is /dev/fuse there, and fuse3 installed?)")]
     Fuse { path: PathBuf, source: std::io::Error },
+    #[error("trace file {path}: {source}")]
+    Trace { path: PathBuf, source: std::io::Error },
 }
 
 /// A mounted volume: served by fuser threads until `run_until` returns.
@@ -50,7 +52,14 @@ pub async fn mount(
     let blocks = BlockClient::open(meta.clone(), meta.rpc().clone(), volume)
         .await
         .map_err(|source| MountError::Volume { volume: volume.into(), source })?;
-    let inner = Arc::new(Inner::new(meta, Arc::new(blocks), opts.clone()));
+    let trace = match &opts.trace {
+        Some(path) => Some(
+            crate::trace::TraceRecorder::create(path)
+                .map_err(|source| MountError::Trace { path: path.clone(), source })?,
+        ),
+        None => None,
+    };
+    let inner = Arc::new(Inner::new(meta, Arc::new(blocks), opts.clone(), trace));
     let fs = AugurFs::new(inner.clone(), tokio::runtime::Handle::current());
 
     let mut config = Config::default();

@@ -317,6 +317,11 @@ pub struct DevProc {
 
 impl DevProc {
     pub fn start(state: &Path, mnt: &Path, ip: &str) -> Self {
+        Self::start_with(state, mnt, ip, &[])
+    }
+
+    /// `start` with more `augur dev` arguments.
+    pub fn start_with(state: &Path, mnt: &Path, ip: &str, extra: &[&str]) -> Self {
         std::fs::create_dir_all(state).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("dev.log")).unwrap();
         let mut child = Command::new(AUGUR)
@@ -325,6 +330,7 @@ impl DevProc {
             .arg("--state")
             .arg(state)
             .args(["--ip", ip])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("AUGUR_TEST_NODE_LOG").unwrap_or_else(|_| "info,fuser=warn".into()),

@@ -1,0 +1,93 @@
+//! The client's own access trace (`augur mount --trace FILE`): every read and write request the
+//! kernel sends, in the shared CSV shape (`prefetch::trace::CSV_HEADER`) with the file's inode as
+//! the stream, so `augur trace eval|convert|features` and training read it like any other trace.
+//!
+//! Recording never blocks a request: records go through a queue of `TRACE_QUEUE_MAX` entries to
+//! a writer thread, which flushes whenever the queue runs empty; a record that finds the queue
+//! full is dropped and counted (logged when the recorder stops, and every `DROP_LOG_EVERY`).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::Instant;
+
+use augur_prefetch::trace::{CSV_HEADER, Op};
+
+/// Records queued for the writer thread at most.
+pub const TRACE_QUEUE_MAX: usize = 65_536;
+/// A warning every this many dropped records.
+const DROP_LOG_EVERY: u64 = 10_000;
+
+struct Record {
+    t_us: u64,
+    op: Op,
+    offset: u64,
+    size: u64,
+    ino: u64,
+}
+
+pub struct TraceRecorder {
+    tx: SyncSender<Record>,
+    started: Instant,
+    dropped: AtomicU64,
+}
+
+impl TraceRecorder {
+    /// Creates (truncates) `path`, writes the header and starts the writer thread.
+    pub fn create(path: &Path) -> std::io::Result<TraceRecorder> {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(w, "{CSV_HEADER}")?;
+        w.flush()?;
+        let (tx, rx) = sync_channel(TRACE_QUEUE_MAX);
+        let shown = path.display().to_string();
+        std::thread::Builder::new().name("augur-trace".into()).spawn(move || {
+            if let Err(e) = write_records(rx, &mut w) {
+                tracing::error!("trace {shown}: {e}; recording stopped");
+            }
+        })?;
+        Ok(TraceRecorder { tx, started: Instant::now(), dropped: AtomicU64::new(0) })
+    }
+
+    /// Records one request of `size` bytes at `offset` of inode `ino`.
+    pub fn record(&self, op: Op, offset: u64, size: u64, ino: u64) {
+        let t_us = self.started.elapsed().as_micros() as u64;
+        match self.tx.try_send(Record { t_us, op, offset, size, ino }) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % DROP_LOG_EVERY == 1 {
+                    tracing::warn!("trace queue full ({TRACE_QUEUE_MAX}): {n} records dropped so far");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TraceRecorder {
+    fn drop(&mut self) {
+        let n = self.dropped.load(Ordering::Relaxed);
+        if n > 0 {
+            tracing::warn!("trace: {n} records dropped (queue of {TRACE_QUEUE_MAX} full)");
+        }
+    }
+}
+
+fn write_records(rx: Receiver<Record>, w: &mut impl Write) -> std::io::Result<()> {
+    loop {
+        let r = match rx.try_recv() {
+            Ok(r) => r,
+            Err(TryRecvError::Empty) => {
+                // Idle: what was recorded so far is on disk.
+                w.flush()?;
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => return w.flush(),
+                }
+            }
+            Err(TryRecvError::Disconnected) => return w.flush(),
+        };
+        let op = if r.op == Op::Read { 'R' } else { 'W' };
+        writeln!(w, "{},{op},{},{},{}", r.t_us, r.offset, r.size, r.ino)?;
+    }
+}
