@@ -214,7 +214,7 @@ impl Default for ModelKnobs {
             unsure_below: 0.05,
             accuracy_floor: 0.05,
             fallback: FALLBACK,
-            fetch_ratio: 1.2,
+            fetch_ratio: 1.0,
             fill: false,
         }
     }
@@ -297,13 +297,17 @@ struct ModelStream {
     /// Fetch credits (see `ModelKnobs::fetch_ratio`).
     credits: f32,
     issued: VecDeque<Issued>,
+    /// The blocks in `issued`, for membership checks.
+    chosen: std::collections::HashSet<u64>,
     outcomes: VecDeque<bool>,
 }
 
 impl ModelStream {
     /// Marks `block` used if it was issued, and judges what waited too long unread.
     fn score(&mut self, block: u64) {
-        if let Some(i) = self.issued.iter_mut().find(|i| i.block == block && !i.used) {
+        if self.chosen.contains(&block)
+            && let Some(i) = self.issued.iter_mut().find(|i| i.block == block && !i.used)
+        {
             i.used = true;
         }
         while let Some(front) = self.issued.front() {
@@ -311,6 +315,7 @@ impl ModelStream {
                 break;
             }
             self.outcomes.push_back(front.used);
+            self.chosen.remove(&front.block);
             self.issued.pop_front();
             if self.outcomes.len() > ACCURACY_WINDOW {
                 self.outcomes.pop_front();
@@ -400,7 +405,7 @@ impl Predictor for ModelPredictor {
                 continue;
             };
             // Chosen or read recently (so cached or in flight): not again.
-            if s.issued.iter().any(|i| i.block == b) || s.features.recently_read(b) {
+            if s.chosen.contains(&b) || s.features.recently_read(b) {
                 continue;
             }
             cumulative += p;
@@ -410,6 +415,7 @@ impl Predictor for ModelPredictor {
                 s.credits -= 1.0;
             }
             s.issued.push_back(Issued { block: b, at_read: s.reads, used: false });
+            s.chosen.insert(b);
         }
         if !trusted {
             self.fell_back += 1;
