@@ -73,12 +73,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.head_frac) || args.head_frac == 0.0 {
         bail!("--head-frac {} must be in (0, 1]", args.head_frac);
     }
-    let knob_sets: Vec<Option<ModelKnobs>> = if args.model_knobs.is_empty() {
-        vec![None]
+    // The model's runs: (reported name, knobs).
+    let knob_sets: Vec<(String, ModelKnobs)> = if args.model_knobs.is_empty() {
+        vec![("model".into(), ModelKnobs::default())]
     } else {
         args.model_knobs
             .iter()
-            .map(|k| ModelKnobs::parse(k).map(Some))
+            .map(|k| ModelKnobs::parse(k).map(|knobs| (format!("model[{k}]"), knobs)))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?
     };
@@ -127,15 +128,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 scores.push(replay(&trace, &mut *p, &cfg));
                 continue;
             }
-            for (i, knobs) in knob_sets.iter().enumerate() {
-                let k = knobs.unwrap_or_default();
+            for (label, knobs) in &knob_sets {
                 let mut p =
-                    augur_prefetch::model::predictor_with(n, model.as_ref(), k).expect("checked above");
-                let mut score = replay(&trace, &mut *p, &cfg);
-                if knobs.is_some() {
-                    score.predictor = format!("model[{}]", args.model_knobs[i]);
-                }
-                scores.push(score);
+                    augur_prefetch::model::predictor_with(n, model.as_ref(), *knobs).expect("checked above");
+                scores.push(Score { predictor: label.clone(), ..replay(&trace, &mut *p, &cfg) });
             }
         }
         let report = TraceReport {

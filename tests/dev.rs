@@ -65,12 +65,12 @@ print("xattrs ok", stats.strip())
     // `--trace`: the client's own trace, in the shared shape, that the trace tools read.
     let text = std::fs::read_to_string(&trace).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id"));
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    let bytes =
-        |op: &str| rows.iter().filter(|r| r[1] == op).map(|r| r[3].parse::<u64>().unwrap()).sum::<u64>();
-    assert!(bytes("W") >= data.len() as u64, "every byte written is recorded: {}", bytes("W"));
-    assert!(bytes("R") >= data.len() as u64, "the whole-file read is recorded: {}", bytes("R"));
+    assert_eq!(lines.next(), Some(augur_prefetch::trace::CSV_HEADER));
+    let recorded = augur_prefetch::Trace::read(&trace).expect("the trace tools read it");
+    let bytes = |op| recorded.accesses.iter().filter(|a| a.op == op).map(|a| a.size).sum::<u64>();
+    let (written, read) = (bytes(augur_prefetch::Op::Write), bytes(augur_prefetch::Op::Read));
+    assert!(written >= data.len() as u64, "every byte written is recorded: {written}");
+    assert!(read >= data.len() as u64, "the whole-file read is recorded: {read}");
     let (ok, out, err) =
         common::augur(&["trace", "eval", trace.to_str().unwrap(), "--predictors", "model", "--json"]);
     assert!(ok, "{err}");
