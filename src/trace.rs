@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use augur_prefetch::model::ModelKnobs;
-use augur_prefetch::{HEURISTICS, ReplayConfig, Score, Trace, by_name, replay};
+use augur_prefetch::model::predictor_with;
+use augur_prefetch::{HEURISTICS, ReplayConfig, Score, Trace, replay};
 use clap::Args;
 use serde::Serialize;
 
@@ -40,7 +41,8 @@ pub struct EvalArgs {
     #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
     model: PathBuf,
     /// Knobs of the `model` predictor, `name=value,...` (threshold, min_p, budget_blocks,
-    /// unsure_below, accuracy_floor). Repeat the flag to run the model once per set, side by side
+    /// unsure_below, accuracy_floor, fallback, fetch_us, fetch_ratio, fill; `fetch_us` defaults to
+    /// `--latency-ms`). Repeat the flag to run the model once per set, side by side
     /// (validation sweeps); each then reports as `model[KNOBS]`.
     #[arg(long = "model-knobs")]
     model_knobs: Vec<String>,
@@ -73,19 +75,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.head_frac) || args.head_frac == 0.0 {
         bail!("--head-frac {} must be in (0, 1]", args.head_frac);
     }
+    let latency_us = (args.latency_ms * 1000.0).round() as u64;
+    // The predictors are told the fetch latency, as a client measures it.
+    let base = ModelKnobs { fetch_us: latency_us as f32, ..ModelKnobs::default() };
     // The model's runs: (reported name, knobs).
     let knob_sets: Vec<(String, ModelKnobs)> = if args.model_knobs.is_empty() {
-        vec![("model".into(), ModelKnobs::default())]
+        vec![("model".into(), base)]
     } else {
         args.model_knobs
             .iter()
-            .map(|k| ModelKnobs::parse(k).map(|knobs| (format!("model[{k}]"), knobs)))
+            .map(|k| base.with(k).map(|knobs| (format!("model[{k}]"), knobs)))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?
     };
-    if !(args.latency_ms >= 0.0 && args.latency_ms <= 60_000.0) {
-        bail!("--latency-ms {} must be between 0 and 60000", args.latency_ms);
-    }
     let mut names: Vec<String> = HEURISTICS.iter().map(|s| s.to_string()).collect();
     for p in &args.predictors {
         if !names.contains(p) {
@@ -94,14 +96,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     // Refuse unknown names before any work.
     for n in names.iter().filter(|n| *n != "model") {
-        by_name(n).map_err(anyhow::Error::msg)?;
+        predictor_with(n, None, base).map_err(anyhow::Error::msg)?;
     }
     let model = if names.iter().any(|n| n == "model") {
         match augur_prefetch::model::Model::load(&args.model) {
             Ok(m) => Some(m),
             Err(e) => {
-                let fallback = augur_prefetch::model::FALLBACK;
-                eprintln!("augur: {e}; the model predictor runs as its fallback ({fallback})");
+                let fallbacks: Vec<&str> = knob_sets.iter().map(|(_, k)| k.fallback).collect();
+                eprintln!("augur: {e}; the model predictor runs as its fallback ({})", fallbacks.join(", "));
                 None
             }
         }
@@ -111,7 +113,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let cfg = ReplayConfig {
         block_bytes: args.block_kib << 10,
         cache_frac: args.cache_frac,
-        latency_us: (args.latency_ms * 1000.0).round() as u64,
+        latency_us,
         iat_us: args.iat_us,
         max_inflight: args.max_inflight as usize,
         tail_frac: args.tail_frac,
@@ -124,13 +126,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let mut scores: Vec<Score> = Vec::new();
         for n in &names {
             if n != "model" {
-                let mut p = by_name(n).expect("checked above");
+                let mut p = predictor_with(n, None, base).expect("checked above");
                 scores.push(replay(&trace, &mut *p, &cfg));
                 continue;
             }
             for (label, knobs) in &knob_sets {
-                let mut p =
-                    augur_prefetch::model::predictor_with(n, model.as_ref(), *knobs).expect("checked above");
+                let mut p = predictor_with(n, model.as_ref(), *knobs).expect("checked above");
                 scores.push(Score { predictor: label.clone(), ..replay(&trace, &mut *p, &cfg) });
             }
         }

@@ -7,6 +7,7 @@ pub mod filetype;
 pub mod model;
 pub mod predict;
 pub mod replay;
+pub mod select;
 pub mod trace;
 
 pub use predict::{HEURISTICS, Predictor, Read, by_name};

@@ -17,7 +17,6 @@
 //! probability is below `unsure_below`, or the measured accuracy of its recent predictions on
 //! this stream (used / issued) falls below `accuracy_floor`, the fallback heuristic decides.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,6 +24,7 @@ use tract_onnx::prelude::*;
 
 use crate::features::{self, SEQ_LEN, Step, StreamFeatures, token_delta};
 use crate::predict::{PerStream, Predictor, Read};
+use crate::select::{BUCKET_BLOCKS, START_CREDITS, Selector, Sent, Shadow, clock_us};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -193,8 +193,12 @@ pub struct ModelKnobs {
     pub unsure_below: f32,
     /// Below this measured accuracy (used / issued) of recent predictions, the fallback decides.
     pub accuracy_floor: f32,
-    /// The heuristic that decides when the model does not (one of `HEURISTICS`).
+    /// What decides when the model does not: one of `HEURISTICS`, or `auto` (per stream, the
+    /// heuristic whose shadow scores best, see `select`).
     pub fallback: &'static str,
+    /// The fetch latency the client sees (µs): a prefetch named this long before its read hid a
+    /// whole miss, when choices are judged (`select::Shadow`).
+    pub fetch_us: f32,
     /// The byte budget: blocks a stream may have fetched ahead per block it reads (model and
     /// fallback together), kept by a bucket of at most `BUCKET_BLOCKS` credits.
     pub fetch_ratio: f32,
@@ -214,6 +218,7 @@ impl Default for ModelKnobs {
             unsure_below: 0.05,
             accuracy_floor: 0.05,
             fallback: FALLBACK,
+            fetch_us: 1000.0,
             fetch_ratio: 1.0,
             fill: false,
         }
@@ -222,9 +227,14 @@ impl Default for ModelKnobs {
 
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
-    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_ratio`, `fill`).
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `fill`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut k = Self::default();
+        Self::default().with(text)
+    }
+
+    /// Parses `name=value,...` over these knobs.
+    pub fn with(self, text: &str) -> Result<Self, String> {
+        let mut k = self;
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) =
                 part.split_once('=').ok_or_else(|| format!("model knob {part:?}: expected name=value"))?;
@@ -240,6 +250,7 @@ impl ModelKnobs {
                 "unsure_below" => k.unsure_below = number()?,
                 "accuracy_floor" => k.accuracy_floor = number()?,
                 "fetch_ratio" => k.fetch_ratio = number()?,
+                "fetch_us" => k.fetch_us = number()?,
                 "fill" => {
                     k.fill = match value {
                         "1" | "true" => true,
@@ -248,10 +259,10 @@ impl ModelKnobs {
                     }
                 }
                 "fallback" => {
-                    k.fallback =
-                        crate::predict::HEURISTICS.into_iter().find(|h| *h == value).ok_or_else(|| {
-                            bad(&format!("not one of {}", crate::predict::HEURISTICS.join(", ")))
-                        })?;
+                    k.fallback = std::iter::once("auto")
+                        .chain(crate::predict::HEURISTICS)
+                        .find(|h| *h == value)
+                        .ok_or_else(|| bad(&format!("not auto or one of {}", crate::predict::HEURISTICS.join(", "))))?;
                 }
                 "budget_blocks" => {
                     k.budget_blocks = value.parse().map_err(|e| bad(&e))?;
@@ -262,7 +273,7 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_ratio, fill)"
+                         accuracy_floor, fallback, fetch_us, fetch_ratio, fill)"
                     ));
                 }
             }
@@ -271,89 +282,63 @@ impl ModelKnobs {
     }
 }
 
-/// Most fetch credits a stream saves up (its largest burst of prefetches).
-const BUCKET_BLOCKS: f32 = 64.0;
-/// Blocks a stream remembers having issued (to skip duplicates and to measure accuracy).
-const ISSUED_MEMORY: usize = 256;
-/// Reads after which an issued block that was not read counts as wasted.
-const JUDGE_AFTER_READS: u64 = 2 * features::HORIZON as u64;
-/// Outcomes (used or wasted) of a stream's recent issued blocks its accuracy is taken over;
-/// until half of it is known the model is trusted.
-const ACCURACY_WINDOW: usize = 64;
-
-/// A block the model chose: issued, or only noted while the fallback decided, so the model's
-/// accuracy keeps being measured and it can take over again.
-struct Issued {
-    block: u64,
-    at_read: u64,
-    used: bool,
-}
-
 #[derive(Default)]
 struct ModelStream {
     features: StreamFeatures,
     state: StreamState,
     reads: u64,
-    /// Fetch credits (see `ModelKnobs::fetch_ratio`).
+    /// Real fetch credits (see `ModelKnobs::fetch_ratio`), shared by the model and the fallback.
     credits: f32,
-    issued: VecDeque<Issued>,
-    /// The blocks in `issued`, for membership checks.
-    chosen: std::collections::HashSet<u64>,
-    outcomes: VecDeque<bool>,
+    /// Blocks passed on for fetching recently, by the model or the fallback: not again.
+    sent: Sent,
+    /// The model's own choices, judged as if fetched, also while the fallback decides, so the
+    /// model can take over again.
+    shadow: Shadow,
 }
 
 impl ModelStream {
-    /// Marks `block` used if it was issued, and judges what waited too long unread.
-    fn score(&mut self, block: u64) {
-        if self.chosen.contains(&block)
-            && let Some(i) = self.issued.iter_mut().find(|i| i.block == block && !i.used)
-        {
-            i.used = true;
-        }
-        while let Some(front) = self.issued.front() {
-            if self.issued.len() <= ISSUED_MEMORY && front.at_read + JUDGE_AFTER_READS > self.reads {
+    /// Passes on the blocks not sent or read recently, as many as the credits pay for.
+    fn pass_on(&mut self, blocks: &[u64], out: &mut Vec<u64>) {
+        for &b in blocks {
+            if self.credits < 1.0 {
                 break;
             }
-            self.outcomes.push_back(front.used);
-            self.chosen.remove(&front.block);
-            self.issued.pop_front();
-            if self.outcomes.len() > ACCURACY_WINDOW {
-                self.outcomes.pop_front();
+            if self.sent.contains(b) || self.features.recently_read(b) {
+                continue;
             }
+            self.sent.insert(b);
+            out.push(b);
+            self.credits -= 1.0;
         }
-    }
-
-    /// Measured accuracy of the model's recent predictions (1.0 until enough are judged).
-    fn accuracy(&self) -> f32 {
-        if self.outcomes.len() < ACCURACY_WINDOW / 2 {
-            return 1.0;
-        }
-        self.outcomes.iter().filter(|&&u| u).count() as f32 / self.outcomes.len() as f32
     }
 }
 
 pub struct ModelPredictor {
     runner: Option<Runner>,
-    fallback: Box<dyn Predictor>,
+    fallback: Selector,
     knobs: ModelKnobs,
     streams: PerStream<ModelStream>,
     scratch: Vec<u64>,
+    picks: Vec<u64>,
     probs: Vec<f32>,
     ranked: Vec<(usize, f32)>,
-    /// Times the fallback decided (unsure, inaccurate, or no model).
+    /// Times the fallback decided (unsure, inaccurate, behind it, or no model).
     pub fell_back: u64,
     pub inferences: u64,
 }
 
 impl ModelPredictor {
-    /// With `model` None (missing or corrupt file), every read goes to `fallback`.
-    pub fn new(model: Option<Model>, fallback: Box<dyn Predictor>, knobs: ModelKnobs) -> Self {
+    /// With `model` None (missing or corrupt file), every read goes to the fallback.
+    pub fn new(model: Option<Model>, knobs: ModelKnobs) -> Self {
+        let fallback = Selector::new(knobs.fallback, knobs.fetch_us, knobs.fetch_ratio)
+            .expect("ModelKnobs::fallback names a known heuristic");
         Self {
             runner: model.and_then(|m| m.runner().ok()),
             fallback,
             knobs,
             streams: PerStream::default(),
             scratch: Vec::new(),
+            picks: Vec::new(),
             probs: Vec::new(),
             ranked: Vec::new(),
             fell_back: 0,
@@ -371,16 +356,20 @@ impl Predictor for ModelPredictor {
         let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
-        self.fallback.on_read(r, &mut self.scratch);
+        let fallback_score = self.fallback.select(r, &mut self.scratch);
         let s = self.streams.get(r.stream);
+        if s.reads == 0 {
+            s.credits = START_CREDITS;
+        }
         s.reads += 1;
         s.credits = (s.credits + self.knobs.fetch_ratio).min(BUCKET_BLOCKS);
-        s.score(block);
+        let now = clock_us(r);
+        s.shadow.on_read(block, now, s.reads, self.knobs.fetch_us, self.knobs.fetch_ratio);
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
         let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
         if !ran {
             self.fell_back += 1;
-            spend(&mut s.credits, &self.scratch, out);
+            s.pass_on(&self.scratch, out);
             return;
         }
         self.inferences += 1;
@@ -395,43 +384,36 @@ impl Predictor for ModelPredictor {
         );
         self.ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         let top = self.ranked.first().map_or(0.0, |r| r.1);
-        let trusted = top >= self.knobs.unsure_below && s.accuracy() >= self.knobs.accuracy_floor;
-        let (mut cumulative, mut new) = (0.0, 0);
+        self.picks.clear();
+        let mut cumulative = 0.0;
         for &(token, p) in &self.ranked {
-            if cumulative >= self.knobs.threshold || new >= self.knobs.budget_blocks || s.credits < 1.0 {
+            if cumulative >= self.knobs.threshold || self.picks.len() >= self.knobs.budget_blocks {
                 break;
             }
             let Some(b) = token_delta(token as i64).and_then(|d| block.checked_add_signed(d)) else {
                 continue;
             };
             // Chosen or read recently (so cached or in flight): not again.
-            if s.chosen.contains(&b) || s.features.recently_read(b) {
+            if s.shadow.awaits(b) || s.features.recently_read(b) {
                 continue;
             }
             cumulative += p;
-            new += 1;
-            if trusted {
-                out.push(b);
-                s.credits -= 1.0;
-            }
-            s.issued.push_back(Issued { block: b, at_read: s.reads, used: false });
-            s.chosen.insert(b);
+            self.picks.push(b);
         }
-        if !trusted {
+        s.shadow.offer(&self.picks, now, s.reads, |_| false);
+        let trusted = top >= self.knobs.unsure_below
+            && s.shadow.accuracy() >= self.knobs.accuracy_floor
+            && s.shadow.score() >= fallback_score;
+        if trusted {
+            s.pass_on(&self.picks, out);
+            if self.knobs.fill {
+                s.pass_on(&self.scratch, out);
+            }
+        } else {
             self.fell_back += 1;
-            spend(&mut s.credits, &self.scratch, out);
-        } else if self.knobs.fill {
-            self.scratch.retain(|b| !out.contains(b));
-            spend(&mut s.credits, &self.scratch, out);
+            s.pass_on(&self.scratch, out);
         }
     }
-}
-
-/// Passes on as many of `blocks` as the credits pay for.
-fn spend(credits: &mut f32, blocks: &[u64], out: &mut Vec<u64>) {
-    let n = blocks.len().min(credits.max(0.0) as usize);
-    out.extend_from_slice(&blocks[..n]);
-    *credits -= n as f32;
 }
 
 /// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
@@ -450,10 +432,8 @@ pub fn predictor_with(
     knobs: ModelKnobs,
 ) -> Result<Box<dyn Predictor>, String> {
     match name {
-        "model" => {
-            let fallback = crate::predict::by_name(knobs.fallback)?;
-            Ok(Box::new(ModelPredictor::new(model.cloned(), fallback, knobs)))
-        }
+        "model" => Ok(Box::new(ModelPredictor::new(model.cloned(), knobs))),
+        "auto" => Ok(Box::new(Selector::new("auto", knobs.fetch_us, knobs.fetch_ratio)?)),
         n => crate::predict::by_name(n),
     }
 }

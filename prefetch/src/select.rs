@@ -1,0 +1,290 @@
+//! Judging predictors online, per stream, by the latency their answers would have hidden, and
+//! passing on the answer of the best one (the `auto` predictor, and the model's fallback).
+//!
+//! A [`Shadow`] judges one predictor on one stream as if its answers had been fetched: each
+//! block it names that it has not named recently, and the stream has not just read, spends one
+//! of the shadow's own fetch credits (the budget real fetches get, `fetch_ratio` per block
+//! read); when the stream then reads a block it named, the shadow's score gains the share of a
+//! fetch that the lead hid, `min(lead, fetch_us) / fetch_us` (a prefetch issued just before
+//! its read saves little, one issued a fetch time ahead saves a whole miss). Scores halve every
+//! `HALF_LIFE_READS` reads of the stream, so they follow phase changes. A block unread after
+//! `JUDGE_AFTER_READS` reads counts as wasted; used / (used + wasted) over the last
+//! `OUTCOMES` judged blocks is the shadow's accuracy.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::predict::{PerStream, Predictor, Read};
+
+/// Reads after which a named block that was not read counts as wasted.
+pub const JUDGE_AFTER_READS: u64 = 64;
+/// Blocks a shadow waits on at most (the oldest is judged wasted past it).
+pub const PENDING_MAX: usize = 256;
+/// Judged blocks a shadow's accuracy is taken over; until half of it is known it is 1.0.
+pub const OUTCOMES: usize = 64;
+/// Reads over which a shadow's score halves.
+pub const HALF_LIFE_READS: f32 = 256.0;
+/// Most fetch credits a shadow (or a real stream) saves up: its largest burst.
+pub const BUCKET_BLOCKS: f32 = 64.0;
+/// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
+pub const START_CREDITS: f32 = 8.0;
+/// Blocks read recently that are not named again (they are cached).
+pub const RECENT_READS: usize = 32;
+/// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
+pub const UNTIMED_STEP_US: u64 = 100;
+
+/// A read's time in µs (untimed traces count requests).
+pub fn clock_us(r: &Read) -> u64 {
+    if r.timed { r.t_us } else { r.t_us.saturating_mul(UNTIMED_STEP_US) }
+}
+
+/// One predictor's answers on one stream, judged as if fetched (see the module doc).
+#[derive(Debug)]
+pub struct Shadow {
+    credits: f32,
+    /// Named block → (time named, read index when named).
+    pending: HashMap<u64, (u64, u64)>,
+    order: VecDeque<(u64, u64)>,
+    score: f32,
+    outcomes: VecDeque<bool>,
+}
+
+impl Default for Shadow {
+    fn default() -> Self {
+        Self { credits: START_CREDITS, pending: HashMap::new(), order: VecDeque::new(), score: 0.0, outcomes: VecDeque::new() }
+    }
+}
+
+impl Shadow {
+    /// The stream read `block` (its `reads`-th read) at `now_us`: credits, scores, judges.
+    pub fn on_read(&mut self, block: u64, now_us: u64, reads: u64, fetch_us: f32, fetch_ratio: f32) {
+        self.score *= DECAY;
+        self.credits = (self.credits + fetch_ratio).min(BUCKET_BLOCKS);
+        if let Some((named_at, _)) = self.pending.remove(&block) {
+            let lead = now_us.saturating_sub(named_at) as f32;
+            self.score += if fetch_us > 0.0 { (lead / fetch_us).min(1.0) } else { 1.0 };
+            self.judge(true);
+        }
+        while let Some(&(b, at_read)) = self.order.front() {
+            if self.order.len() <= PENDING_MAX && at_read + JUDGE_AFTER_READS > reads {
+                break;
+            }
+            self.order.pop_front();
+            // Still waiting under this naming (not used, not named again since): wasted.
+            if self.pending.get(&b).is_some_and(|&(_, r)| r == at_read) {
+                self.pending.remove(&b);
+                self.judge(false);
+            }
+        }
+    }
+
+    fn judge(&mut self, used: bool) {
+        self.outcomes.push_back(used);
+        if self.outcomes.len() > OUTCOMES {
+            self.outcomes.pop_front();
+        }
+    }
+
+    /// Whether `block` was named and is still awaited.
+    pub fn awaits(&self, block: u64) -> bool {
+        self.pending.contains_key(&block)
+    }
+
+    /// Takes the predictor's answer: names each block not awaited already and not `skip`ped,
+    /// while its credits last.
+    pub fn offer(&mut self, blocks: &[u64], now_us: u64, reads: u64, skip: impl Fn(u64) -> bool) {
+        for &b in blocks {
+            if self.credits < 1.0 {
+                break;
+            }
+            if self.pending.contains_key(&b) || skip(b) {
+                continue;
+            }
+            self.pending.insert(b, (now_us, reads));
+            self.order.push_back((b, reads));
+            self.credits -= 1.0;
+        }
+    }
+
+    /// Fetch time this predictor would have hidden, per read, recently (decayed).
+    pub fn score(&self) -> f32 {
+        self.score
+    }
+
+    /// Used / judged over the last `OUTCOMES` judged blocks (1.0 until half of those are known).
+    pub fn accuracy(&self) -> f32 {
+        if self.outcomes.len() < OUTCOMES / 2 {
+            return 1.0;
+        }
+        self.outcomes.iter().filter(|&&u| u).count() as f32 / self.outcomes.len() as f32
+    }
+}
+
+/// Per-read decay of a score: halves every `HALF_LIFE_READS` reads.
+const DECAY: f32 = 0.997_296_7; // 0.5^(1/256)
+
+/// The last `RECENT_READS` blocks a stream read.
+#[derive(Debug, Default)]
+pub struct RecentReads(VecDeque<u64>);
+
+impl RecentReads {
+    pub fn push(&mut self, block: u64) {
+        if self.0.len() == RECENT_READS {
+            self.0.pop_front();
+        }
+        self.0.push_back(block);
+    }
+    pub fn contains(&self, block: u64) -> bool {
+        self.0.contains(&block)
+    }
+}
+
+/// The last `capacity` distinct blocks passed on for fetching, so none is passed on twice.
+#[derive(Debug, Default)]
+pub struct Sent {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+/// Blocks a stream remembers having passed on for fetching.
+pub const SENT_MEMORY: usize = 256;
+
+impl Sent {
+    pub fn contains(&self, block: u64) -> bool {
+        self.set.contains(&block)
+    }
+    pub fn insert(&mut self, block: u64) {
+        if self.set.insert(block) {
+            if self.order.len() == SENT_MEMORY
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+            self.order.push_back(block);
+        }
+    }
+}
+
+/// Runs several predictors side by side and passes on, per stream, the answer of the one whose
+/// [`Shadow`] scores best (ties keep the current choice).
+pub struct Selector {
+    candidates: Vec<Box<dyn Predictor>>,
+    answers: Vec<Vec<u64>>,
+    streams: PerStream<SelectStream>,
+    fetch_us: f32,
+    fetch_ratio: f32,
+    name: String,
+}
+
+#[derive(Default)]
+struct SelectStream {
+    shadows: Vec<Shadow>,
+    recent: RecentReads,
+    reads: u64,
+    best: usize,
+}
+
+/// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches).
+pub const AUTO: [&str; 8] = ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril"];
+
+impl Selector {
+    /// `auto` (all of `AUTO`) or one heuristic by name. `fetch_us` is the fetch latency the
+    /// client sees; `fetch_ratio` the shadows' fetch budget per block read.
+    pub fn new(name: &str, fetch_us: f32, fetch_ratio: f32) -> Result<Self, String> {
+        let names: Vec<&str> = if name == "auto" { AUTO.to_vec() } else { vec![name] };
+        let candidates = names.iter().map(|n| crate::predict::by_name(n)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            answers: vec![Vec::new(); candidates.len()],
+            candidates,
+            streams: PerStream::default(),
+            fetch_us,
+            fetch_ratio,
+            name: name.to_string(),
+        })
+    }
+
+    /// Like `on_read`; returns the chosen candidate's score (see [`Shadow::score`]).
+    pub fn select(&mut self, r: &Read, out: &mut Vec<u64>) -> f32 {
+        for (p, a) in self.candidates.iter_mut().zip(&mut self.answers) {
+            a.clear();
+            p.on_read(r, a);
+        }
+        if self.candidates.len() == 1 {
+            out.extend_from_slice(&self.answers[0]);
+            return 0.0;
+        }
+        let s = self.streams.get(r.stream);
+        s.shadows.resize_with(self.candidates.len(), Shadow::default);
+        s.reads += 1;
+        s.recent.push(r.block);
+        let now = clock_us(r);
+        for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
+            sh.on_read(r.block, now, s.reads, self.fetch_us, self.fetch_ratio);
+            sh.offer(a, now, s.reads, |b| s.recent.contains(b));
+        }
+        for (i, sh) in s.shadows.iter().enumerate() {
+            if sh.score() > s.shadows[s.best].score() {
+                s.best = i;
+            }
+        }
+        out.extend_from_slice(&self.answers[s.best]);
+        s.shadows[s.best].score()
+    }
+}
+
+impl Predictor for Selector {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        self.select(r, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shadow_scores_the_lead_it_would_have_hidden() {
+        let mut s = Shadow::default();
+        s.credits = 0.0;
+        s.on_read(10, 0, 1, 1000.0, 1.0);
+        s.offer(&[11, 12], 0, 1, |_| false);
+        assert!(s.awaits(11) && !s.awaits(12), "one credit after one read");
+        s.on_read(11, 250, 2, 1000.0, 1.0);
+        assert!((s.score() - 0.25).abs() < 0.01, "{}", s.score());
+        s.offer(&[30], 250, 2, |_| false);
+        assert!(s.awaits(30));
+        for i in 0..JUDGE_AFTER_READS + 1 {
+            s.on_read(1000 + i, 10_000, 3 + i, 1000.0, 1.0);
+        }
+        assert!(!s.awaits(30), "judged wasted");
+        assert_eq!(s.outcomes, [true, false]);
+    }
+
+    #[test]
+    fn auto_follows_the_heuristic_that_fits_the_stream() {
+        let mut auto = Selector::new("auto", 1000.0, 1.0).unwrap();
+        let mut out = Vec::new();
+        // A sequential stream, one read each 100 µs: the deepest look-ahead hides the most.
+        for b in 0..400u64 {
+            out.clear();
+            let r = Read { t_us: b * 100, timed: true, ..Read::at(7, b, false) };
+            auto.select(&r, &mut out);
+        }
+        let s = auto.streams.get(7);
+        assert_eq!(AUTO[s.best], "next-8", "scores {:?}", s.shadows.iter().map(Shadow::score).collect::<Vec<_>>());
+        assert_eq!(out, (400..408).collect::<Vec<_>>());
+        assert!(Selector::new("oracle", 1000.0, 1.0).is_err());
+    }
+
+    #[test]
+    fn sent_forgets_the_oldest() {
+        let mut s = Sent::default();
+        for b in 0..SENT_MEMORY as u64 + 1 {
+            s.insert(b);
+            s.insert(b);
+        }
+        assert!(!s.contains(0) && s.contains(1) && s.contains(SENT_MEMORY as u64));
+    }
+}
