@@ -24,7 +24,7 @@ use tract_onnx::prelude::*;
 
 use crate::features::{self, SEQ_LEN, Step, StreamFeatures, token_delta};
 use crate::predict::{PerStream, Predictor, Read};
-use crate::select::{BUCKET_BLOCKS, START_CREDITS, Selector, Sent, Shadow, clock_us};
+use crate::select::{BUCKET_BLOCKS, Judge, START_CREDITS, Seen, Selector, Sent, Shadow, clock_us};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -204,6 +204,9 @@ pub struct ModelKnobs {
     pub fetch_ratio: f32,
     /// Also pass on the fallback's predictions after the model's own, while credits last.
     pub fill: bool,
+    /// The model decides only while its shadow score is at least this times the fallback's
+    /// (the fetch time each would have hidden recently, see `select::Shadow`).
+    pub trust: f32,
 }
 
 impl Default for ModelKnobs {
@@ -221,15 +224,21 @@ impl Default for ModelKnobs {
             fetch_us: 1000.0,
             fetch_ratio: 1.0,
             fill: false,
+            trust: 1.0,
         }
     }
 }
 
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
-    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `fill`).
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `fill`, `trust`).
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::default().with(text)
+    }
+
+    /// How choices are judged (`select::Shadow`).
+    pub fn judge(&self) -> Judge {
+        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio }
     }
 
     /// Parses `name=value,...` over these knobs.
@@ -251,6 +260,7 @@ impl ModelKnobs {
                 "accuracy_floor" => k.accuracy_floor = number()?,
                 "fetch_ratio" => k.fetch_ratio = number()?,
                 "fetch_us" => k.fetch_us = number()?,
+                "trust" => k.trust = number()?,
                 "fill" => {
                     k.fill = match value {
                         "1" | "true" => true,
@@ -273,7 +283,7 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_us, fetch_ratio, fill)"
+                         accuracy_floor, fallback, fetch_us, fetch_ratio, fill, trust)"
                     ));
                 }
             }
@@ -330,7 +340,7 @@ pub struct ModelPredictor {
 impl ModelPredictor {
     /// With `model` None (missing or corrupt file), every read goes to the fallback.
     pub fn new(model: Option<Model>, knobs: ModelKnobs) -> Self {
-        let fallback = Selector::new(knobs.fallback, knobs.fetch_us, knobs.fetch_ratio)
+        let fallback = Selector::new(knobs.fallback, knobs.judge())
             .expect("ModelKnobs::fallback names a known heuristic");
         Self {
             runner: model.and_then(|m| m.runner().ok()),
@@ -356,7 +366,9 @@ impl Predictor for ModelPredictor {
         let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
-        let fallback_score = self.fallback.select(r, &mut self.scratch);
+        let s = self.streams.get(r.stream);
+        let useful = !r.hit || s.sent.contains(block);
+        let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
         let s = self.streams.get(r.stream);
         if s.reads == 0 {
             s.credits = START_CREDITS;
@@ -364,7 +376,7 @@ impl Predictor for ModelPredictor {
         s.reads += 1;
         s.credits = (s.credits + self.knobs.fetch_ratio).min(BUCKET_BLOCKS);
         let now = clock_us(r);
-        s.shadow.on_read(block, now, s.reads, self.knobs.fetch_us, self.knobs.fetch_ratio);
+        s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
         let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
         if !ran {
@@ -403,7 +415,7 @@ impl Predictor for ModelPredictor {
         s.shadow.offer(&self.picks, now, s.reads, |_| false);
         let trusted = top >= self.knobs.unsure_below
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
-            && s.shadow.score() >= fallback_score;
+            && s.shadow.score() >= self.knobs.trust * fallback_score;
         if trusted {
             s.pass_on(&self.picks, out);
             if self.knobs.fill {
@@ -413,6 +425,12 @@ impl Predictor for ModelPredictor {
             self.fell_back += 1;
             s.pass_on(&self.scratch, out);
         }
+    }
+
+    fn not_fetched(&mut self, stream: u64, block: u64) {
+        let s = self.streams.get(stream);
+        s.credits = (s.credits + 1.0).min(BUCKET_BLOCKS);
+        s.sent.remove(block);
     }
 }
 
@@ -433,7 +451,7 @@ pub fn predictor_with(
 ) -> Result<Box<dyn Predictor>, String> {
     match name {
         "model" => Ok(Box::new(ModelPredictor::new(model.cloned(), knobs))),
-        "auto" => Ok(Box::new(Selector::new("auto", knobs.fetch_us, knobs.fetch_ratio)?)),
+        "auto" => Ok(Box::new(Selector::new("auto", knobs.judge())?)),
         n => crate::predict::by_name(n),
     }
 }

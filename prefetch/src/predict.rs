@@ -41,6 +41,10 @@ pub trait Predictor: Send {
     fn name(&self) -> String;
     /// A demand read; appends the blocks to prefetch to `out`, best first.
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>);
+    /// A block this predictor just named cost no fetch: it was cached or in flight already, or
+    /// the limit on fetches in flight dropped it. (Predictors that keep a fetch budget take it
+    /// back.)
+    fn not_fetched(&mut self, _stream: u64, _block: u64) {}
 }
 
 /// The heuristic set every evaluation reports (SPEC §7), in order.

@@ -214,11 +214,9 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             predictor.on_read(&read, &mut predictions);
             for &p in &predictions {
                 let k = (a.stream, p);
-                if cache.map.contains_key(&k) || inflight.contains_key(&k) {
+                if cache.map.contains_key(&k) || inflight.contains_key(&k) || inflight.len() >= cfg.max_inflight {
+                    predictor.not_fetched(a.stream, p);
                     continue;
-                }
-                if inflight.len() >= cfg.max_inflight {
-                    break;
                 }
                 let at = t + cfg.latency_us;
                 inflight.insert(k, at);

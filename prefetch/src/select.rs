@@ -11,7 +11,7 @@
 //! `JUDGE_AFTER_READS` reads counts as wasted; used / (used + wasted) over the last
 //! `OUTCOMES` judged blocks is the shadow's accuracy.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::predict::{PerStream, Predictor, Read};
 
@@ -37,6 +37,26 @@ pub fn clock_us(r: &Read) -> u64 {
     if r.timed { r.t_us } else { r.t_us.saturating_mul(UNTIMED_STEP_US) }
 }
 
+/// How shadows judge: the fetch latency (µs) and the fetch budget per block read.
+#[derive(Clone, Copy, Debug)]
+pub struct Judge {
+    pub fetch_us: f32,
+    pub fetch_ratio: f32,
+}
+
+/// One read as shadows see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub block: u64,
+    pub now_us: u64,
+    /// The stream's read count, this read included.
+    pub reads: u64,
+    /// Whether a prefetch of this block could have helped: it missed the cache, or it is there
+    /// because it was prefetched. A block cached by an earlier demand read helps nobody: naming
+    /// it earns no score (and is not judged).
+    pub useful: bool,
+}
+
 /// One predictor's answers on one stream, judged as if fetched (see the module doc).
 #[derive(Debug)]
 pub struct Shadow {
@@ -55,17 +75,19 @@ impl Default for Shadow {
 }
 
 impl Shadow {
-    /// The stream read `block` (its `reads`-th read) at `now_us`: credits, scores, judges.
-    pub fn on_read(&mut self, block: u64, now_us: u64, reads: u64, fetch_us: f32, fetch_ratio: f32) {
+    /// The stream read a block: credits, scores, judges.
+    pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
-        self.credits = (self.credits + fetch_ratio).min(BUCKET_BLOCKS);
-        if let Some((named_at, _)) = self.pending.remove(&block) {
-            let lead = now_us.saturating_sub(named_at) as f32;
-            self.score += if fetch_us > 0.0 { (lead / fetch_us).min(1.0) } else { 1.0 };
+        self.credits = (self.credits + judge.fetch_ratio).min(BUCKET_BLOCKS);
+        if let Some((named_at, _)) = self.pending.remove(&seen.block)
+            && seen.useful
+        {
+            let lead = seen.now_us.saturating_sub(named_at) as f32;
+            self.score += if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
             self.judge(true);
         }
         while let Some(&(b, at_read)) = self.order.front() {
-            if self.order.len() <= PENDING_MAX && at_read + JUDGE_AFTER_READS > reads {
+            if self.order.len() <= PENDING_MAX && at_read + JUDGE_AFTER_READS > seen.reads {
                 break;
             }
             self.order.pop_front();
@@ -138,11 +160,13 @@ impl RecentReads {
     }
 }
 
-/// The last `capacity` distinct blocks passed on for fetching, so none is passed on twice.
+/// The last `SENT_MEMORY` blocks passed on for fetching, so none is passed on twice.
 #[derive(Debug, Default)]
 pub struct Sent {
-    order: VecDeque<u64>,
-    set: HashSet<u64>,
+    order: VecDeque<(u64, u64)>,
+    /// Block → the sequence number it was (last) sent under.
+    blocks: HashMap<u64, u64>,
+    next: u64,
 }
 
 /// Blocks a stream remembers having passed on for fetching.
@@ -150,17 +174,25 @@ pub const SENT_MEMORY: usize = 256;
 
 impl Sent {
     pub fn contains(&self, block: u64) -> bool {
-        self.set.contains(&block)
+        self.blocks.contains_key(&block)
     }
     pub fn insert(&mut self, block: u64) {
-        if self.set.insert(block) {
-            if self.order.len() == SENT_MEMORY
-                && let Some(old) = self.order.pop_front()
-            {
-                self.set.remove(&old);
-            }
-            self.order.push_back(block);
+        if self.blocks.contains_key(&block) {
+            return;
         }
+        if self.order.len() == SENT_MEMORY
+            && let Some((old, seq)) = self.order.pop_front()
+            && self.blocks.get(&old) == Some(&seq)
+        {
+            self.blocks.remove(&old);
+        }
+        self.next += 1;
+        self.blocks.insert(block, self.next);
+        self.order.push_back((block, self.next));
+    }
+    /// Forgets `block` (it was not fetched after all).
+    pub fn remove(&mut self, block: u64) {
+        self.blocks.remove(&block);
     }
 }
 
@@ -170,8 +202,7 @@ pub struct Selector {
     candidates: Vec<Box<dyn Predictor>>,
     answers: Vec<Vec<u64>>,
     streams: PerStream<SelectStream>,
-    fetch_us: f32,
-    fetch_ratio: f32,
+    judge: Judge,
     name: String,
 }
 
@@ -179,6 +210,8 @@ pub struct Selector {
 struct SelectStream {
     shadows: Vec<Shadow>,
     recent: RecentReads,
+    /// What this selector passed on (when it runs as a predictor of its own).
+    sent: Sent,
     reads: u64,
     best: usize,
 }
@@ -187,23 +220,21 @@ struct SelectStream {
 pub const AUTO: [&str; 8] = ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril"];
 
 impl Selector {
-    /// `auto` (all of `AUTO`) or one heuristic by name. `fetch_us` is the fetch latency the
-    /// client sees; `fetch_ratio` the shadows' fetch budget per block read.
-    pub fn new(name: &str, fetch_us: f32, fetch_ratio: f32) -> Result<Self, String> {
+    /// `auto` (all of `AUTO`) or one heuristic by name.
+    pub fn new(name: &str, judge: Judge) -> Result<Self, String> {
         let names: Vec<&str> = if name == "auto" { AUTO.to_vec() } else { vec![name] };
         let candidates = names.iter().map(|n| crate::predict::by_name(n)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             answers: vec![Vec::new(); candidates.len()],
             candidates,
             streams: PerStream::default(),
-            fetch_us,
-            fetch_ratio,
+            judge,
             name: name.to_string(),
         })
     }
 
-    /// Like `on_read`; returns the chosen candidate's score (see [`Shadow::score`]).
-    pub fn select(&mut self, r: &Read, out: &mut Vec<u64>) -> f32 {
+    /// Like `on_read`, `useful` as in [`Seen`]; returns the chosen candidate's score.
+    pub fn select(&mut self, r: &Read, useful: bool, out: &mut Vec<u64>) -> f32 {
         for (p, a) in self.candidates.iter_mut().zip(&mut self.answers) {
             a.clear();
             p.on_read(r, a);
@@ -216,10 +247,10 @@ impl Selector {
         s.shadows.resize_with(self.candidates.len(), Shadow::default);
         s.reads += 1;
         s.recent.push(r.block);
-        let now = clock_us(r);
+        let seen = Seen { block: r.block, now_us: clock_us(r), reads: s.reads, useful };
         for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
-            sh.on_read(r.block, now, s.reads, self.fetch_us, self.fetch_ratio);
-            sh.offer(a, now, s.reads, |b| s.recent.contains(b));
+            sh.on_read(&seen, &self.judge);
+            sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b));
         }
         for (i, sh) in s.shadows.iter().enumerate() {
             if sh.score() > s.shadows[s.best].score() {
@@ -236,7 +267,13 @@ impl Predictor for Selector {
         self.name.clone()
     }
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
-        self.select(r, out);
+        let useful = !r.hit || self.streams.get(r.stream).sent.contains(r.block);
+        let start = out.len();
+        self.select(r, useful, out);
+        let sent = &mut self.streams.get(r.stream).sent;
+        for &b in &out[start..] {
+            sent.insert(b);
+        }
     }
 }
 
@@ -248,15 +285,17 @@ mod tests {
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
         let mut s = Shadow::default();
         s.credits = 0.0;
-        s.on_read(10, 0, 1, 1000.0, 1.0);
+        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+        let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
+        s.on_read(&seen(10, 0, 1), &j);
         s.offer(&[11, 12], 0, 1, |_| false);
         assert!(s.awaits(11) && !s.awaits(12), "one credit after one read");
-        s.on_read(11, 250, 2, 1000.0, 1.0);
+        s.on_read(&seen(11, 250, 2), &j);
         assert!((s.score() - 0.25).abs() < 0.01, "{}", s.score());
         s.offer(&[30], 250, 2, |_| false);
         assert!(s.awaits(30));
         for i in 0..JUDGE_AFTER_READS + 1 {
-            s.on_read(1000 + i, 10_000, 3 + i, 1000.0, 1.0);
+            s.on_read(&seen(1000 + i, 10_000, 3 + i), &j);
         }
         assert!(!s.awaits(30), "judged wasted");
         assert_eq!(s.outcomes, [true, false]);
@@ -264,18 +303,19 @@ mod tests {
 
     #[test]
     fn auto_follows_the_heuristic_that_fits_the_stream() {
-        let mut auto = Selector::new("auto", 1000.0, 1.0).unwrap();
+        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+        let mut auto = Selector::new("auto", j).unwrap();
         let mut out = Vec::new();
         // A sequential stream, one read each 100 µs: the deepest look-ahead hides the most.
         for b in 0..400u64 {
             out.clear();
             let r = Read { t_us: b * 100, timed: true, ..Read::at(7, b, false) };
-            auto.select(&r, &mut out);
+            auto.select(&r, true, &mut out);
         }
         let s = auto.streams.get(7);
         assert_eq!(AUTO[s.best], "next-8", "scores {:?}", s.shadows.iter().map(Shadow::score).collect::<Vec<_>>());
         assert_eq!(out, (400..408).collect::<Vec<_>>());
-        assert!(Selector::new("oracle", 1000.0, 1.0).is_err());
+        assert!(Selector::new("oracle", j).is_err());
     }
 
     #[test]
@@ -286,5 +326,8 @@ mod tests {
             s.insert(b);
         }
         assert!(!s.contains(0) && s.contains(1) && s.contains(SENT_MEMORY as u64));
+        s.remove(1);
+        s.insert(1);
+        assert!(s.contains(1) && !s.contains(2), "re-sent after removal, 2 now the oldest out");
     }
 }
