@@ -237,8 +237,8 @@ struct NodeServeArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Time per access of every predictor (the model through tract, the heuristics) on one
-    /// core over a trace's reads.
+    /// Time per access of every predictor (the model through tract, auto, the heuristics) and
+    /// of the network's step alone, on one core over a trace's reads; medians of several runs.
     Predictor {
         /// Trace whose reads drive the predictors.
         #[arg(long, default_value = "tests/data/traces/cloudphysics_excerpt.csv.gz")]
@@ -249,6 +249,9 @@ enum BenchCommand {
         /// Accesses timed per predictor.
         #[arg(long, default_value_t = 20_000)]
         accesses: usize,
+        /// Runs over the accesses; figures are medians over them.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -309,6 +312,10 @@ enum BenchCommand {
     },
 }
 
+// The predictors and tract allocate small tensors on every read; mimalloc keeps that cheap.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -356,9 +363,11 @@ async fn run(command: Command) -> Result<()> {
                 print!("{}", report.table());
             }
         }
-        Command::Bench(BenchCommand::Predictor { trace, model, accesses, json }) => {
-            let rows = tokio::task::spawn_blocking(move || bench::predictor::run(&trace, &model, accesses))
-                .await??;
+        Command::Bench(BenchCommand::Predictor { trace, model, accesses, runs, json }) => {
+            let rows = tokio::task::spawn_blocking(move || {
+                bench::predictor::run(&trace, &model, accesses, runs as usize)
+            })
+            .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

@@ -166,11 +166,27 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
 fn bench_predictor_times_the_model_beside_every_heuristic() {
     let cp = excerpt("cloudphysics_excerpt.csv.gz");
     let model = format!("{}/models/prefetch.onnx", env!("CARGO_MANIFEST_DIR"));
-    let (ok, out, err) =
-        augur(&["bench", "predictor", "--trace", &cp, "--model", &model, "--accesses", "300", "--json"]);
+    let (ok, out, err) = augur(&[
+        "bench",
+        "predictor",
+        "--trace",
+        &cp,
+        "--model",
+        &model,
+        "--accesses",
+        "300",
+        "--runs",
+        "3",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 1 + augur_prefetch::HEURISTICS.len());
-    assert!(rows.iter().all(|r| r["accesses"] == 300 && r["p50_us"].as_f64().unwrap() > 0.0), "{out}");
+    let names: Vec<&str> = rows.iter().map(|r| r["predictor"].as_str().unwrap()).collect();
+    assert_eq!(names[..3], ["model-step", "model", "auto"]);
+    assert_eq!(names[3..], augur_prefetch::HEURISTICS);
+    assert!(
+        rows.iter().all(|r| r["accesses"] == 300 && r["runs"] == 3 && r["p50_us"].as_f64().unwrap() > 0.0),
+        "{out}"
+    );
 }

@@ -216,14 +216,14 @@ impl Default for ModelKnobs {
         // the last 30% that the figures are reported on.
         Self {
             threshold: 16.0,
-            min_p: 0.05,
+            min_p: 0.1,
             budget_blocks: 32,
             unsure_below: 0.05,
             accuracy_floor: 0.05,
             fallback: FALLBACK,
             fetch_us: 1000.0,
             fetch_ratio: 1.0,
-            fill: false,
+            fill: true,
             trust: 1.0,
         }
     }
@@ -272,7 +272,9 @@ impl ModelKnobs {
                     k.fallback = std::iter::once("auto")
                         .chain(crate::predict::HEURISTICS)
                         .find(|h| *h == value)
-                        .ok_or_else(|| bad(&format!("not auto or one of {}", crate::predict::HEURISTICS.join(", "))))?;
+                        .ok_or_else(|| {
+                            bad(&format!("not auto or one of {}", crate::predict::HEURISTICS.join(", ")))
+                        })?;
                 }
                 "budget_blocks" => {
                     k.budget_blocks = value.parse().map_err(|e| bad(&e))?;
@@ -435,7 +437,7 @@ impl Predictor for ModelPredictor {
 }
 
 /// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
-pub const FALLBACK: &str = "linux-ra";
+pub const FALLBACK: &str = "auto";
 
 /// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
 /// knobs; the rest as [`crate::predict::by_name`].

@@ -2,7 +2,9 @@
 //! demand reads of a stream (block index, hit or miss) and answers with blocks to fetch ahead,
 //! best first. Per-stream state is bounded (`STREAMS_MAX`); tables are bounded per predictor.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 /// Streams a predictor keeps state for; past it, the state of an arbitrary stream is dropped.
 pub const STREAMS_MAX: usize = 4096;
@@ -79,7 +81,7 @@ pub(crate) struct PerStream<S> {
 
 impl<S: Default> Default for PerStream<S> {
     fn default() -> Self {
-        Self { map: HashMap::new() }
+        Self { map: HashMap::default() }
     }
 }
 

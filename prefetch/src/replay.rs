@@ -12,7 +12,9 @@
 //!   requests is scored.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
+
+use foldhash::HashMap;
 
 use serde::Serialize;
 
@@ -84,7 +86,7 @@ struct Lru {
 
 impl Lru {
     fn new(cap: usize) -> Self {
-        Self { cap: cap.max(1), next_seq: 0, map: HashMap::new(), order: BTreeMap::new() }
+        Self { cap: cap.max(1), next_seq: 0, map: HashMap::default(), order: BTreeMap::new() }
     }
 
     fn touch(&mut self, k: Key) -> Option<&mut Entry> {
@@ -122,7 +124,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
     let footprint = trace.footprint(cfg.block_bytes);
     let mut cache = Lru::new((cfg.cache_frac * footprint as f64).round() as usize);
     // Prefetches in flight: land time by key, and a heap to land them in order.
-    let mut inflight: HashMap<Key, u64> = HashMap::new();
+    let mut inflight: HashMap<Key, u64> = HashMap::default();
     let mut landing: BinaryHeap<Reverse<(u64, Key)>> = BinaryHeap::new();
     let n = trace.accesses.len();
     let scored_from = n - ((cfg.tail_frac.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
@@ -214,7 +216,10 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             predictor.on_read(&read, &mut predictions);
             for &p in &predictions {
                 let k = (a.stream, p);
-                if cache.map.contains_key(&k) || inflight.contains_key(&k) || inflight.len() >= cfg.max_inflight {
+                if cache.map.contains_key(&k)
+                    || inflight.contains_key(&k)
+                    || inflight.len() >= cfg.max_inflight
+                {
                     predictor.not_fetched(a.stream, p);
                     continue;
                 }

@@ -11,7 +11,9 @@
 //! `JUDGE_AFTER_READS` reads counts as wasted; used / (used + wasted) over the last
 //! `OUTCOMES` judged blocks is the shadow's accuracy.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use crate::predict::{PerStream, Predictor, Read};
 
@@ -70,7 +72,13 @@ pub struct Shadow {
 
 impl Default for Shadow {
     fn default() -> Self {
-        Self { credits: START_CREDITS, pending: HashMap::new(), order: VecDeque::new(), score: 0.0, outcomes: VecDeque::new() }
+        Self {
+            credits: START_CREDITS,
+            pending: HashMap::default(),
+            order: VecDeque::new(),
+            score: 0.0,
+            outcomes: VecDeque::new(),
+        }
     }
 }
 
@@ -313,7 +321,12 @@ mod tests {
             auto.select(&r, true, &mut out);
         }
         let s = auto.streams.get(7);
-        assert_eq!(AUTO[s.best], "next-8", "scores {:?}", s.shadows.iter().map(Shadow::score).collect::<Vec<_>>());
+        assert_eq!(
+            AUTO[s.best],
+            "next-8",
+            "scores {:?}",
+            s.shadows.iter().map(Shadow::score).collect::<Vec<_>>()
+        );
         assert_eq!(out, (400..408).collect::<Vec<_>>());
         assert!(Selector::new("oracle", j).is_err());
     }

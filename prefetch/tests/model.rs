@@ -43,7 +43,8 @@ fn same_as_fallback(model: Option<Model>) {
     let loose = ModelKnobs { fetch_ratio: 64.0, ..ModelKnobs::default() };
     let mut with = ModelPredictor::new(model.clone(), ModelKnobs { fallback: "linux-ra", ..loose });
     // The default budget: some of what the fallback says, within the credits.
-    let mut budgeted = ModelPredictor::new(model, ModelKnobs { fallback: "linux-ra", ..ModelKnobs::default() });
+    let mut budgeted =
+        ModelPredictor::new(model, ModelKnobs { fallback: "linux-ra", ..ModelKnobs::default() });
     let mut alone = by_name("linux-ra").unwrap();
     let (mut issued, mut reads) = (0.0, 0.0);
     let (mut sent, mut seen) = (Vec::new(), Vec::new());
