@@ -291,8 +291,7 @@ mod tests {
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
-        let mut s = Shadow::default();
-        s.credits = 0.0;
+        let mut s = Shadow { credits: 0.0, ..Shadow::default() };
         let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);
@@ -340,7 +339,10 @@ mod tests {
         }
         assert!(!s.contains(0) && s.contains(1) && s.contains(SENT_MEMORY as u64));
         s.remove(1);
-        s.insert(1);
-        assert!(s.contains(1) && !s.contains(2), "re-sent after removal, 2 now the oldest out");
+        assert!(!s.contains(1));
+        s.insert(1); // takes the place of its stale entry
+        assert!(s.contains(1) && s.contains(2));
+        s.insert(10_000);
+        assert!(!s.contains(2) && s.contains(1), "2 was the oldest live entry");
     }
 }
