@@ -13,9 +13,12 @@
 //! away is read within the stream's next `HORIZON` reads. The predictor takes the likeliest
 //! deltas (top-k chosen here), skipping blocks it issued or the stream read recently (no
 //! duplicate fetches), while each is at least `min_p`, until their probabilities add up to
-//! `threshold` (expected useful blocks) or `budget_blocks` new blocks are issued. When the best
-//! probability is below `unsure_below`, or the measured accuracy of its recent predictions on
-//! this stream (used / issued) falls below `accuracy_floor`, the fallback heuristic decides.
+//! `threshold` (expected useful blocks) or `budget_blocks` new blocks are issued. Its choices
+//! are judged as if fetched (`select::Shadow`) whoever decides. When the best probability is
+//! below `unsure_below`, the measured accuracy of its recent choices on this stream (used /
+//! judged) falls below `accuracy_floor`, or its shadow hid less fetch time lately than `trust` ×
+//! the fallback's, the fallback (`auto`: the best heuristic for the stream) decides. One fetch
+//! budget per stream pays for both.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
