@@ -149,8 +149,9 @@ impl Shadow {
     }
 }
 
-/// Per-read decay of a score: halves every `HALF_LIFE_READS` reads.
-const DECAY: f32 = 0.997_296_7; // 0.5^(1/256)
+/// Per-read decay of a score: halves every `HALF_LIFE_READS` reads (0.5^(1/256), checked by a
+/// test).
+const DECAY: f32 = 0.997_296_7;
 
 /// The last `RECENT_READS` blocks a stream read.
 #[derive(Debug, Default)]
@@ -328,6 +329,12 @@ mod tests {
         );
         assert_eq!(out, (400..408).collect::<Vec<_>>());
         assert!(Selector::new("oracle", j).is_err());
+    }
+
+    #[test]
+    fn decay_halves_a_score_over_the_half_life() {
+        let half = DECAY.powf(HALF_LIFE_READS);
+        assert!((half - 0.5).abs() < 1e-3, "{half}");
     }
 
     #[test]
