@@ -73,13 +73,29 @@ fn log2_1p(x: u64) -> f32 {
     ((x as f64) + 1.0).log2() as f32
 }
 
+/// The last `CONTEXT` blocks a stream read.
+#[derive(Clone, Debug, Default)]
+pub struct RecentReads(std::collections::VecDeque<u64>);
+
+impl RecentReads {
+    pub fn push(&mut self, block: u64) {
+        if self.0.len() == CONTEXT {
+            self.0.pop_front();
+        }
+        self.0.push_back(block);
+    }
+    pub fn contains(&self, block: u64) -> bool {
+        self.0.contains(&block)
+    }
+}
+
 /// The running state of one stream: its last block and time, its last `CONTEXT` blocks and its
 /// last `SEQ_LEN` steps.
 #[derive(Clone, Debug, Default)]
 pub struct StreamFeatures {
     prev_block: Option<u64>,
     prev_t_us: Option<u64>,
-    recent: std::collections::VecDeque<u64>,
+    recent: RecentReads,
     pub window: std::collections::VecDeque<Step>,
 }
 
@@ -95,7 +111,7 @@ impl StreamFeatures {
             (true, Some(p)) => log2_1p(t_us.saturating_sub(p)),
             _ => 0.0,
         };
-        let seen = |b: Option<u64>| b.is_some_and(|b| self.recent.contains(&b));
+        let seen = |b: Option<u64>| b.is_some_and(|b| self.recent.contains(b));
         let flag = |x: bool| if x { 1.0 } else { 0.0 };
         let step = Step {
             token,
@@ -109,10 +125,7 @@ impl StreamFeatures {
                 flag(seen(block.checked_add(1))),
             ],
         };
-        self.recent.push_back(block);
-        if self.recent.len() > CONTEXT {
-            self.recent.pop_front();
-        }
+        self.recent.push(block);
         self.prev_block = Some(block);
         self.prev_t_us = Some(t_us);
         self.window.push_back(step);
@@ -124,7 +137,7 @@ impl StreamFeatures {
 
     /// Whether `block` is among the stream's last `CONTEXT` reads.
     pub fn recently_read(&self, block: u64) -> bool {
-        self.recent.contains(&block)
+        self.recent.contains(block)
     }
 
     /// The last `SEQ_LEN` steps, left-padded.

@@ -27,7 +27,7 @@ use tract_onnx::prelude::*;
 
 use crate::features::{self, SEQ_LEN, Step, StreamFeatures, token_delta};
 use crate::predict::{PerStream, Predictor, Read};
-use crate::select::{BUCKET_BLOCKS, Judge, START_CREDITS, Seen, Selector, Sent, Shadow, clock_us};
+use crate::select::{Credits, Judge, Seen, Selector, Sent, Shadow, clock_us};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -208,7 +208,8 @@ pub struct ModelKnobs {
     /// Also pass on the fallback's predictions after the model's own, while credits last.
     pub fill: bool,
     /// The model decides only while its shadow score is at least this times the fallback's
-    /// (the fetch time each would have hidden recently, see `select::Shadow`).
+    /// (the fetch time each would have hidden recently, see `select::Shadow`). A fallback of one
+    /// heuristic is not judged (score 0): against it only `unsure_below` and `accuracy_floor` count.
     pub trust: f32,
 }
 
@@ -303,7 +304,7 @@ struct ModelStream {
     state: StreamState,
     reads: u64,
     /// Real fetch credits (see `ModelKnobs::fetch_ratio`), shared by the model and the fallback.
-    credits: f32,
+    credits: Credits,
     /// Blocks passed on for fetching recently, by the model or the fallback: not again.
     sent: Sent,
     /// The model's own choices, judged as if fetched, also while the fallback decides, so the
@@ -315,15 +316,14 @@ impl ModelStream {
     /// Passes on the blocks not sent or read recently, as many as the credits pay for.
     fn pass_on(&mut self, blocks: &[u64], out: &mut Vec<u64>) {
         for &b in blocks {
-            if self.credits < 1.0 {
-                break;
-            }
             if self.sent.contains(b) || self.features.recently_read(b) {
                 continue;
             }
+            if !self.credits.spend() {
+                break;
+            }
             self.sent.insert(b);
             out.push(b);
-            self.credits -= 1.0;
         }
     }
 }
@@ -375,11 +375,8 @@ impl Predictor for ModelPredictor {
         let useful = !r.hit || s.sent.contains(block);
         let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
         let s = self.streams.get(r.stream);
-        if s.reads == 0 {
-            s.credits = START_CREDITS;
-        }
         s.reads += 1;
-        s.credits = (s.credits + self.knobs.fetch_ratio).min(BUCKET_BLOCKS);
+        s.credits.earn(self.knobs.fetch_ratio);
         let now = clock_us(r);
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
@@ -434,7 +431,7 @@ impl Predictor for ModelPredictor {
 
     fn not_fetched(&mut self, stream: u64, block: u64) {
         let s = self.streams.get(stream);
-        s.credits = (s.credits + 1.0).min(BUCKET_BLOCKS);
+        s.credits.earn(1.0);
         s.sent.remove(block);
     }
 }

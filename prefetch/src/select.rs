@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 
 use foldhash::HashMap;
 
+use crate::features::RecentReads;
 use crate::predict::{PerStream, Predictor, Read};
 
 /// Reads after which a named block that was not read counts as wasted.
@@ -29,10 +30,33 @@ pub const HALF_LIFE_READS: f32 = 256.0;
 pub const BUCKET_BLOCKS: f32 = 64.0;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
-/// Blocks read recently that are not named again (they are cached).
-pub const RECENT_READS: usize = 32;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
 pub const UNTIMED_STEP_US: u64 = 100;
+
+/// A per-stream fetch budget: credits earned per block read (and given back for blocks that cost
+/// no fetch), saved up to `BUCKET_BLOCKS`, `START_CREDITS` at first; one credit per fetch.
+#[derive(Clone, Copy, Debug)]
+pub struct Credits(f32);
+
+impl Default for Credits {
+    fn default() -> Self {
+        Self(START_CREDITS)
+    }
+}
+
+impl Credits {
+    pub fn earn(&mut self, n: f32) {
+        self.0 = (self.0 + n).min(BUCKET_BLOCKS);
+    }
+    /// Pays for one fetch, if there is a credit.
+    pub fn spend(&mut self) -> bool {
+        let ok = self.0 >= 1.0;
+        if ok {
+            self.0 -= 1.0;
+        }
+        ok
+    }
+}
 
 /// A read's time in µs (untimed traces count requests).
 pub fn clock_us(r: &Read) -> u64 {
@@ -62,7 +86,7 @@ pub struct Seen {
 /// One predictor's answers on one stream, judged as if fetched (see the module doc).
 #[derive(Debug)]
 pub struct Shadow {
-    credits: f32,
+    credits: Credits,
     /// Named block → (time named, read index when named).
     pending: HashMap<u64, (u64, u64)>,
     order: VecDeque<(u64, u64)>,
@@ -73,7 +97,7 @@ pub struct Shadow {
 impl Default for Shadow {
     fn default() -> Self {
         Self {
-            credits: START_CREDITS,
+            credits: Credits::default(),
             pending: HashMap::default(),
             order: VecDeque::new(),
             score: 0.0,
@@ -86,7 +110,7 @@ impl Shadow {
     /// The stream read a block: credits, scores, judges.
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
-        self.credits = (self.credits + judge.fetch_ratio).min(BUCKET_BLOCKS);
+        self.credits.earn(judge.fetch_ratio);
         if let Some((named_at, _)) = self.pending.remove(&seen.block)
             && seen.useful
         {
@@ -123,15 +147,14 @@ impl Shadow {
     /// while its credits last.
     pub fn offer(&mut self, blocks: &[u64], now_us: u64, reads: u64, skip: impl Fn(u64) -> bool) {
         for &b in blocks {
-            if self.credits < 1.0 {
-                break;
-            }
             if self.pending.contains_key(&b) || skip(b) {
                 continue;
             }
+            if !self.credits.spend() {
+                break;
+            }
             self.pending.insert(b, (now_us, reads));
             self.order.push_back((b, reads));
-            self.credits -= 1.0;
         }
     }
 
@@ -152,22 +175,6 @@ impl Shadow {
 /// Per-read decay of a score: halves every `HALF_LIFE_READS` reads (0.5^(1/256), checked by a
 /// test).
 const DECAY: f32 = 0.997_296_7;
-
-/// The last `RECENT_READS` blocks a stream read.
-#[derive(Debug, Default)]
-pub struct RecentReads(VecDeque<u64>);
-
-impl RecentReads {
-    pub fn push(&mut self, block: u64) {
-        if self.0.len() == RECENT_READS {
-            self.0.pop_front();
-        }
-        self.0.push_back(block);
-    }
-    pub fn contains(&self, block: u64) -> bool {
-        self.0.contains(&block)
-    }
-}
 
 /// The last `SENT_MEMORY` blocks passed on for fetching, so none is passed on twice.
 #[derive(Debug, Default)]
@@ -292,7 +299,7 @@ mod tests {
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
-        let mut s = Shadow { credits: 0.0, ..Shadow::default() };
+        let mut s = Shadow { credits: Credits(0.0), ..Shadow::default() };
         let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);
