@@ -75,6 +75,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.head_frac) || args.head_frac == 0.0 {
         bail!("--head-frac {} must be in (0, 1]", args.head_frac);
     }
+    if !(args.latency_ms >= 0.0 && args.latency_ms <= 60_000.0) {
+        bail!("--latency-ms {} must be between 0 and 60000", args.latency_ms);
+    }
     let latency_us = (args.latency_ms * 1000.0).round() as u64;
     // The predictors are told the fetch latency, as a client measures it.
     let base = ModelKnobs { fetch_us: latency_us as f32, ..ModelKnobs::default() };

@@ -54,6 +54,8 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     assert!(!ok && err.contains("unknown predictor \"oracle\""), "{err}");
     let (ok, _, err) = augur(&["trace", "eval", &cp, "--cache-frac", "0"]);
     assert!(!ok && err.contains("--cache-frac"), "{err}");
+    let (ok, _, err) = augur(&["trace", "eval", &cp, "--latency-ms=-1"]);
+    assert!(!ok && err.contains("--latency-ms"), "{err}");
     let (ok, _, err) = augur(&["trace", "eval", &cp, "--head-frac", "1.5"]);
     assert!(!ok && err.contains("--head-frac"), "{err}");
 }
