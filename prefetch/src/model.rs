@@ -121,7 +121,17 @@ impl Model {
 
     /// A runner: tract's execution state for this plan, reused from read to read.
     pub fn runner(&self) -> TractResult<Runner> {
-        Ok(Runner { state: TypedSimpleState::new(&self.plan)?, hidden: self.hidden })
+        let nf = features::FEATURES.len();
+        let inputs = [
+            Tensor::zero::<i64>(&[LANES])?,
+            Tensor::zero::<f32>(&[LANES, nf + self.hidden])?,
+            Tensor::zero::<f32>(&[LANES, self.hidden])?,
+        ];
+        Ok(Runner {
+            state: TypedSimpleState::new(&self.plan)?,
+            hidden: self.hidden,
+            inputs: inputs.map(Arc::new),
+        })
     }
 
     /// Per-token probabilities after a whole window fed step by step from a fresh state (what
@@ -137,10 +147,13 @@ impl Model {
     }
 }
 
-/// Runs the step graph for one predictor (tract's state is reused, not rebuilt per read).
+/// Runs the step graph for one predictor (tract's state and the input tensors are reused, not
+/// rebuilt per read).
 pub struct Runner {
     state: TypedSimpleState,
     hidden: usize,
+    /// `token`, `x`, `c`: filled in place each step (tract holds no reference between runs).
+    inputs: [Arc<Tensor>; 3],
 }
 
 impl Runner {
@@ -161,17 +174,26 @@ impl Runner {
             }
         }
         let older = (0..LANES).max_by_key(|&l| age(l)).unwrap_or(0);
-        let token = tract_ndarray::Array1::from_elem(LANES, step.token);
+        let [token, x, c] = &mut self.inputs;
+        let exclusive = || TractError::msg("tract kept a model input between runs");
+        Arc::get_mut(token)
+            .ok_or_else(exclusive)?
+            .try_as_plain_ram_mut()?
+            .as_slice_mut::<i64>()?
+            .fill(step.token);
         // x = [features | h] per lane.
-        let x = tract_ndarray::Array2::from_shape_fn((LANES, nf + h), |(lane, j)| {
-            if j < nf { step.features[j] } else { state.h[lane * h + j - nf] }
-        });
-        let c = tract_ndarray::Array2::from_shape_vec((LANES, h), state.c.clone())?;
-        let out = self.state.run(tvec!(
-            Tensor::from(token).into(),
-            Tensor::from(x).into(),
-            Tensor::from(c).into()
-        ))?;
+        let xs = Arc::get_mut(x).ok_or_else(exclusive)?;
+        let mut xs = xs.try_as_plain_ram_mut()?;
+        for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(nf + h).enumerate() {
+            row[..nf].copy_from_slice(&step.features);
+            row[nf..].copy_from_slice(&state.h[lane * h..(lane + 1) * h]);
+        }
+        Arc::get_mut(c)
+            .ok_or_else(exclusive)?
+            .try_as_plain_ram_mut()?
+            .as_slice_mut::<f32>()?
+            .copy_from_slice(&state.c);
+        let out = self.state.run(self.inputs.iter().map(|t| TValue::from_const(t.clone())).collect())?;
         let p = out[0].try_as_plain_ram()?.as_slice::<f32>()?;
         let vocab = p.len() / LANES;
         probs.clear();
