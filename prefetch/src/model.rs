@@ -365,11 +365,11 @@ pub struct ModelPredictor {
 }
 
 impl ModelPredictor {
-    /// With `model` None (missing or corrupt file), every read goes to the fallback.
-    pub fn new(model: Option<Model>, knobs: ModelKnobs) -> Self {
-        let fallback = Selector::new(knobs.fallback, knobs.judge())
-            .expect("ModelKnobs::fallback names a known heuristic");
-        Self {
+    /// With `model` None (missing or corrupt file), every read goes to the fallback. Fails on a
+    /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already).
+    pub fn new(model: Option<Model>, knobs: ModelKnobs) -> Result<Self, String> {
+        let fallback = Selector::new(knobs.fallback, knobs.judge())?;
+        Ok(Self {
             runner: model.and_then(|m| m.runner().ok()),
             fallback,
             knobs,
@@ -380,7 +380,7 @@ impl ModelPredictor {
             ranked: Vec::new(),
             fell_back: 0,
             inferences: 0,
-        }
+        })
     }
 }
 
@@ -474,7 +474,7 @@ pub fn predictor_with(
     knobs: ModelKnobs,
 ) -> Result<Box<dyn Predictor>, String> {
     match name {
-        "model" => Ok(Box::new(ModelPredictor::new(model.cloned(), knobs))),
+        "model" => Ok(Box::new(ModelPredictor::new(model.cloned(), knobs)?)),
         "auto" => Ok(Box::new(Selector::new("auto", knobs.judge())?)),
         n => crate::predict::by_name(n),
     }

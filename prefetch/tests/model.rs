@@ -41,10 +41,10 @@ fn tract_matches_the_parity_vectors() {
 fn same_as_fallback(model: Option<Model>) {
     // A fetch budget that never binds.
     let loose = ModelKnobs { fetch_ratio: 64.0, ..ModelKnobs::default() };
-    let mut with = ModelPredictor::new(model.clone(), ModelKnobs { fallback: "linux-ra", ..loose });
+    let mut with = ModelPredictor::new(model.clone(), ModelKnobs { fallback: "linux-ra", ..loose }).unwrap();
     // The default budget: some of what the fallback says, within the credits.
     let mut budgeted =
-        ModelPredictor::new(model, ModelKnobs { fallback: "linux-ra", ..ModelKnobs::default() });
+        ModelPredictor::new(model, ModelKnobs { fallback: "linux-ra", ..ModelKnobs::default() }).unwrap();
     let mut alone = by_name("linux-ra").unwrap();
     let (mut issued, mut reads) = (0.0, 0.0);
     let (mut sent, mut seen) = (Vec::new(), Vec::new());
@@ -98,7 +98,10 @@ fn missing_corrupt_or_mismatched_models_are_named_and_fall_back() {
 #[test]
 fn the_model_predicts_ahead_of_a_stream() {
     let model = Model::load(&shipped()).unwrap();
-    let mut p = ModelPredictor::new(Some(model), ModelKnobs { fallback: "none", ..ModelKnobs::default() });
+    let mut p =
+        ModelPredictor::new(Some(model), ModelKnobs { fallback: "none", ..ModelKnobs::default() }).unwrap();
+    let unknown = ModelKnobs { fallback: "oracle", ..ModelKnobs::default() };
+    assert!(ModelPredictor::new(None, unknown).err().is_some_and(|e| e.contains("oracle")));
     let mut out = Vec::new();
     for b in 0..64u64 {
         out.clear();
@@ -113,8 +116,8 @@ fn the_step_state_is_per_stream() {
     // Two streams interleaved give each the answers it gets alone.
     let model = Model::load(&shipped()).unwrap();
     let knobs = ModelKnobs { fallback: "none", ..ModelKnobs::default() };
-    let mut both = ModelPredictor::new(Some(model.clone()), knobs);
-    let mut alone = ModelPredictor::new(Some(model), knobs);
+    let mut both = ModelPredictor::new(Some(model.clone()), knobs).unwrap();
+    let mut alone = ModelPredictor::new(Some(model), knobs).unwrap();
     for i in 0..40u64 {
         let (mut x, mut y, mut z) = (Vec::new(), Vec::new(), Vec::new());
         both.on_read(&Read::at(1, 500 + 3 * i, false), &mut x);
