@@ -5,6 +5,7 @@
 //! Recording never blocks a request: records go through a queue of `TRACE_QUEUE_MAX` entries to
 //! a writer thread, which flushes whenever the queue runs empty; a record that finds the queue
 //! full is dropped and counted (logged when the recorder stops, and every `DROP_LOG_EVERY`).
+//! Dropping the recorder waits for the writer to put every queued record on disk.
 
 use std::io::Write;
 use std::path::Path;
@@ -28,7 +29,9 @@ struct Record {
 }
 
 pub struct TraceRecorder {
-    tx: SyncSender<Record>,
+    /// None once dropping (closing the queue ends the writer).
+    tx: Option<SyncSender<Record>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     started: Instant,
     dropped: AtomicU64,
 }
@@ -41,18 +44,24 @@ impl TraceRecorder {
         w.flush()?;
         let (tx, rx) = sync_channel(TRACE_QUEUE_MAX);
         let shown = path.display().to_string();
-        std::thread::Builder::new().name("augur-trace".into()).spawn(move || {
+        let writer = std::thread::Builder::new().name("augur-trace".into()).spawn(move || {
             if let Err(e) = write_records(rx, &mut w) {
                 tracing::error!("trace {shown}: {e}; recording stopped");
             }
         })?;
-        Ok(TraceRecorder { tx, started: Instant::now(), dropped: AtomicU64::new(0) })
+        Ok(TraceRecorder {
+            tx: Some(tx),
+            writer: Some(writer),
+            started: Instant::now(),
+            dropped: AtomicU64::new(0),
+        })
     }
 
     /// Records one request of `size` bytes at `offset` of inode `ino`.
     pub fn record(&self, op: Op, offset: u64, size: u64, ino: u64) {
         let t_us = self.started.elapsed().as_micros() as u64;
-        match self.tx.try_send(Record { t_us, op, offset, size, ino }) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(Record { t_us, op, offset, size, ino }) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -66,6 +75,12 @@ impl TraceRecorder {
 
 impl Drop for TraceRecorder {
     fn drop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            tracing::error!("trace writer panicked; the trace may end early");
+        }
         let n = self.dropped.load(Ordering::Relaxed);
         if n > 0 {
             tracing::warn!("trace: {n} records dropped (queue of {TRACE_QUEUE_MAX} full)");
@@ -89,5 +104,30 @@ fn write_records(rx: Receiver<Record>, w: &mut impl Write) -> std::io::Result<()
         };
         let op = if r.op == Op::Read { 'R' } else { 'W' };
         writeln!(w, "{},{op},{},{},{}", r.t_us, r.offset, r.size, r.ino)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_queued_record_is_on_disk_once_the_recorder_is_dropped() {
+        let path = std::env::temp_dir().join(format!("augur-trace-test-{}.csv", std::process::id()));
+        let rec = TraceRecorder::create(&path).unwrap();
+        let n = 20_000u64;
+        for i in 0..n {
+            rec.record(if i % 2 == 0 { Op::Read } else { Op::Write }, i * 4096, 4096, 7);
+        }
+        let dropped = rec.dropped.load(Ordering::Relaxed);
+        drop(rec);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], CSV_HEADER);
+        assert_eq!(lines.len() as u64, 1 + n - dropped, "no record lost but those counted as dropped");
+        assert!(lines.last().unwrap().ends_with(&format!(",W,{},4096,7", (n - 1) * 4096)));
+        let t = augur_prefetch::Trace::read(&path).unwrap();
+        assert_eq!(t.accesses.len() as u64, n - dropped);
+        std::fs::remove_file(&path).unwrap();
     }
 }
