@@ -188,6 +188,15 @@ fn table(r: &TraceReport, a: &EvalArgs) -> String {
             s.p99_latency_us
         );
     }
+    for s in &r.scores {
+        if let Some(d) = s.model_decided {
+            out += &format!(
+                "  {}: the network decided on {:.1}% of scored reads, its fallback on the rest\n",
+                s.predictor,
+                d * 100.0
+            );
+        }
+    }
     out
 }
 

@@ -113,6 +113,11 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let m = v[0]["scores"].as_array().unwrap().iter().find(|s| s["predictor"] == "model").cloned().unwrap();
     assert!(m["issued"].as_u64().unwrap() > 0, "{m}");
+    // How often the network decided is reported for `model` only.
+    let decided = m["model_decided"].as_f64().unwrap();
+    assert!(decided > 0.0 && decided <= 1.0, "{m}");
+    let next1 = v[0]["scores"].as_array().unwrap().iter().find(|s| s["predictor"] == "next-1").cloned();
+    assert!(next1.is_some_and(|s| s.get("model_decided").is_none()));
 
     // Without a model, `model` is its fallback (here linux-ra, with a fetch budget that never
     // binds): it prefetches what linux-ra does, less what it sent or read recently.
@@ -128,6 +133,7 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     let used = |s: &serde_json::Value| s["used"].as_f64().unwrap();
     let issued = |s: &serde_json::Value| s["issued"].as_f64().unwrap();
     assert!(used(&m) >= 0.9 * used(&ra) && issued(&m) <= 1.1 * issued(&ra), "{m}\n{ra}");
+    assert_eq!(m["model_decided"], 0.0, "no network, no decisions: {m}");
 
     // Knob sets side by side, on the first half only; bad knobs are named.
     let (ok, out, err) = augur(&[

@@ -361,6 +361,8 @@ pub struct ModelPredictor {
     ranked: Vec<(usize, f32)>,
     /// Times the fallback decided (unsure, inaccurate, behind it, or no model).
     pub fell_back: u64,
+    /// Times the network's choice was passed on.
+    pub decided: u64,
     pub inferences: u64,
 }
 
@@ -379,6 +381,7 @@ impl ModelPredictor {
             probs: Vec::new(),
             ranked: Vec::new(),
             fell_back: 0,
+            decided: 0,
             inferences: 0,
         })
     }
@@ -441,6 +444,7 @@ impl Predictor for ModelPredictor {
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
             && s.shadow.score() >= self.knobs.trust * fallback_score;
         if trusted {
+            self.decided += 1;
             s.pass_on(&self.picks, out);
             if self.knobs.fill {
                 s.pass_on(&self.scratch, out);
@@ -449,6 +453,10 @@ impl Predictor for ModelPredictor {
             self.fell_back += 1;
             s.pass_on(&self.scratch, out);
         }
+    }
+
+    fn decisions(&self) -> Option<(u64, u64)> {
+        Some((self.fell_back + self.decided, self.decided))
     }
 
     fn not_fetched(&mut self, stream: u64, block: u64) {

@@ -47,6 +47,11 @@ pub trait Predictor: Send {
     /// the limit on fetches in flight dropped it. (Predictors that keep a fetch budget take it
     /// back.)
     fn not_fetched(&mut self, _stream: u64, _block: u64) {}
+    /// For a predictor that hands some reads to a fallback (`model`): reads seen so far, and on
+    /// how many of them its own choice was passed on.
+    fn decisions(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The heuristic set every evaluation reports (SPEC §7), in order.

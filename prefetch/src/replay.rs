@@ -64,9 +64,18 @@ pub struct Score {
     pub over_fetch: f64,
     pub mean_latency_us: f64,
     pub p99_latency_us: f64,
+    /// `model` only: the share of scored reads on which the network decided (the fallback
+    /// decided the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_decided: Option<f64>,
 }
 
 type Key = (u64, u64);
+
+/// a / b, 0 when b is 0.
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
 
 struct Entry {
     seq: u64,
@@ -131,10 +140,14 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
     let mut s = Score { predictor: predictor.name(), ..Score::default() };
     let mut latencies: Vec<u64> = Vec::new();
     let mut predictions = Vec::new();
+    let mut decisions_before = None;
 
     for (i, a) in trace.accesses.iter().enumerate() {
         let t = if trace.timed { a.t_us } else { i as u64 * cfg.iat_us };
         let scored = i >= scored_from;
+        if i == scored_from {
+            decisions_before = predictor.decisions();
+        }
         // Land every prefetch due by now, in order.
         while let Some(Reverse((at, k))) = landing.peek().copied() {
             if at > t {
@@ -236,12 +249,14 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             latencies.push(wait);
         }
     }
+    if let (Some((r0, d0)), Some((r1, d1))) = (decisions_before, predictor.decisions()) {
+        s.model_decided = Some(ratio(d1 - d0, r1 - r0));
+    }
     finish(&mut s, latencies);
     s
 }
 
 fn finish(s: &mut Score, mut lat: Vec<u64>) {
-    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     s.accuracy = ratio(s.used, s.issued);
     s.coverage = ratio(s.used, s.used + s.demand_misses);
     s.hit_ratio = ratio(s.hits, s.blocks_read);
