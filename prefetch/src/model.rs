@@ -152,7 +152,7 @@ impl Model {
 pub struct Runner {
     state: TypedSimpleState,
     hidden: usize,
-    /// `token`, `x`, `c`: filled in place each step (tract holds no reference between runs).
+    /// `token`, `x`, `c`: filled in place each step.
     inputs: [Arc<Tensor>; 3],
 }
 
@@ -174,25 +174,17 @@ impl Runner {
             }
         }
         let older = (0..LANES).max_by_key(|&l| age(l)).unwrap_or(0);
+        // Filled in place: tract drops its references when a run ends (if a failed run kept
+        // one, `make_mut` copies the tensor instead of failing every later step).
         let [token, x, c] = &mut self.inputs;
-        let exclusive = || TractError::msg("tract kept a model input between runs");
-        Arc::get_mut(token)
-            .ok_or_else(exclusive)?
-            .try_as_plain_ram_mut()?
-            .as_slice_mut::<i64>()?
-            .fill(step.token);
+        Arc::make_mut(token).try_as_plain_ram_mut()?.as_slice_mut::<i64>()?.fill(step.token);
         // x = [features | h] per lane.
-        let xs = Arc::get_mut(x).ok_or_else(exclusive)?;
-        let mut xs = xs.try_as_plain_ram_mut()?;
+        let mut xs = Arc::make_mut(x).try_as_plain_ram_mut()?;
         for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(nf + h).enumerate() {
             row[..nf].copy_from_slice(&step.features);
             row[nf..].copy_from_slice(&state.h[lane * h..(lane + 1) * h]);
         }
-        Arc::get_mut(c)
-            .ok_or_else(exclusive)?
-            .try_as_plain_ram_mut()?
-            .as_slice_mut::<f32>()?
-            .copy_from_slice(&state.c);
+        Arc::make_mut(c).try_as_plain_ram_mut()?.as_slice_mut::<f32>()?.copy_from_slice(&state.c);
         let out = self.state.run(self.inputs.iter().map(|t| TValue::from_const(t.clone())).collect())?;
         let p = out[0].try_as_plain_ram()?.as_slice::<f32>()?;
         let vocab = p.len() / LANES;
