@@ -1,7 +1,10 @@
 """Loading the tensors `augur trace features` writes, and splitting them.
 
-Splits: chronological per trace (the first `train_frac` of each trace's samples, by the request
-their label comes from, train; the rest test), and whole traces held out of training.
+Splits: chronological per trace, by request: samples whose read comes from the trace's first
+`train_frac` of requests train, the rest test. The cut is where `augur trace eval --tail-frac
+(1 - train_frac)` starts scoring (request `n - round((1 - train_frac) * n)` of `n`), so no sample
+from a scored tail is trained on. (A window's targets, its stream's next `horizon` reads, can
+reach past the cut by up to that many reads.) Whole traces can also be held out of training.
 """
 from __future__ import annotations
 
@@ -20,18 +23,23 @@ class TraceSet:
     labels: np.ndarray  # int64 [N]: the next read's delta token
     future: np.ndarray  # int64 [N, H]: delta tokens of the next H reads from the current block
     request: np.ndarray  # int64 [N]
+    requests: int = 0  # requests in the whole trace (reads and writes)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def take(self, idx: np.ndarray) -> "TraceSet":
-        return TraceSet(self.name, self.tokens[idx], self.features[idx], self.labels[idx], self.future[idx], self.request[idx])
+        return TraceSet(self.name, self.tokens[idx], self.features[idx], self.labels[idx], self.future[idx],
+                        self.request[idx], self.requests)
 
     def chronological(self, train_frac: float) -> tuple["TraceSet", "TraceSet"]:
-        """First `train_frac` of the samples (in trace order) and the rest."""
-        order = np.argsort(self.request, kind="stable")
-        cut = int(round(len(order) * train_frac))
-        return self.take(order[:cut]), self.take(order[cut:])
+        """Samples from the first `train_frac` of the trace's requests, and the rest (see the
+        module doc for where the cut falls)."""
+        if self.requests <= 0:
+            raise ValueError(f"{self.name}: the trace's request count is unknown (features.json 'requests')")
+        cut = self.requests - int(round((1.0 - train_frac) * self.requests))
+        early = self.request < cut
+        return self.take(np.flatnonzero(early)), self.take(np.flatnonzero(~early))
 
 
 def multi_hot(future: np.ndarray, vocab: int, pad: int) -> np.ndarray:
@@ -64,7 +72,11 @@ def load(features_dir: Path) -> tuple[dict, list[TraceSet]]:
             raise ValueError(f"{name}.features.npy has shape {arr['features'].shape}, expected (N, {s}, {f})")
         if arr["future"].shape != (arr["tokens"].shape[0], config["horizon"]):
             raise ValueError(f"{name}.future.npy has shape {arr['future'].shape}, expected (N, {config['horizon']})")
-        sets.append(TraceSet(name, arr["tokens"], arr["features"].astype(np.float32), arr["labels"], arr["future"], arr["request"]))
+        requests = t.get("requests")
+        if not isinstance(requests, int) or requests < 0:
+            raise ValueError(f"{name}: features.json gives no request count ('requests'); rerun `augur trace features`")
+        sets.append(TraceSet(name, arr["tokens"], arr["features"].astype(np.float32), arr["labels"], arr["future"],
+                             arr["request"], requests))
     return config, sets
 
 

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                   log=lambda m: print(m, file=sys.stderr))
     metrics = {"tail": {}, "held_out": {}}
     for te in tests:
+        if len(te) == 0:  # every sample of this trace came from before the cut
+            continue
         metrics["tail"][te.name] = {**accuracy(model, te, config), "plus_one": plus_one_baseline(te, config)}
     for s in sets:
         if s.name in holdout:

@@ -26,6 +26,8 @@ def write_trace(d: Path, name: str, n: int, rng) -> None:
     np.save(d / f"{name}.features.npy", rng.random((n, SEQ, FEATS), dtype=np.float32))
     np.save(d / f"{name}.labels.npy", future[:, 0].astype(np.int64))
     np.save(d / f"{name}.future.npy", future.astype(np.int64))
+    # Trace "a" (see the fixture) has 800 requests, its samples come from the first 600 (the
+    # rest are writes, say): the split follows requests, not sample counts.
     np.save(d / f"{name}.request.npy", np.arange(n, dtype=np.int64))
 
 
@@ -38,7 +40,7 @@ def features_dir(tmp_path: Path) -> Path:
         "vocab": VOCAB, "delta_range": DELTA, "seq_len": SEQ, "horizon": H,
         "features": ["log2_iat_us", "timed", "log2_request_blocks", "is_image", "is_database"],
         "block_kib": 64, "token_pad": 0, "token_far_behind": 1, "token_far_ahead": 2,
-        "traces": [{"name": "a", "samples": 600}, {"name": "b", "samples": 300}],
+        "traces": [{"name": "a", "samples": 600, "requests": 800}, {"name": "b", "samples": 300, "requests": 300}],
     }
     (tmp_path / "features.json").write_text(json.dumps(config))
     return tmp_path
@@ -46,8 +48,14 @@ def features_dir(tmp_path: Path) -> Path:
 
 def test_chronological_split_keeps_trace_order(features_dir: Path):
     _, sets = data.load(features_dir)
-    tr, te = sets[0].chronological(0.7)
-    assert len(tr) == 420 and len(te) == 180
+    a, b = sets
+    # 800 requests: `trace eval --tail-frac 0.3` scores from request 560, where training stops.
+    tr, te = a.chronological(0.7)
+    assert len(tr) == 560 and len(te) == 40 and tr.request.max() == 559 and te.request.min() == 560
+    tr, te = a.chronological(0.9)
+    assert len(tr) == 600 and len(te) == 0
+    tr, te = b.chronological(0.7)
+    assert len(tr) == 210 and len(te) == 90
     assert tr.request.max() < te.request.min()
 
 
