@@ -37,7 +37,9 @@ class TraceSet:
         module doc for where the cut falls)."""
         if self.requests <= 0:
             raise ValueError(f"{self.name}: the trace's request count is unknown (features.json 'requests')")
-        cut = self.requests - int(round((1.0 - train_frac) * self.requests))
+        # Rounded half away from zero, as Rust's `f64::round` in the replay (Python's `round`
+        # rounds half to even).
+        cut = self.requests - int(np.floor((1.0 - train_frac) * self.requests + 0.5))
         early = self.request < cut
         return self.take(np.flatnonzero(early)), self.take(np.flatnonzero(~early))
 
