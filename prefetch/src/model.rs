@@ -388,8 +388,7 @@ impl Predictor for ModelPredictor {
         let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
-        let s = self.streams.get(r.stream);
-        let useful = !r.hit || s.sent.contains(block);
+        let useful = self.streams.get(r.stream).sent.useful(r);
         let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
         let s = self.streams.get(r.stream);
         s.reads += 1;

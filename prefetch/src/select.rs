@@ -210,6 +210,11 @@ impl Sent {
     pub fn remove(&mut self, block: u64) {
         self.blocks.remove(&block);
     }
+    /// Whether a prefetch could have helped read `r` of this stream ([`Seen::useful`]): it
+    /// missed, or it hit a block that is cached because it was sent.
+    pub fn useful(&self, r: &Read) -> bool {
+        !r.hit || self.contains(r.block)
+    }
 }
 
 /// Runs several predictors side by side and passes on, per stream, the answer of the one whose
@@ -283,7 +288,7 @@ impl Predictor for Selector {
         self.name.clone()
     }
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
-        let useful = !r.hit || self.streams.get(r.stream).sent.contains(r.block);
+        let useful = self.streams.get(r.stream).sent.useful(r);
         let start = out.len();
         self.select(r, useful, out);
         let sent = &mut self.streams.get(r.stream).sent;
