@@ -52,6 +52,12 @@ pub struct MountTuning {
     /// queued (65 536 at most; past it records are dropped and counted), never delayed.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// The prefetch engine's ONNX model (`prefetch.json` beside it). Files whose
+    /// `user.augur.prefetch` is `auto` (the default) are prefetched by it; if it is missing or
+    /// corrupt the client says so in its log and prefetches with the heuristic predictor
+    /// (`auto`: per file, the heuristic that lately would have hidden the most fetch time).
+    #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
+    pub model: PathBuf,
 }
 
 impl MountTuning {
@@ -64,6 +70,7 @@ impl MountTuning {
             fuse_threads: self.fuse_threads as usize,
             default_permissions: !self.no_default_permissions,
             trace: self.trace.clone(),
+            model: Some(self.model.clone()),
             ..MountOptions::default()
         };
         if self.private {

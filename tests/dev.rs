@@ -53,6 +53,17 @@ with open("dir/file", "rb") as f:
         pass
 stats = os.getxattr("dir/file", "user.augur.prefetch_stats").decode()
 assert stats.startswith("issued=") and "used=" in stats and "wasted=" in stats, stats
+# The file type: detected from the first bytes unless overridden.
+with open("img", "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + bytes(200))
+with open("db", "wb") as f:
+    f.write(b"SQLite format 3\x00\x10\x00" + bytes(200))
+assert os.getxattr("img", "user.augur.filetype") == b"image"
+assert os.getxattr("db", "user.augur.filetype") == b"database"
+assert os.getxattr("dir/file", "user.augur.filetype") == b"other"
+os.setxattr("img", "user.augur.filetype", b"database")
+assert os.getxattr("img", "user.augur.filetype") == b"database"
+fails(errno.EINVAL, os.setxattr, "img", "user.augur.filetype", b"picture")
 print("xattrs ok", stats.strip())
 "#;
     let out = sh_ok(&mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")));
@@ -84,7 +95,46 @@ print("xattrs ok", stats.strip())
         "{v}"
     );
 
+    assert!(dev.log().contains("prefetch: model loaded"), "the shipped model serves `auto`:\n{}", dev.log());
+
     let mut again = DevProc::start(&state, &mnt, "127.0.0.9");
     assert_eq!(std::fs::read(mnt.join("link")).unwrap(), data, "found again after a restart");
+    // A fresh client (empty cache) reading at a reader's pace: the engine fetches ahead and
+    // the reads find its blocks.
+    let stats = paced_read(&mnt, "dir/file");
+    eprintln!("model, paced read: {stats}");
+    assert!(prefetch_used(&stats) > 0, "the model's prefetches are used: {stats}");
     assert!(again.stop().success());
+
+    // A missing model: said in the log, and the heuristic predictor prefetches instead.
+    let mut heuristic =
+        DevProc::start_with(&state, &mnt, "127.0.0.9", &["--model", "/nonexistent/prefetch.onnx"]);
+    let stats = paced_read(&mnt, "dir/file");
+    eprintln!("heuristic, paced read: {stats}");
+    assert!(prefetch_used(&stats) > 0, "the heuristic's prefetches are used: {stats}");
+    let log = heuristic.log();
+    assert!(
+        log.contains("/nonexistent/prefetch.json")
+            && log.contains("prefetching with the heuristic predictor"),
+        "{log}"
+    );
+    assert!(heuristic.stop().success());
+}
+
+/// Reads `file` under `mnt` in 64 KiB reads a few ms apart; returns its `prefetch_stats`.
+fn paced_read(mnt: &std::path::Path, file: &str) -> String {
+    let script = format!(
+        r#"
+import os, time
+with open("{file}", "rb", buffering=0) as f:
+    while f.read(65536):
+        time.sleep(0.003)
+print(os.getxattr("{file}", "user.augur.prefetch_stats").decode().strip())
+"#
+    );
+    sh_ok(mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")))
+}
+
+fn prefetch_used(stats: &str) -> u64 {
+    stats.split_whitespace().find_map(|kv| kv.strip_prefix("used=")).and_then(|v| v.parse().ok()).unwrap_or(0)
 }

@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use augur_proto::Ino;
-use augur_proto::meta::{PrefetchMode, Timestamp};
+use augur_proto::meta::{FileType, PrefetchMode, Timestamp};
 use tokio::task::JoinHandle;
 
 /// Where uploads leave their first failure.
@@ -46,12 +46,12 @@ pub struct FileState {
     pub wrote: bool,
 }
 
-/// Sequential-read detection and the prefetch hint in force.
+/// Where the last read ended, and the prefetch hint in force.
 #[derive(Default)]
 pub struct ReadAhead {
     /// Block index one past the last read.
     pub next: u64,
-    /// Blocks to read ahead now (grows while reads stay sequential).
+    /// Blocks the hint reads ahead (0 for `auto`, which the prefetch engine serves).
     pub window: u32,
     /// Highest block index already requested ahead.
     pub issued_until: u64,
@@ -72,6 +72,9 @@ pub struct OpenFile {
     pub stamp: Mutex<Timestamp>,
     pub state: tokio::sync::Mutex<FileState>,
     pub ra: Mutex<ReadAhead>,
+    /// The file's type group for the prefetch engine (`FileType` + 1; 0 while unknown): its
+    /// `user.augur.filetype`, else the volume's hint, else detected from its first bytes.
+    group: AtomicU8,
     /// The last link went while the file was open: reclaim on the last release.
     pub unlinked: std::sync::atomic::AtomicBool,
 }
@@ -86,8 +89,28 @@ impl OpenFile {
             stamp: Mutex::new(stamp),
             state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
             ra: Mutex::new(ReadAhead::default()),
+            group: AtomicU8::new(0),
             unlinked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The file's type group, once known.
+    pub fn group(&self) -> Option<FileType> {
+        match self.group.load(Ordering::Relaxed) {
+            1 => Some(FileType::Image),
+            2 => Some(FileType::Database),
+            3 => Some(FileType::Other),
+            _ => None,
+        }
+    }
+
+    pub fn set_group(&self, g: FileType) {
+        let v = match g {
+            FileType::Image => 1,
+            FileType::Database => 2,
+            FileType::Other => 3,
+        };
+        self.group.store(v, Ordering::Relaxed);
     }
 
     pub fn stamp(&self) -> Timestamp {

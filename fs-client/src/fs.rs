@@ -34,6 +34,7 @@ use crate::file::{Dirty, OpenFile, UploadError, split};
 pub const XATTR_SHARDS: &[u8] = b"user.augur.shards";
 pub const XATTR_PREFETCH_STATS: &[u8] = b"user.augur.prefetch_stats";
 pub const XATTR_PREFETCH: &[u8] = b"user.augur.prefetch";
+pub const XATTR_FILETYPE: &[u8] = b"user.augur.filetype";
 
 /// Tunables of a mount; every limit is named here (defaults in `Default`).
 #[derive(Clone, Debug)]
@@ -51,7 +52,8 @@ pub struct MountOptions {
     pub dirty_bytes_per_file: u64,
     /// Most blocks read ahead of a sequential reader. Default 32.
     pub readahead_blocks_max: u32,
-    /// Block fetches for readahead in flight over all files. Default 64.
+    /// Block fetches for prefetching (the engine's and the hints' readahead) in flight over all
+    /// files; more predictions are dropped. Default 64.
     pub prefetch_in_flight_max: usize,
     /// Kernel caching of attributes and directory entries. Default 1 s.
     pub attr_ttl: Duration,
@@ -67,6 +69,9 @@ pub struct MountOptions {
     pub max_write_bytes: u32,
     /// Record every read and write request here (`trace::TraceRecorder`). Default none.
     pub trace: Option<std::path::PathBuf>,
+    /// The prefetch engine's ONNX model (`engine`); None, missing or corrupt: the heuristic
+    /// predictor (`auto`) runs instead. Default none (`augur mount|dev` pass the shipped one).
+    pub model: Option<std::path::PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -85,6 +90,7 @@ impl Default for MountOptions {
             default_permissions: true,
             max_write_bytes: 1 << 20,
             trace: None,
+            model: None,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct Inner {
     trace: Option<crate::trace::TraceRecorder>,
     stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
     pub notifier: OnceLock<Notifier>,
+    /// The prefetch engine (started by `start_engine` once the `Arc` exists).
+    engine: OnceLock<crate::engine::Engine>,
     /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
     told: quick_cache::sync::Cache<Ino, (u64, Timestamp)>,
 }
@@ -280,8 +288,25 @@ impl Inner {
             trace,
             stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
             notifier: OnceLock::new(),
+            engine: OnceLock::new(),
             told: quick_cache::sync::Cache::new(TOLD_INODES_MAX),
         }
+    }
+
+    /// Loads the model named in the options (or logs why not) and starts the prefetch engine.
+    pub fn start_engine(self: &Arc<Self>) {
+        let model = crate::engine::load_model(self.opts.model.as_deref());
+        let engine = crate::engine::Engine::start(
+            Arc::downgrade(self),
+            model,
+            augur_prefetch::model::ModelKnobs::default(),
+        );
+        let _ = self.engine.set(engine);
+    }
+
+    /// Read requests the prefetch engine did not see (its queue was full).
+    pub fn engine_dropped(&self) -> u64 {
+        self.engine.get().map_or(0, |e| e.dropped.load(Ordering::Relaxed))
     }
 
     fn file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
@@ -427,6 +452,11 @@ impl Inner {
         }
         let len = (u64::from(size)).min(file_size - offset);
         let pieces: Vec<(u64, u32, u32)> = split(offset, len, self.block_bytes).collect();
+        let stamp = f.stamp();
+        let hits: Vec<bool> = pieces
+            .iter()
+            .map(|&(index, _, _)| self.cache.contains(BlockKey { ino: f.ino, index }, stamp))
+            .collect();
         // A small read away from where the last one ended, of a block not cached: fetch just
         // those bytes (a random 4 KiB read need not move a whole block), and cache nothing.
         if let [(index, off, n)] = pieces[..]
@@ -438,6 +468,7 @@ impl Inner {
             let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
             data.resize(n as usize, 0);
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
+            self.observe(&f, offset, &data, index, hits);
             return Ok(data);
         }
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -456,13 +487,33 @@ impl Inner {
             out.resize(out.len() + (n - have), 0);
         }
         if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
+            self.observe(&f, offset, &out, first.0, hits);
             self.read_ahead(&f, first.0, last.0).await;
         }
         Ok(out)
     }
 
-    /// Linux-style sequential readahead: a window that doubles while reads stay sequential,
-    /// shaped by the file's `user.augur.prefetch` hint.
+    /// Hands a read request to the prefetch engine; a read of the file's head also settles its
+    /// type group if nothing did before (the volume's hint, else detection from magic bytes).
+    fn observe(&self, f: &Arc<OpenFile>, offset: u64, data: &[u8], first: u64, hits: Vec<bool>) {
+        if offset == 0 && f.group().is_none() {
+            let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
+            let g = self
+                .blocks
+                .volume
+                .hints
+                .filetype
+                .unwrap_or_else(|| augur_prefetch::filetype::Format::detect(head, None).group());
+            f.set_group(g);
+        }
+        if let Some(e) = self.engine.get() {
+            e.observe(f.clone(), first, hits);
+        }
+    }
+
+    /// The readahead a fixed hint asks for (`sequential`: `readahead_blocks_max` blocks,
+    /// `readahead:N`: N); `auto` files are the prefetch engine's (`engine`), `off` and `random`
+    /// get none.
     async fn read_ahead(self: &Arc<Self>, f: &Arc<OpenFile>, first: u64, last: u64) {
         let max = self.opts.readahead_blocks_max;
         let need_mode = {
@@ -470,18 +521,14 @@ impl Inner {
             ra.mode.is_none() && (first == ra.next || first + 1 == ra.next) && first > 0
         };
         if need_mode {
-            let mode = self.prefetch_mode(f.ino).await;
-            f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
+            self.prefetch_mode(f).await;
         }
         let (from, to) = {
             let mut ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
-            let sequential = first == ra.next || first + 1 == ra.next;
             ra.window = match ra.mode.unwrap_or_default() {
-                PrefetchMode::Off | PrefetchMode::Random => 0,
+                PrefetchMode::Off | PrefetchMode::Random | PrefetchMode::Auto => 0,
                 PrefetchMode::Sequential => max,
                 PrefetchMode::Readahead(n) => n.min(max),
-                PrefetchMode::Auto if sequential && first > 0 => (ra.window * 2).clamp(4, max),
-                PrefetchMode::Auto => 0,
             };
             ra.next = last + 1;
             if ra.window == 0 {
@@ -496,35 +543,60 @@ impl Inner {
             ra.issued_until = to;
             (from, to)
         };
-        let stamp = f.stamp();
         for index in from..to {
-            let key = BlockKey { ino: f.ino, index };
-            if self.cache.contains(key, stamp) {
-                continue;
-            }
-            let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else { break };
-            let tx = {
-                let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
-                if fetching.contains_key(&key) {
-                    continue;
-                }
-                let (tx, rx) = watch::channel(());
-                fetching.insert(key, rx);
-                tx
-            };
-            self.stats_of(f.ino).issued.fetch_add(1, Ordering::Relaxed);
-            let (me, f) = (self.clone(), f.clone());
-            tokio::spawn(async move {
-                if let Err(e) = me.fetch(&f, key, stamp, true).await {
-                    debug!(ino = %key.ino, index = key.index, error = %e.what, "readahead failed");
-                }
-                me.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                drop((tx, permit));
-            });
+            self.prefetch_block(f, index);
         }
     }
 
-    async fn prefetch_mode(&self, ino: Ino) -> PrefetchMode {
+    /// Starts a background fetch of block `index` into the cache, unless it is past the end of
+    /// the file, cached, already being fetched, or `prefetch_in_flight_max` fetches are under
+    /// way. Returns whether it started one.
+    pub(crate) fn prefetch_block(self: &Arc<Self>, f: &Arc<OpenFile>, index: u64) -> bool {
+        let stamp = f.stamp();
+        let key = BlockKey { ino: f.ino, index };
+        if index >= f.size().div_ceil(self.block_bytes) || self.cache.contains(key, stamp) {
+            return false;
+        }
+        let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else { return false };
+        let tx = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            if fetching.contains_key(&key) {
+                return false;
+            }
+            let (tx, rx) = watch::channel(());
+            fetching.insert(key, rx);
+            tx
+        };
+        self.stats_of(f.ino).issued.fetch_add(1, Ordering::Relaxed);
+        let (me, f) = (self.clone(), f.clone());
+        tokio::spawn(async move {
+            if let Err(e) = me.fetch(&f, key, stamp, true).await {
+                debug!(ino = %key.ino, index = key.index, error = %e.what, "prefetch failed");
+            }
+            me.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            drop((tx, permit));
+        });
+        true
+    }
+
+    /// The file's prefetch hint, looked up once per open file (with its `user.augur.filetype`
+    /// override, which settles its type group).
+    pub(crate) async fn prefetch_mode(&self, f: &OpenFile) -> PrefetchMode {
+        if let Some(m) = f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode {
+            return m;
+        }
+        let mode = self.hint_of(f.ino).await;
+        let op = NsOp::GetXattr { ino: f.ino, name: ByteBuf::from(XATTR_FILETYPE.to_vec()) };
+        if let Ok(NsReply::Value(v)) = self.ns(op).await
+            && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
+        {
+            f.set_group(g);
+        }
+        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
+        mode
+    }
+
+    async fn hint_of(&self, ino: Ino) -> PrefetchMode {
         let op = NsOp::GetXattr { ino, name: ByteBuf::from(XATTR_PREFETCH.to_vec()) };
         match self.ns(op).await {
             Ok(NsReply::Value(v)) => {
@@ -945,10 +1017,31 @@ impl Inner {
         if !name.starts_with(b"user.") {
             return Err(FsError::new(libc::ENODATA, "only user.* attributes are kept"));
         }
-        match self.ns(NsOp::GetXattr { ino: i, name: ByteBuf::from(name.to_vec()) }).await? {
-            NsReply::Value(v) => Ok(v.into_vec()),
-            other => Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+        match self.ns(NsOp::GetXattr { ino: i, name: ByteBuf::from(name.to_vec()) }).await {
+            Ok(NsReply::Value(v)) => Ok(v.into_vec()),
+            // Not overridden: the volume's hint, else what the first bytes say.
+            Err(e) if name == XATTR_FILETYPE && e.errno == libc::ENODATA => {
+                Ok(self.detected_filetype(i).await?.to_string().into_bytes())
+            }
+            Ok(other) => Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
+            Err(e) => Err(e),
         }
+    }
+
+    /// The type group of a file without a `user.augur.filetype` of its own: the volume's
+    /// filetype hint, else detected from its first `HEAD_BYTES` bytes (read from the replicas
+    /// unless cached).
+    async fn detected_filetype(&self, i: Ino) -> FsResult<augur_proto::meta::FileType> {
+        if let Some(g) = self.blocks.volume.hints.filetype {
+            return Ok(g);
+        }
+        if let Some(g) = self.file(i).and_then(|f| f.group()) {
+            return Ok(g);
+        }
+        let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
+        let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
+        let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
+        Ok(augur_prefetch::filetype::Format::detect(&head[..head.len().min(head_bytes)], None).group())
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn mount(
         None => None,
     };
     let inner = Arc::new(Inner::new(meta, Arc::new(blocks), opts.clone(), trace));
+    inner.start_engine();
     let fs = AugurFs::new(inner.clone(), tokio::runtime::Handle::current());
 
     let mut config = Config::default();
