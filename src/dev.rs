@@ -77,6 +77,18 @@ impl DevCluster {
     /// and 3 storage nodes on `ip`:7101-7103, and makes sure `volume` exists. `quiet` keeps
     /// it from printing what it does.
     pub async fn start(state: &Path, ip: IpAddr, volume: &str, quiet: bool) -> Result<Self> {
+        Self::start_with_latency(state, ip, volume, quiet, 0).await
+    }
+
+    /// `start`, with `inject_latency_ms` added by the nodes to every block request (benchmarks
+    /// only: it stands in for the distance to remote storage).
+    pub async fn start_with_latency(
+        state: &Path,
+        ip: IpAddr,
+        volume: &str,
+        quiet: bool,
+        inject_latency_ms: u64,
+    ) -> Result<Self> {
         let say = |line: String| {
             if !quiet {
                 println!("{line}");
@@ -113,6 +125,7 @@ impl DevCluster {
                 tls_dir: Some(state.join(format!("tls/node-{i}"))),
                 meta: meta_addrs.clone(),
                 zone: Some(format!("zone-{i}")),
+                inject_latency_ms,
                 ..NodeConfig::default()
             };
             let node = Node::start(&config).with_context(|| format!("starting storage node {i}"))?;

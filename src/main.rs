@@ -256,6 +256,35 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Prefetching end to end: a trace's reads replayed on a real mount (embedded cluster, the
+    /// nodes adding LATENCY per block request) once per mode, side by side: off, model (the
+    /// engine with the shipped model), heuristic (the engine's fallback alone) and sequential
+    /// (fixed readahead); mean/p50/p99 read latency and each mode's ratio to off, medians of
+    /// several runs.
+    Prefetch {
+        /// Trace whose reads are replayed (the shared CSV shape or a client trace); each stream
+        /// becomes one sparse file.
+        #[arg(long, default_value = "tests/data/traces/cloudphysics_excerpt.csv.gz")]
+        trace: PathBuf,
+        /// The ONNX model for the `model` row (it must load).
+        #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
+        model: PathBuf,
+        /// Reads replayed: the trace's first ones.
+        #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        reads: u64,
+        /// Runs over all modes; figures are medians over them.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        runs: u32,
+        /// Milliseconds every node adds to each block request (the distance to remote storage).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        latency_ms: u64,
+        /// Microseconds the reader waits between reads (its own work).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        think_us: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// File system: sequential write/read, 4 KiB random read latency (queue depth 1) and
     /// small-file create/stat/unlink, on an embedded Augur mount vs a local directory.
     Fs {
@@ -377,6 +406,22 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Fs { json, runs, size_mb, samples, files, local, tuning }) => {
             let options = bench::fs::BenchOptions { runs, size_mb, samples, files, local, tuning };
             let report = bench::fs::run(options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+        }
+        Command::Bench(BenchCommand::Prefetch { trace, model, reads, runs, latency_ms, think_us, json }) => {
+            let options = bench::prefetch::BenchOptions {
+                trace,
+                model,
+                reads: reads as usize,
+                runs,
+                latency_ms,
+                think_us,
+            };
+            let report = bench::prefetch::run(options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -198,3 +198,27 @@ fn bench_predictor_times_the_model_beside_every_heuristic() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_prefetch_replays_a_trace_on_a_mount_in_every_mode() {
+    let cp = excerpt("cloudphysics_excerpt.csv.gz");
+    let model = format!("{}/models/prefetch.onnx", env!("CARGO_MANIFEST_DIR"));
+    let args = ["bench", "prefetch", "--trace", &cp, "--reads", "300", "--runs", "1", "--json"];
+    let (ok, out, err) = augur(&[&args[..], &["--model", &model]].concat());
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["reads"], 300, "{out}");
+    let rows = report["rows"].as_array().unwrap();
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["off", "model", "heuristic", "sequential"]);
+    assert_eq!(rows[0]["issued"], 0, "off prefetches nothing: {out}");
+    for r in &rows[1..3] {
+        // On this VM trace the engine's prefetches are read (whatever the timing).
+        assert!(r["issued"].as_u64() > Some(0) && r["used"].as_u64() > Some(0), "{out}");
+    }
+    assert!(rows.iter().all(|r| r["mean_us"].as_f64().unwrap() > 0.0), "{out}");
+
+    // The model row must be the model's: one that does not load is an error, said up front.
+    let (ok, _, err) = augur(&[&args[..], &["--model", "/nonexistent/prefetch.onnx"]].concat());
+    assert!(!ok && err.contains("/nonexistent/prefetch.json"), "{err}");
+}

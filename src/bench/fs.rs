@@ -133,7 +133,7 @@ pub async fn run(o: BenchOptions) -> Result<BenchReport> {
 }
 
 /// Drops the kernel's page cache (root only) so reads measure the file system, not memory.
-fn drop_caches() -> bool {
+pub(crate) fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", b"3").is_ok()
 }
 

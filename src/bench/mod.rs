@@ -4,3 +4,4 @@ pub mod fs;
 pub mod meta;
 pub mod node;
 pub mod predictor;
+pub mod prefetch;
