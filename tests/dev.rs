@@ -1,6 +1,6 @@
 //! `augur dev`: three meta members, three nodes, the default volume mounted; Ctrl-C unmounts
 //! cleanly; a restart on the same state directory finds every file again. Also the Augur
-//! extended attributes on the mount.
+//! extended attributes on the mount, and the prefetch engine with and without its model.
 
 mod common;
 
