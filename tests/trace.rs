@@ -216,6 +216,9 @@ fn bench_prefetch_replays_a_trace_on_a_mount_in_every_mode() {
         // On this VM trace the engine's prefetches are read (whatever the timing).
         assert!(r["issued"].as_u64() > Some(0) && r["used"].as_u64() > Some(0), "{out}");
     }
+    // The model row runs the network (it decides on part of the reads), the heuristic row not.
+    assert!(rows[1]["network_decided"].as_f64() > Some(0.0), "{out}");
+    assert_eq!(rows[2]["network_decided"].as_f64(), Some(0.0), "{out}");
     assert!(rows.iter().all(|r| r["mean_us"].as_f64().unwrap() > 0.0), "{out}");
 
     // The model row must be the model's: one that does not load is an error, said up front.

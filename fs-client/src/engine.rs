@@ -7,9 +7,16 @@
 //! handed back (`Predictor::not_fetched`), so its byte budget is not spent on it.
 //!
 //! The engine steers only files whose `user.augur.prefetch` hint is `auto` (the default); the
-//! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). Reads never wait
-//! for it: observations go through a queue of `OBSERVED_QUEUE` requests, and when it is full
-//! they are dropped and counted (`Engine::dropped`), never delayed.
+//! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). A file's hint is
+//! looked up once, in a task of its own, when the engine first has something to fetch for it
+//! (what it named then is fetched when the answer is `auto`). Reads never wait for the engine:
+//! observations go through a queue of `OBSERVED_QUEUE` requests, and when it is full they are
+//! dropped and counted (`Engine::dropped`, logged), never delayed. The predictor runs on a
+//! thread of its own (`augur-prefetch`), not on the runtime's workers.
+//!
+//! The model is given every file as `Group::Other`: it was trained on block traces, which carry
+//! no file types, so its `is_image`/`is_database` inputs have only ever seen 0. (The client
+//! still detects the group, for `user.augur.filetype`.)
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,22 +43,27 @@ pub struct Observed {
     pub first: u64,
     /// Per block of the request, from `first`: whether it was cached when the read came.
     pub hits: Vec<bool>,
-    /// µs since the mount started.
-    pub at_us: u64,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 /// The sending side, kept by the file system.
 pub struct Engine {
     tx: mpsc::Sender<Observed>,
-    started: Instant,
-    /// Observations dropped because the queue was full.
+    /// Observations dropped because the queue was full (or the engine had stopped).
     pub dropped: AtomicU64,
+    /// Blocks observed, and blocks on which the network's own choice was passed on.
+    pub reads: Arc<AtomicU64>,
+    pub decided: Arc<AtomicU64>,
 }
 
 /// Loads the model for the engine: `None` (with the reason logged) runs the heuristic fallback
 /// (`auto`: per file, the heuristic that would have hidden the most fetch time lately).
 pub fn load_model(path: Option<&Path>) -> Option<Model> {
-    let path = path?;
+    let Some(path) = path else {
+        info!("prefetch: no model configured; prefetching with the heuristic predictor (auto)");
+        return None;
+    };
     match Model::load(path) {
         Ok(m) => {
             info!(model = %path.display(), "prefetch: model loaded");
@@ -65,58 +77,76 @@ pub fn load_model(path: Option<&Path>) -> Option<Model> {
 }
 
 impl Engine {
-    /// Starts the engine task on the current runtime. It holds `inner` weakly and ends when the
-    /// file system is gone.
-    pub fn start(inner: Weak<Inner>, model: Option<Model>, knobs: ModelKnobs) -> Engine {
+    /// Starts the engine's thread. It holds `inner` weakly, spawns fetches and hint lookups on
+    /// the current runtime, and ends when the file system (and so the queue's sender) is gone.
+    pub fn start(inner: Weak<Inner>, model: Option<Model>, knobs: ModelKnobs) -> std::io::Result<Engine> {
         let (tx, rx) = mpsc::channel(OBSERVED_QUEUE);
-        let predictor = ModelPredictor::new(model, knobs).expect("the default knobs name a known fallback");
-        tokio::spawn(run(inner, rx, predictor));
-        Engine { tx, started: Instant::now(), dropped: AtomicU64::new(0) }
+        let predictor = ModelPredictor::new(model, knobs).map_err(std::io::Error::other)?;
+        let (reads, decided) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let runtime = tokio::runtime::Handle::current();
+        let counters = (reads.clone(), decided.clone());
+        std::thread::Builder::new().name("augur-prefetch".into()).spawn(move || {
+            let _entered = runtime.enter();
+            run(inner, rx, predictor, counters);
+        })?;
+        Ok(Engine { tx, dropped: AtomicU64::new(0), reads, decided })
     }
 
-    /// Queues one read request (never waits).
-    pub fn observe(&self, file: Arc<OpenFile>, first: u64, hits: Vec<bool>) {
-        let at_us = self.started.elapsed().as_micros() as u64;
-        if self.tx.try_send(Observed { file, first, hits, at_us }).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues one read request that arrived `at` (never waits).
+    pub fn observe(&self, file: Arc<OpenFile>, first: u64, hits: Vec<bool>, at: Instant) {
+        if self.tx.try_send(Observed { file, first, hits, at }).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(dropped = n, "prefetch: engine queue full or stopped; read requests not observed");
+            }
         }
     }
 }
 
-async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Observed>, mut predictor: ModelPredictor) {
+fn run(
+    inner: Weak<Inner>,
+    mut rx: mpsc::Receiver<Observed>,
+    mut predictor: ModelPredictor,
+    (reads, decided): (Arc<AtomicU64>, Arc<AtomicU64>),
+) {
     let mut out = Vec::new();
-    while let Some(o) = rx.recv().await {
+    let started = Instant::now();
+    while let Some(o) = rx.blocking_recv() {
         let Some(inner) = inner.upgrade() else { break };
         let ino = o.file.ino.0;
-        let group = o.file.group().unwrap_or(Group::Other);
+        let t_us = o.at.saturating_duration_since(started).as_micros() as u64;
+        let mut pending = Vec::new();
         for (j, &hit) in o.hits.iter().enumerate() {
             let read = Read {
                 stream: ino,
                 block: o.first + j as u64,
                 hit,
-                t_us: o.at_us,
+                t_us,
                 timed: true,
                 request_blocks: o.hits.len() as u64,
-                group,
+                group: Group::Other,
             };
             out.clear();
             predictor.on_read(&read, &mut out);
-            if out.is_empty() {
-                continue;
-            }
-            // Only `auto` files are the engine's (the hint is looked up once per open file,
-            // when there is first something to fetch).
-            if inner.prefetch_mode(&o.file).await != PrefetchMode::Auto {
-                for &b in &out {
-                    predictor.not_fetched(ino, b);
+            match inner.known_mode(&o.file) {
+                Some(PrefetchMode::Auto) => {
+                    for &b in &out {
+                        if !inner.prefetch_block(&o.file, b) {
+                            predictor.not_fetched(ino, b);
+                        }
+                    }
                 }
-                continue;
+                Some(_) => out.iter().for_each(|&b| predictor.not_fetched(ino, b)),
+                // Fetched by the lookup if the file turns out to be `auto`.
+                None => pending.extend_from_slice(&out),
             }
-            for &b in &out {
-                if !inner.prefetch_block(&o.file, b) {
-                    predictor.not_fetched(ino, b);
-                }
-            }
+        }
+        if !pending.is_empty() {
+            inner.look_up_mode(&o.file, pending);
+        }
+        if let Some((r, d)) = predictor.decisions() {
+            reads.store(r, Ordering::Relaxed);
+            decided.store(d, Ordering::Relaxed);
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use augur_proto::Ino;
 use augur_proto::meta::{FileType, PrefetchMode, Timestamp};
@@ -75,6 +75,8 @@ pub struct OpenFile {
     /// The file's type group for the prefetch engine (`FileType` + 1; 0 while unknown): its
     /// `user.augur.filetype`, else the volume's hint, else detected from its first bytes.
     group: AtomicU8,
+    /// A lookup of the prefetch hint was started (it runs once per open file).
+    pub hint_lookup: AtomicBool,
     /// The last link went while the file was open: reclaim on the last release.
     pub unlinked: std::sync::atomic::AtomicBool,
 }
@@ -90,6 +92,7 @@ impl OpenFile {
             state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
             ra: Mutex::new(ReadAhead::default()),
             group: AtomicU8::new(0),
+            hint_lookup: AtomicBool::new(false),
             unlinked: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -104,13 +107,14 @@ impl OpenFile {
         }
     }
 
-    pub fn set_group(&self, g: FileType) {
+    /// Settles the type group, unless it is known already.
+    pub fn set_group_if_unknown(&self, g: FileType) {
         let v = match g {
             FileType::Image => 1,
             FileType::Database => 2,
             FileType::Other => 3,
         };
-        self.group.store(v, Ordering::Relaxed);
+        let _ = self.group.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn stamp(&self) -> Timestamp {

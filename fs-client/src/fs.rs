@@ -296,17 +296,28 @@ impl Inner {
     /// Loads the model named in the options (or logs why not) and starts the prefetch engine.
     pub fn start_engine(self: &Arc<Self>) {
         let model = crate::engine::load_model(self.opts.model.as_deref());
-        let engine = crate::engine::Engine::start(
+        match crate::engine::Engine::start(
             Arc::downgrade(self),
             model,
             augur_prefetch::model::ModelKnobs::default(),
-        );
-        let _ = self.engine.set(engine);
+        ) {
+            Ok(engine) => {
+                let _ = self.engine.set(engine);
+            }
+            Err(e) => warn!(error = %e, "prefetch: the engine did not start; only hints prefetch"),
+        }
     }
 
-    /// Read requests the prefetch engine did not see (its queue was full).
-    pub fn engine_dropped(&self) -> u64 {
-        self.engine.get().map_or(0, |e| e.dropped.load(Ordering::Relaxed))
+    /// The prefetch engine's counters: read requests it did not see (its queue was full),
+    /// blocks it observed, and blocks on which the network's own choice was passed on.
+    pub fn engine_counters(&self) -> (u64, u64, u64) {
+        self.engine.get().map_or((0, 0, 0), |e| {
+            (
+                e.dropped.load(Ordering::Relaxed),
+                e.reads.load(Ordering::Relaxed),
+                e.decided.load(Ordering::Relaxed),
+            )
+        })
     }
 
     fn file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
@@ -433,6 +444,7 @@ impl Inner {
     }
 
     async fn read(self: &Arc<Self>, f: Arc<OpenFile>, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let arrived = std::time::Instant::now();
         // Blocks with unsent or in-flight writes are sent first, so the replicas have them.
         {
             let mut st = f.state.lock().await;
@@ -468,7 +480,7 @@ impl Inner {
             let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
             data.resize(n as usize, 0);
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
-            self.observe(&f, offset, &data, index, hits);
+            self.observe(&f, offset, &data, index, hits, arrived);
             return Ok(data);
         }
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -487,7 +499,7 @@ impl Inner {
             out.resize(out.len() + (n - have), 0);
         }
         if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
-            self.observe(&f, offset, &out, first.0, hits);
+            self.observe(&f, offset, &out, first.0, hits, arrived);
             self.read_ahead(&f, first.0, last.0).await;
         }
         Ok(out)
@@ -495,7 +507,15 @@ impl Inner {
 
     /// Hands a read request to the prefetch engine; a read of the file's head also settles its
     /// type group if nothing did before (the volume's hint, else detection from magic bytes).
-    fn observe(&self, f: &Arc<OpenFile>, offset: u64, data: &[u8], first: u64, hits: Vec<bool>) {
+    fn observe(
+        &self,
+        f: &Arc<OpenFile>,
+        offset: u64,
+        data: &[u8],
+        first: u64,
+        hits: Vec<bool>,
+        arrived: std::time::Instant,
+    ) {
         if offset == 0 && f.group().is_none() {
             let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
             let g = self
@@ -504,10 +524,10 @@ impl Inner {
                 .hints
                 .filetype
                 .unwrap_or_else(|| augur_prefetch::filetype::Format::detect(head, None).group());
-            f.set_group(g);
+            f.set_group_if_unknown(g);
         }
         if let Some(e) = self.engine.get() {
-            e.observe(f.clone(), first, hits);
+            e.observe(f.clone(), first, hits, arrived);
         }
     }
 
@@ -521,7 +541,8 @@ impl Inner {
             ra.mode.is_none() && (first == ra.next || first + 1 == ra.next) && first > 0
         };
         if need_mode {
-            self.prefetch_mode(f).await;
+            // Looked up off the read path; the window opens at a later read.
+            self.look_up_mode(f, Vec::new());
         }
         let (from, to) = {
             let mut ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
@@ -557,6 +578,11 @@ impl Inner {
         if index >= f.size().div_ceil(self.block_bytes) || self.cache.contains(key, stamp) {
             return false;
         }
+        // Only for the file as open now: a handle released and opened again has a new
+        // `OpenFile`, whose writes the old one's `write_gen` would not see.
+        if !self.file(f.ino).is_some_and(|now| Arc::ptr_eq(&now, f)) {
+            return false;
+        }
         let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else { return false };
         let tx = {
             let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
@@ -579,21 +605,27 @@ impl Inner {
         true
     }
 
-    /// The file's prefetch hint, looked up once per open file (with its `user.augur.filetype`
-    /// override, which settles its type group).
-    pub(crate) async fn prefetch_mode(&self, f: &OpenFile) -> PrefetchMode {
-        if let Some(m) = f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode {
-            return m;
+    /// The file's prefetch hint, if looked up already.
+    pub(crate) fn known_mode(&self, f: &OpenFile) -> Option<PrefetchMode> {
+        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode
+    }
+
+    /// Looks the file's prefetch hint up in a task of its own, once per open file; if it is
+    /// `auto`, then fetches `then` (what the engine named meanwhile).
+    pub(crate) fn look_up_mode(self: &Arc<Self>, f: &Arc<OpenFile>, then: Vec<u64>) {
+        if f.hint_lookup.swap(true, Ordering::AcqRel) {
+            return;
         }
-        let mode = self.hint_of(f.ino).await;
-        let op = NsOp::GetXattr { ino: f.ino, name: ByteBuf::from(XATTR_FILETYPE.to_vec()) };
-        if let Ok(NsReply::Value(v)) = self.ns(op).await
-            && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
-        {
-            f.set_group(g);
-        }
-        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
-        mode
+        let (me, f) = (self.clone(), f.clone());
+        tokio::spawn(async move {
+            let mode = me.hint_of(f.ino).await;
+            f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
+            if mode == PrefetchMode::Auto {
+                for b in then {
+                    me.prefetch_block(&f, b);
+                }
+            }
+        });
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
@@ -1029,8 +1061,8 @@ impl Inner {
     }
 
     /// The type group of a file without a `user.augur.filetype` of its own: the volume's
-    /// filetype hint, else detected from its first `HEAD_BYTES` bytes (read from the replicas
-    /// unless cached).
+    /// filetype hint, else what this client detected when the file's head was read, else
+    /// detected from its first `HEAD_BYTES` bytes as the replicas have them.
     async fn detected_filetype(&self, i: Ino) -> FsResult<augur_proto::meta::FileType> {
         if let Some(g) = self.blocks.volume.hints.filetype {
             return Ok(g);

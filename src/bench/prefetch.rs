@@ -49,6 +49,9 @@ pub struct Row {
     pub used: u64,
     /// mean / `off`'s mean.
     pub vs_off: f64,
+    /// Share of the blocks the engine observed on which the network's own choice was passed on
+    /// (the fallback decided the rest), last run.
+    pub network_decided: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,13 +80,20 @@ impl Report {
             if self.caches_dropped { "" } else { " (not root: page caches NOT dropped)" }
         );
         out += &format!(
-            "{:<12}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}\n",
-            "mode", "mean(us)", "p50(us)", "p99(us)", "vs off", "issued", "used"
+            "{:<12}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>10}\n",
+            "mode", "mean(us)", "p50(us)", "p99(us)", "vs off", "issued", "used", "network"
         );
         for r in &self.rows {
             out += &format!(
-                "{:<12}{:>11.1}{:>11.1}{:>11.1}{:>9.3}{:>9}{:>9}\n",
-                r.mode, r.mean_us, r.p50_us, r.p99_us, r.vs_off, r.issued, r.used
+                "{:<12}{:>11.1}{:>11.1}{:>11.1}{:>9.3}{:>9}{:>9}{:>9.1}%\n",
+                r.mode,
+                r.mean_us,
+                r.p50_us,
+                r.p99_us,
+                r.vs_off,
+                r.issued,
+                r.used,
+                100.0 * r.network_decided
             );
         }
         out
@@ -115,7 +125,8 @@ pub async fn run(o: BenchOptions) -> Result<Report> {
     }
     // The `model` row must be the model's: a model that does not load is an error here, not
     // the silent heuristic fallback a mount would use.
-    augur_prefetch::model::Model::load(&o.model)?;
+    augur_prefetch::model::Model::load(&o.model)
+        .with_context(|| format!("--model {} (the model the `model` row measures)", o.model.display()))?;
     let tmp = tempfile::Builder::new().prefix("augur-bench-prefetch").tempdir_in("/var/tmp")?;
     let cluster = DevCluster::start_with_latency(
         &tmp.path().join("state"),
@@ -158,13 +169,13 @@ async fn measure_modes(
     })
     .await?;
     let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); MODES.len()];
-    let mut counts = vec![(0u64, 0u64); MODES.len()];
+    let mut counts = vec![(0u64, 0u64, 0.0f64); MODES.len()];
     let mut caches_dropped = true;
     for run in 0..o.runs {
         for (m, mode) in MODES.iter().enumerate() {
             let think = Duration::from_micros(o.think_us);
             let (sizes, ops) = (sizes.clone(), ops.clone());
-            let (lat, issued, used, dropped) = with_mount(cluster, dir, o, mode, move |mnt| {
+            let ((lat, issued, used, dropped), decided) = with_mount(cluster, dir, o, mode, move |mnt| {
                 let dropped = super::fs::drop_caches();
                 let files: Vec<File> = (0..sizes.len())
                     .map(|i| File::open(mnt.join(format!("stream-{i}"))))
@@ -195,7 +206,7 @@ async fn measure_modes(
             let fig = (mean, percentile_us(&sorted, 0.5), percentile_us(&sorted, 0.99));
             eprintln!("run {} {mode}: mean {:.1} us, p50 {:.1}, p99 {:.1}", run + 1, fig.0, fig.1, fig.2);
             samples[m].push(fig);
-            counts[m] = (issued, used);
+            counts[m] = (issued, used, decided);
         }
     }
     let mean_of = |m: usize| median(samples[m].iter().map(|f| f.0).collect());
@@ -211,20 +222,22 @@ async fn measure_modes(
             issued: counts[m].0,
             used: counts[m].1,
             vs_off: if off > 0.0 { mean_of(m) / off } else { 0.0 },
+            network_decided: counts[m].2,
         })
         .collect();
     Ok((rows, caches_dropped))
 }
 
 /// Sets the volume's prefetch hint for `mode`, mounts it fresh (the model only for `model`),
-/// runs `work` on the mount point off the runtime, and unmounts.
+/// runs `work` on the mount point off the runtime, and unmounts. Also returns the share of
+/// observed blocks on which the engine's network decided.
 async fn with_mount<T: Send + 'static>(
     cluster: &DevCluster,
     dir: &Path,
     o: &BenchOptions,
     mode: &str,
     work: impl FnOnce(&Path) -> Result<T> + Send + 'static,
-) -> Result<T> {
+) -> Result<(T, f64)> {
     let hint = match mode {
         "off" => "off",
         "sequential" => "sequential",
@@ -244,13 +257,16 @@ async fn with_mount<T: Send + 'static>(
     let mnt = dir.join(format!("mnt-{mode}"));
     std::fs::create_dir_all(&mnt)?;
     let mounted = augur_fs_client::mount(cluster.client()?, "bench", &mnt, options).await?;
+    let inner = mounted.inner.clone();
     let stop = CancellationToken::new();
     let serving = tokio::spawn(mounted.run_until(stop.clone()));
     let path = mnt.clone();
     let result = tokio::task::spawn_blocking(move || work(&path)).await;
+    let (_, reads, decided) = inner.engine_counters();
+    drop(inner);
     stop.cancel();
     let _ = serving.await;
-    result?
+    Ok((result??, if reads > 0 { decided as f64 / reads as f64 } else { 0.0 }))
 }
 
 /// (issued, used) from one file's `user.augur.prefetch_stats` (`issued=N used=M wasted=K`).
