@@ -64,6 +64,7 @@ assert os.getxattr("dir/file", "user.augur.filetype") == b"other"
 os.setxattr("img", "user.augur.filetype", b"database")
 assert os.getxattr("img", "user.augur.filetype") == b"database"
 fails(errno.EINVAL, os.setxattr, "img", "user.augur.filetype", b"picture")
+fails(errno.ENODATA, os.getxattr, "dir", "user.augur.filetype")
 print("xattrs ok", stats.strip())
 "#;
     let out = sh_ok(&mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")));

@@ -1070,6 +1070,9 @@ impl Inner {
         if let Some(g) = self.file(i).and_then(|f| f.group()) {
             return Ok(g);
         }
+        if self.attr_op(NsOp::GetAttr { ino: i }).await?.kind != FileKind::File {
+            return Err(FsError::new(libc::ENODATA, "only regular files have a detected type"));
+        }
         let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
         let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
         let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
