@@ -1,5 +1,5 @@
-//! The mount's prefetch engine: every read request is observed (per block: hit or miss, time,
-//! the request's size, the file's type group) and handed, in order, to one task that runs the
+//! The mount's prefetch engine: every read request is observed (per block: hit or miss; its
+//! arrival; the request's size) and handed, in order, to one thread that runs the
 //! `model` predictor (`augur_prefetch::model::ModelPredictor`, the same code `augur trace eval`
 //! judges) with the file's inode as the stream. The blocks it names are fetched in the
 //! background by `Inner::prefetch_block` (no duplicates: cached or in flight; at most
@@ -16,7 +16,7 @@
 //!
 //! The model is given every file as `Group::Other`: it was trained on block traces, which carry
 //! no file types, so its `is_image`/`is_database` inputs have only ever seen 0. (The client
-//! still detects the group, for `user.augur.filetype`.)
+//! detects the group for `user.augur.filetype` only.)
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,7 +51,7 @@ pub struct Observed {
 pub struct Engine {
     tx: mpsc::Sender<Observed>,
     /// Observations dropped because the queue was full (or the engine had stopped).
-    pub dropped: AtomicU64,
+    dropped: AtomicU64,
     /// Blocks observed, and blocks on which the network's own choice was passed on.
     pub reads: Arc<AtomicU64>,
     pub decided: Arc<AtomicU64>,

@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use augur_proto::Ino;
-use augur_proto::meta::{FileType, PrefetchMode, Timestamp};
+use augur_proto::meta::{PrefetchMode, Timestamp};
 use tokio::task::JoinHandle;
 
 /// Where uploads leave their first failure.
@@ -72,9 +72,6 @@ pub struct OpenFile {
     pub stamp: Mutex<Timestamp>,
     pub state: tokio::sync::Mutex<FileState>,
     pub ra: Mutex<ReadAhead>,
-    /// The file's type group for the prefetch engine (`FileType` + 1; 0 while unknown): its
-    /// `user.augur.filetype`, else the volume's hint, else detected from its first bytes.
-    group: AtomicU8,
     /// A lookup of the prefetch hint was started (it runs once per open file).
     pub hint_lookup: AtomicBool,
     /// The last link went while the file was open: reclaim on the last release.
@@ -91,30 +88,9 @@ impl OpenFile {
             stamp: Mutex::new(stamp),
             state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
             ra: Mutex::new(ReadAhead::default()),
-            group: AtomicU8::new(0),
             hint_lookup: AtomicBool::new(false),
             unlinked: std::sync::atomic::AtomicBool::new(false),
         }
-    }
-
-    /// The file's type group, once known.
-    pub fn group(&self) -> Option<FileType> {
-        match self.group.load(Ordering::Relaxed) {
-            1 => Some(FileType::Image),
-            2 => Some(FileType::Database),
-            3 => Some(FileType::Other),
-            _ => None,
-        }
-    }
-
-    /// Settles the type group, unless it is known already.
-    pub fn set_group_if_unknown(&self, g: FileType) {
-        let v = match g {
-            FileType::Image => 1,
-            FileType::Database => 2,
-            FileType::Other => 3,
-        };
-        let _ = self.group.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn stamp(&self) -> Timestamp {

@@ -308,16 +308,12 @@ impl Inner {
         }
     }
 
-    /// The prefetch engine's counters: read requests it did not see (its queue was full),
-    /// blocks it observed, and blocks on which the network's own choice was passed on.
-    pub fn engine_counters(&self) -> (u64, u64, u64) {
-        self.engine.get().map_or((0, 0, 0), |e| {
-            (
-                e.dropped.load(Ordering::Relaxed),
-                e.reads.load(Ordering::Relaxed),
-                e.decided.load(Ordering::Relaxed),
-            )
-        })
+    /// The prefetch engine's counters: blocks it observed, and blocks on which the network's
+    /// own choice was passed on.
+    pub fn engine_counters(&self) -> (u64, u64) {
+        self.engine
+            .get()
+            .map_or((0, 0), |e| (e.reads.load(Ordering::Relaxed), e.decided.load(Ordering::Relaxed)))
     }
 
     fn file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
@@ -443,6 +439,12 @@ impl Inner {
         self.stats.get_or_insert_with(&ino, || Ok::<_, ()>(Arc::default())).unwrap_or_default()
     }
 
+    /// Prefetches of a file issued, and used (read before eviction): `user.augur.prefetch_stats`.
+    pub fn prefetch_counts(&self, ino: Ino) -> (u64, u64) {
+        let s = self.stats_of(ino);
+        (s.issued.load(Ordering::Relaxed), s.used.load(Ordering::Relaxed))
+    }
+
     async fn read(self: &Arc<Self>, f: Arc<OpenFile>, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let arrived = std::time::Instant::now();
         // Blocks with unsent or in-flight writes are sent first, so the replicas have them.
@@ -474,13 +476,13 @@ impl Inner {
         if let [(index, off, n)] = pieces[..]
             && u64::from(n) * SMALL_READ_FRACTION <= self.block_bytes
             && f.ra.lock().unwrap_or_else(|p| p.into_inner()).next != index
-            && !self.cache.contains(BlockKey { ino: f.ino, index }, f.stamp())
+            && !hits[0]
         {
             let range = Some(augur_proto::msg::ByteRange { offset: off, len: n });
             let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
             data.resize(n as usize, 0);
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
-            self.observe(&f, offset, &data, index, hits, arrived);
+            self.observe(&f, index, hits, arrived);
             return Ok(data);
         }
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -499,33 +501,14 @@ impl Inner {
             out.resize(out.len() + (n - have), 0);
         }
         if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
-            self.observe(&f, offset, &out, first.0, hits, arrived);
+            self.observe(&f, first.0, hits, arrived);
             self.read_ahead(&f, first.0, last.0).await;
         }
         Ok(out)
     }
 
-    /// Hands a read request to the prefetch engine; a read of the file's head also settles its
-    /// type group if nothing did before (the volume's hint, else detection from magic bytes).
-    fn observe(
-        &self,
-        f: &Arc<OpenFile>,
-        offset: u64,
-        data: &[u8],
-        first: u64,
-        hits: Vec<bool>,
-        arrived: std::time::Instant,
-    ) {
-        if offset == 0 && f.group().is_none() {
-            let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
-            let g = self
-                .blocks
-                .volume
-                .hints
-                .filetype
-                .unwrap_or_else(|| augur_prefetch::filetype::Format::detect(head, None).group());
-            f.set_group_if_unknown(g);
-        }
+    /// Hands a read request to the prefetch engine.
+    fn observe(&self, f: &Arc<OpenFile>, first: u64, hits: Vec<bool>, arrived: std::time::Instant) {
         if let Some(e) = self.engine.get() {
             e.observe(f.clone(), first, hits, arrived);
         }
@@ -1039,9 +1022,7 @@ impl Inner {
             return self.shards_text(i).await;
         }
         if name == XATTR_PREFETCH_STATS {
-            let s = self.stats_of(i);
-            let issued = s.issued.load(Ordering::Relaxed);
-            let used = s.used.load(Ordering::Relaxed);
+            let (issued, used) = self.prefetch_counts(i);
             return Ok(
                 format!("issued={issued} used={used} wasted={}\n", issued.saturating_sub(used)).into_bytes()
             );
@@ -1061,13 +1042,9 @@ impl Inner {
     }
 
     /// The type group of a file without a `user.augur.filetype` of its own: the volume's
-    /// filetype hint, else what this client detected when the file's head was read, else
-    /// detected from its first `HEAD_BYTES` bytes as the replicas have them.
+    /// filetype hint, else detected from its first `HEAD_BYTES` bytes as the replicas have them.
     async fn detected_filetype(&self, i: Ino) -> FsResult<augur_proto::meta::FileType> {
         if let Some(g) = self.blocks.volume.hints.filetype {
-            return Ok(g);
-        }
-        if let Some(g) = self.file(i).and_then(|f| f.group()) {
             return Ok(g);
         }
         if self.attr_op(NsOp::GetAttr { ino: i }).await?.kind != FileKind::File {

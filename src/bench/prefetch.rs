@@ -11,12 +11,15 @@
 //! ratios are against `off`.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use augur_fs_client::fs::Inner;
 use augur_prefetch::{Op, Trace};
+use augur_proto::Ino;
 use augur_proto::msg::RequestBody;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -136,7 +139,7 @@ pub async fn run(o: BenchOptions) -> Result<Report> {
         o.latency_ms,
     )
     .await?;
-    let (sizes, ops) = (std::sync::Arc::new(sizes), std::sync::Arc::new(ops));
+    let (sizes, ops) = (Arc::new(sizes), Arc::new(ops));
     let result = measure_modes(&o, &cluster, tmp.path(), sizes.clone(), ops.clone()).await;
     cluster.stop().await;
     let (rows, caches_dropped) = result?;
@@ -156,8 +159,8 @@ async fn measure_modes(
     o: &BenchOptions,
     cluster: &DevCluster,
     dir: &Path,
-    sizes: std::sync::Arc<Vec<u64>>,
-    ops: std::sync::Arc<Vec<ReadOp>>,
+    sizes: Arc<Vec<u64>>,
+    ops: Arc<Vec<ReadOp>>,
 ) -> Result<(Vec<Row>, bool)> {
     // The files, sparse, at their streams' sizes.
     let all = sizes.clone();
@@ -175,7 +178,7 @@ async fn measure_modes(
         for (m, mode) in MODES.iter().enumerate() {
             let think = Duration::from_micros(o.think_us);
             let (sizes, ops) = (sizes.clone(), ops.clone());
-            let ((lat, issued, used, dropped), decided) = with_mount(cluster, dir, o, mode, move |mnt| {
+            let ((lat, inos, dropped), inner) = with_mount(cluster, dir, o, mode, move |mnt| {
                 let dropped = super::fs::drop_caches();
                 let files: Vec<File> = (0..sizes.len())
                     .map(|i| File::open(mnt.join(format!("stream-{i}"))))
@@ -189,13 +192,9 @@ async fn measure_modes(
                     lat.push(t.elapsed().as_nanos() as u64);
                     std::thread::sleep(think);
                 }
-                let (mut issued, mut used) = (0, 0);
-                for i in 0..sizes.len() {
-                    let (a, b) = prefetch_stats(&mnt.join(format!("stream-{i}")))?;
-                    issued += a;
-                    used += b;
-                }
-                Ok((lat, issued, used, dropped))
+                let inos: Vec<Ino> =
+                    files.iter().map(|f| Ok(Ino(f.metadata()?.ino()))).collect::<std::io::Result<_>>()?;
+                Ok((lat, inos, dropped))
             })
             .await
             .with_context(|| format!("replaying with prefetch mode {mode}"))?;
@@ -206,7 +205,10 @@ async fn measure_modes(
             let fig = (mean, percentile_us(&sorted, 0.5), percentile_us(&sorted, 0.99));
             eprintln!("run {} {mode}: mean {:.1} us, p50 {:.1}, p99 {:.1}", run + 1, fig.0, fig.1, fig.2);
             samples[m].push(fig);
-            counts[m] = (issued, used, decided);
+            let (issued, used) =
+                inos.iter().map(|&i| inner.prefetch_counts(i)).fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+            let (reads, decided) = inner.engine_counters();
+            counts[m] = (issued, used, if reads > 0 { decided as f64 / reads as f64 } else { 0.0 });
         }
     }
     let mean_of = |m: usize| median(samples[m].iter().map(|f| f.0).collect());
@@ -229,15 +231,15 @@ async fn measure_modes(
 }
 
 /// Sets the volume's prefetch hint for `mode`, mounts it fresh (the model only for `model`),
-/// runs `work` on the mount point off the runtime, and unmounts. Also returns the share of
-/// observed blocks on which the engine's network decided.
+/// runs `work` on the mount point off the runtime, and unmounts. Also returns the client's
+/// state, for its counters.
 async fn with_mount<T: Send + 'static>(
     cluster: &DevCluster,
     dir: &Path,
     o: &BenchOptions,
     mode: &str,
     work: impl FnOnce(&Path) -> Result<T> + Send + 'static,
-) -> Result<(T, f64)> {
+) -> Result<(T, Arc<Inner>)> {
     let hint = match mode {
         "off" => "off",
         "sequential" => "sequential",
@@ -262,34 +264,7 @@ async fn with_mount<T: Send + 'static>(
     let serving = tokio::spawn(mounted.run_until(stop.clone()));
     let path = mnt.clone();
     let result = tokio::task::spawn_blocking(move || work(&path)).await;
-    let (_, reads, decided) = inner.engine_counters();
-    drop(inner);
     stop.cancel();
     let _ = serving.await;
-    Ok((result??, if reads > 0 { decided as f64 / reads as f64 } else { 0.0 }))
-}
-
-/// (issued, used) from one file's `user.augur.prefetch_stats` (`issued=N used=M wasted=K`).
-fn prefetch_stats(path: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut buf = [0u8; 256];
-    // SAFETY: both strings are NUL-terminated and `buf` is writable for its whole length.
-    #[allow(unsafe_code)]
-    let n = unsafe {
-        libc::getxattr(
-            c_path.as_ptr(),
-            c"user.augur.prefetch_stats".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        bail!("reading user.augur.prefetch_stats of {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    let text = String::from_utf8_lossy(&buf[..n as usize]);
-    let field = |name: &str| {
-        text.split_whitespace().find_map(|kv| kv.strip_prefix(name)).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    Ok((field("issued="), field("used=")))
+    Ok((result??, inner))
 }
