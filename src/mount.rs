@@ -35,6 +35,12 @@ pub struct MountTuning {
     /// Most blocks read ahead of a sequential reader.
     #[arg(long, default_value_t = 32)]
     pub readahead_blocks: u32,
+    /// Block fetches for prefetching (the engine's and readahead hints') in flight over all
+    /// files, which bounds prefetched bytes in flight to N blocks. Blocks named past it wait in
+    /// a queue of 256 and are dropped unfetched (counted `stale`) once their file has been read
+    /// 8 more times. Demand reads never wait for prefetches.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub prefetch_in_flight: u64,
     /// How long the kernel may cache attributes and names, in ms (0 asks every time).
     #[arg(long, default_value_t = 1000)]
     pub attr_ttl_ms: u64,
@@ -66,6 +72,7 @@ impl MountTuning {
             cache_bytes: self.cache_mb << 20,
             write_back_bytes: (self.write_back_mb.max(1)) << 20,
             readahead_blocks_max: self.readahead_blocks,
+            prefetch_in_flight_max: self.prefetch_in_flight as usize,
             attr_ttl: Duration::from_millis(self.attr_ttl_ms),
             fuse_threads: self.fuse_threads as usize,
             default_permissions: !self.no_default_permissions,

@@ -104,15 +104,37 @@ print("xattrs ok", stats.strip())
     // the reads find its blocks.
     let stats = paced_read(&mnt, "dir/file");
     eprintln!("model, paced read: {stats}");
-    assert!(prefetch_used(&stats) > 0, "the model's prefetches are used: {stats}");
+    assert!(stat(&stats, "used") > 0.0, "the model's prefetches are used: {stats}");
+    assert!(stat(&stats, "coverage") > 0.0 && stat(&stats, "accuracy") > 0.0, "{stats}");
+    assert!(stat(&stats, "demand_bytes") >= data.len() as f64, "{stats}");
+    // The root's counters are the mount's; this client has read only this file (also as `link`).
+    let total = sh_ok(&mnt, "getfattr --only-values -n user.augur.prefetch_stats .");
+    assert_eq!(stat(&total, "demand_bytes"), stat(&stats, "demand_bytes"), "{total} / {stats}");
+    assert!(stat(&total, "issued") >= stat(&stats, "issued"), "{total} / {stats}");
+    // A file for the next client to read fast, with readahead far beyond its prefetch slots.
+    sh_ok(
+        &mnt,
+        "head -c 4194304 /dev/urandom > fast && setfattr -n user.augur.prefetch -v readahead:32 fast",
+    );
+    let fast = std::fs::read(mnt.join("fast")).unwrap();
     assert!(again.stop().success());
 
     // A missing model: said in the log, and the heuristic predictor prefetches instead.
-    let mut heuristic =
-        DevProc::start_with(&state, &mnt, "127.0.0.9", &["--model", "/nonexistent/prefetch.onnx"]);
+    // Two prefetch slots: what readahead names past them queues, and goes stale as the reads
+    // pass it.
+    let mut heuristic = DevProc::start_with(
+        &state,
+        &mnt,
+        "127.0.0.9",
+        &["--model", "/nonexistent/prefetch.onnx", "--prefetch-in-flight", "2"],
+    );
     let stats = paced_read(&mnt, "dir/file");
     eprintln!("heuristic, paced read: {stats}");
-    assert!(prefetch_used(&stats) > 0, "the heuristic's prefetches are used: {stats}");
+    assert!(stat(&stats, "used") > 0.0, "the heuristic's prefetches are used: {stats}");
+    assert_eq!(std::fs::read(mnt.join("fast")).unwrap(), fast);
+    let stats = sh_ok(&mnt, "getfattr --only-values -n user.augur.prefetch_stats fast");
+    eprintln!("readahead:32 with 2 slots, fast read: {stats}");
+    assert!(stat(&stats, "issued") > 0.0 && stat(&stats, "stale") > 0.0, "{stats}");
     let log = heuristic.log();
     assert!(
         log.contains("/nonexistent/prefetch.json")
@@ -136,6 +158,12 @@ print(os.getxattr("{file}", "user.augur.prefetch_stats").decode().strip())
     sh_ok(mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")))
 }
 
-fn prefetch_used(stats: &str) -> u64 {
-    stats.split_whitespace().find_map(|kv| kv.strip_prefix("used=")).and_then(|v| v.parse().ok()).unwrap_or(0)
+/// One figure of a `user.augur.prefetch_stats` value.
+fn stat(stats: &str, key: &str) -> f64 {
+    let prefix = format!("{key}=");
+    stats
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {stats:?}"))
 }

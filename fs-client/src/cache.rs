@@ -7,12 +7,14 @@
 //! close) is never served from an older copy here, and nothing has to be swept on open.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use augur_proto::Ino;
 use augur_proto::meta::Timestamp;
-use quick_cache::Weighter;
 use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
+
+use crate::stats::PrefetchMark;
 
 /// Bookkeeping weight of one entry on top of its bytes.
 const ENTRY_OVERHEAD_BYTES: u64 = 96;
@@ -28,8 +30,18 @@ pub struct BlockKey {
 pub struct CachedBlock {
     pub stamp: Timestamp,
     pub data: Arc<[u8]>,
-    /// Brought in by readahead and not read yet (for `user.augur.prefetch_stats`).
-    pub prefetched: Arc<AtomicBool>,
+    /// Set when a prefetch brought the block in: counts it as used, late or wasted once
+    /// (`user.augur.prefetch_stats`).
+    pub prefetched: Option<Arc<PrefetchMark>>,
+}
+
+impl CachedBlock {
+    /// Leaving the cache: a prefetched block not read by now was wasted.
+    fn dropped(&self) {
+        if let Some(m) = &self.prefetched {
+            m.dropped();
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -41,8 +53,22 @@ impl Weighter<BlockKey, CachedBlock> for BytesWeighter {
     }
 }
 
+/// Counts prefetched blocks evicted unread as wasted.
+#[derive(Clone)]
+struct CountWaste;
+
+impl Lifecycle<BlockKey, CachedBlock> for CountWaste {
+    type RequestState = ();
+    fn begin_request(&self) -> Self::RequestState {}
+    fn on_evict(&self, _: &mut (), _: BlockKey, val: CachedBlock) {
+        val.dropped();
+    }
+}
+
+type Blocks = Cache<BlockKey, CachedBlock, BytesWeighter, DefaultHashBuilder, CountWaste>;
+
 pub struct BlockCache {
-    cache: Option<Cache<BlockKey, CachedBlock, BytesWeighter>>,
+    cache: Option<Blocks>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
 }
@@ -52,7 +78,7 @@ impl BlockCache {
     pub fn new(bytes_max: u64, block_bytes: u64) -> Self {
         let cache = (bytes_max > 0).then(|| {
             let items = (bytes_max / block_bytes.max(1)).max(16) as usize;
-            Cache::with_weighter(items, bytes_max, BytesWeighter)
+            Cache::with(items, bytes_max, BytesWeighter, DefaultHashBuilder::default(), CountWaste)
         });
         Self { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
     }
@@ -71,14 +97,20 @@ impl BlockCache {
     }
 
     pub fn insert(&self, key: BlockKey, block: CachedBlock) {
-        if let Some(c) = &self.cache {
-            c.insert(key, block);
+        match &self.cache {
+            Some(c) => {
+                if let Some(old) = c.peek(&key) {
+                    old.dropped();
+                }
+                c.insert(key, block);
+            }
+            None => block.dropped(),
         }
     }
 
     pub fn remove(&self, key: BlockKey) {
-        if let Some(c) = &self.cache {
-            c.remove(&key);
+        if let Some((_, old)) = self.cache.as_ref().and_then(|c| c.remove(&key)) {
+            old.dropped();
         }
     }
 
@@ -95,7 +127,7 @@ mod tests {
         CachedBlock {
             stamp: Timestamp { secs: stamp, nanos: 0 },
             data: vec![7u8; len].into(),
-            prefetched: Arc::new(AtomicBool::new(false)),
+            prefetched: None,
         }
     }
 
@@ -117,6 +149,31 @@ mod tests {
             c.insert(BlockKey { ino: Ino(1), index: i }, block(1, 4096));
         }
         assert!(c.bytes() <= 64 * 4096, "{} bytes", c.bytes());
+    }
+
+    #[test]
+    fn a_prefetched_block_leaving_unread_is_wasted_and_a_read_one_is_not() {
+        use crate::stats::{Counter, PrefetchMark, StatsPair};
+        let pair = StatsPair { file: Arc::default(), total: Arc::default() };
+        let c = BlockCache::new(16 * 4096, 4096);
+        let prefetched =
+            || CachedBlock { prefetched: Some(PrefetchMark::new(pair.clone())), ..block(1, 4096) };
+        let key = |index| BlockKey { ino: Ino(1), index };
+        // Read, then evicted: used. Invalidated unread, replaced unread: wasted.
+        c.insert(key(0), prefetched());
+        c.get(key(0), Timestamp { secs: 1, nanos: 0 }).unwrap().prefetched.unwrap().read(false);
+        c.insert(key(1), prefetched());
+        c.remove(key(1));
+        c.insert(key(2), prefetched());
+        c.insert(key(2), block(1, 4096));
+        // Evicted unread: a cache of 16 blocks sees 1000 more go by.
+        c.insert(key(3), prefetched());
+        for i in 100..1100 {
+            c.insert(key(i), block(1, 4096));
+        }
+        assert_eq!(pair.file.get(Counter::Used), 1);
+        assert_eq!(pair.file.get(Counter::Wasted), 3);
+        assert_eq!(pair.total.get(Counter::Wasted), 3);
     }
 
     #[test]

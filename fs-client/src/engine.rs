@@ -2,9 +2,12 @@
 //! arrival; the request's size) and handed, in order, to one thread that runs the
 //! `model` predictor (`augur_prefetch::model::ModelPredictor`, the same code `augur trace eval`
 //! judges) with the file's inode as the stream. The blocks it names are fetched in the
-//! background by `Inner::prefetch_block` (no duplicates: cached or in flight; at most
-//! `MountOptions::prefetch_in_flight_max` at once); what it names but cannot be fetched is
-//! handed back (`Predictor::not_fetched`), so its byte budget is not spent on it.
+//! background by `Inner::prefetch_block`: no duplicates (cached or in flight); at most
+//! `MountOptions::prefetch_in_flight_max` fetches at once, the rest queued (`PREFETCH_QUEUE_MAX`)
+//! and dropped as stale once their file has been read `PREFETCH_STALE_READS` more times; a
+//! demand read never waits for a queued block (it fetches it itself). What the engine names but
+//! is not wanted (past the end, cached, in flight) is handed back (`Predictor::not_fetched`), so
+//! its byte budget is not spent on it.
 //!
 //! The engine steers only files whose `user.augur.prefetch` hint is `auto` (the default); the
 //! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). A file's hint is

@@ -74,6 +74,8 @@ pub struct OpenFile {
     pub ra: Mutex<ReadAhead>,
     /// A lookup of the prefetch hint was started (it runs once per open file).
     pub hint_lookup: AtomicBool,
+    /// Read requests so far: how the prefetch queue tells that a named block went stale.
+    pub reads: AtomicU64,
     /// The last link went while the file was open: reclaim on the last release.
     pub unlinked: std::sync::atomic::AtomicBool,
 }
@@ -89,6 +91,7 @@ impl OpenFile {
             state: tokio::sync::Mutex::new(FileState { meta_size: size, ..Default::default() }),
             ra: Mutex::new(ReadAhead::default()),
             hint_lookup: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
             unlinked: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,12 +23,13 @@ use fuser::{
 };
 use serde_bytes::ByteBuf;
 use tokio::runtime::Handle;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, warn};
 
 use crate::blocks::{BlockClient, BlockError};
 use crate::cache::{BlockCache, BlockKey, CachedBlock};
 use crate::file::{Dirty, OpenFile, UploadError, split};
+use crate::stats::{Counter, PrefetchMark, PrefetchStats, StatsPair};
 
 /// Read-only attributes computed by the client.
 pub const XATTR_SHARDS: &[u8] = b"user.augur.shards";
@@ -53,7 +54,8 @@ pub struct MountOptions {
     /// Most blocks read ahead of a sequential reader. Default 32.
     pub readahead_blocks_max: u32,
     /// Block fetches for prefetching (the engine's and the hints' readahead) in flight over all
-    /// files; more predictions are dropped. Default 64.
+    /// files; more named blocks wait in the prefetch queue (`PREFETCH_QUEUE_MAX`) and go stale
+    /// there (`PREFETCH_STALE_READS`). Default 64.
     pub prefetch_in_flight_max: usize,
     /// Kernel caching of attributes and directory entries. Default 1 s.
     pub attr_ttl: Duration,
@@ -103,13 +105,19 @@ fn nix_is_root() -> bool {
     }
 }
 
-/// Counts of readahead for one file, served as `user.augur.prefetch_stats`.
-#[derive(Default)]
-pub struct PrefetchStats {
-    pub issued: AtomicU64,
-    pub used: AtomicU64,
+/// A block named for prefetch, waiting for a slot.
+struct Queued {
+    file: Arc<OpenFile>,
+    index: u64,
+    /// The file's read count when it was named.
+    named_at: u64,
 }
 
+/// Blocks waiting for a prefetch slot; past it the oldest is dropped (counted stale).
+pub const PREFETCH_QUEUE_MAX: usize = 256;
+/// Reads of its file after which a queued block is stale and dropped unfetched: the reads have
+/// moved on, and the engine has named what they lead to since.
+pub const PREFETCH_STALE_READS: u64 = 8;
 /// Most files whose prefetch counters are remembered.
 const PREFETCH_STATS_FILES_MAX: usize = 4096;
 /// Inodes whose last reported (size, mtime) is remembered for invalidating the kernel's copy;
@@ -147,8 +155,12 @@ pub struct Inner {
     prefetch_slots: Arc<Semaphore>,
     reclaims: Arc<Semaphore>,
     fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
+    /// Blocks named for prefetch while every prefetch slot was busy, oldest first.
+    prefetch_queue: Mutex<std::collections::VecDeque<Queued>>,
     trace: Option<crate::trace::TraceRecorder>,
     stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
+    /// The mount's prefetch counters (the root directory's `user.augur.prefetch_stats`).
+    total: Arc<PrefetchStats>,
     pub notifier: OnceLock<Notifier>,
     /// The prefetch engine (started by `start_engine` once the `Arc` exists).
     engine: OnceLock<crate::engine::Engine>,
@@ -285,8 +297,10 @@ impl Inner {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             fetching: Mutex::new(HashMap::new()),
+            prefetch_queue: Mutex::new(Default::default()),
             trace,
             stats: quick_cache::sync::Cache::new(PREFETCH_STATS_FILES_MAX),
+            total: Arc::default(),
             notifier: OnceLock::new(),
             engine: OnceLock::new(),
             told: quick_cache::sync::Cache::new(TOLD_INODES_MAX),
@@ -374,8 +388,8 @@ impl Inner {
         let key = BlockKey { ino: f.ino, index };
         let stamp = f.stamp();
         if let Some(b) = self.cache.get(key, stamp) {
-            if b.prefetched.swap(false, Ordering::Relaxed) {
-                self.stats_of(f.ino).used.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &b.prefetched {
+                m.read(false);
             }
             return Ok(b.data);
         }
@@ -393,6 +407,7 @@ impl Inner {
         };
         match joined {
             Err(tx) => {
+                self.stats_of(f.ino).add(Counter::DemandMisses, 1);
                 let result = self.fetch(f, key, stamp, false).await;
                 self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                 drop(tx);
@@ -404,12 +419,15 @@ impl Inner {
                 let _ = rx.changed().await;
                 match self.cache.get(key, stamp) {
                     Some(b) => {
-                        if b.prefetched.swap(false, Ordering::Relaxed) {
-                            self.stats_of(f.ino).used.fetch_add(1, Ordering::Relaxed);
+                        if let Some(m) = &b.prefetched {
+                            m.read(true);
                         }
                         Ok(b.data)
                     }
-                    None => self.fetch(f, key, stamp, false).await,
+                    None => {
+                        self.stats_of(f.ino).add(Counter::DemandMisses, 1);
+                        self.fetch(f, key, stamp, false).await
+                    }
                 }
             }
         }
@@ -426,8 +444,12 @@ impl Inner {
         let data: Arc<[u8]> = self.blocks.read(BlockId::new(key.ino, key.index)).await?.into();
         // A write (or an upload landing) while we fetched makes these bytes possibly old: do
         // not keep them. Insert first and check after, so a write between the two still wins.
-        let block =
-            CachedBlock { stamp, data: data.clone(), prefetched: Arc::new(AtomicBool::new(prefetch)) };
+        let prefetched = prefetch.then(|| {
+            let stats = self.stats_of(key.ino);
+            stats.add(Counter::PrefetchedBytes, data.len() as u64);
+            PrefetchMark::new(stats)
+        });
+        let block = CachedBlock { stamp, data: data.clone(), prefetched };
         self.cache.insert(key, block);
         if f.write_gen.load(Ordering::Acquire) != gen_before {
             self.cache.remove(key);
@@ -435,14 +457,16 @@ impl Inner {
         Ok(data)
     }
 
-    fn stats_of(&self, ino: Ino) -> Arc<PrefetchStats> {
-        self.stats.get_or_insert_with(&ino, || Ok::<_, ()>(Arc::default())).unwrap_or_default()
+    /// A file's prefetch counters (remembered for `PREFETCH_STATS_FILES_MAX` files) with the
+    /// mount's.
+    fn stats_of(&self, ino: Ino) -> StatsPair {
+        let file = self.stats.get_or_insert_with(&ino, || Ok::<_, ()>(Arc::default())).unwrap_or_default();
+        StatsPair { file, total: self.total.clone() }
     }
 
-    /// Prefetches of a file issued, and used (read before eviction): `user.augur.prefetch_stats`.
-    pub fn prefetch_counts(&self, ino: Ino) -> (u64, u64) {
-        let s = self.stats_of(ino);
-        (s.issued.load(Ordering::Relaxed), s.used.load(Ordering::Relaxed))
+    /// A file's prefetch counters (`user.augur.prefetch_stats`); the root's are the mount's.
+    pub fn prefetch_stats(&self, ino: Ino) -> Arc<PrefetchStats> {
+        if ino == ROOT_INO { self.total.clone() } else { self.stats_of(ino).file }
     }
 
     async fn read(self: &Arc<Self>, f: Arc<OpenFile>, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -465,19 +489,29 @@ impl Inner {
             return Ok(Vec::new());
         }
         let len = (u64::from(size)).min(file_size - offset);
+        f.reads.fetch_add(1, Ordering::Relaxed);
+        let stats = self.stats_of(f.ino);
+        stats.add(Counter::DemandBytes, len);
         let pieces: Vec<(u64, u32, u32)> = split(offset, len, self.block_bytes).collect();
         let stamp = f.stamp();
         let hits: Vec<bool> = pieces
             .iter()
             .map(|&(index, _, _)| self.cache.contains(BlockKey { ino: f.ino, index }, stamp))
             .collect();
-        // A small read away from where the last one ended, of a block not cached: fetch just
-        // those bytes (a random 4 KiB read need not move a whole block), and cache nothing.
+        // A small read away from where the last one ended, of a block neither cached nor being
+        // fetched: fetch just those bytes (a random 4 KiB read need not move a whole block),
+        // and cache nothing.
         if let [(index, off, n)] = pieces[..]
             && u64::from(n) * SMALL_READ_FRACTION <= self.block_bytes
             && f.ra.lock().unwrap_or_else(|p| p.into_inner()).next != index
             && !hits[0]
+            && !self
+                .fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&BlockKey { ino: f.ino, index })
         {
+            stats.add(Counter::DemandMisses, 1);
             let range = Some(augur_proto::msg::ByteRange { offset: off, len: n });
             let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
             data.resize(n as usize, 0);
@@ -552,40 +586,92 @@ impl Inner {
         }
     }
 
-    /// Starts a background fetch of block `index` into the cache, unless it is past the end of
-    /// the file, cached, already being fetched, or `prefetch_in_flight_max` fetches are under
-    /// way. Returns whether it started one.
+    /// Asks for block `index` of `f` in the background. Returns false, doing nothing, if the
+    /// block is past the end of the file, cached or being fetched, or `f` is no longer the file
+    /// as open now (a handle released and opened again has a new `OpenFile`, whose writes the
+    /// old one's `write_gen` would not see). Otherwise the block is fetched at once if fewer than
+    /// `prefetch_in_flight_max` prefetches are under way, else queued until one ends.
     pub(crate) fn prefetch_block(self: &Arc<Self>, f: &Arc<OpenFile>, index: u64) -> bool {
+        if !self.wants_prefetch(f, index) {
+            return false;
+        }
+        if let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() {
+            return self.start_prefetch(f.clone(), index, permit).is_none();
+        }
+        {
+            let mut queue = self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.len() >= PREFETCH_QUEUE_MAX
+                && let Some(old) = queue.pop_front()
+            {
+                self.stats_of(old.file.ino).add(Counter::Stale, 1);
+            }
+            queue.push_back(Queued { file: f.clone(), index, named_at: f.reads.load(Ordering::Relaxed) });
+        }
+        // A slot may have come free since, with nobody left to look at the queue.
+        if let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() {
+            self.next_queued(permit);
+        }
+        true
+    }
+
+    fn wants_prefetch(&self, f: &Arc<OpenFile>, index: u64) -> bool {
+        let key = BlockKey { ino: f.ino, index };
+        index < f.size().div_ceil(self.block_bytes)
+            && !self.cache.contains(key, f.stamp())
+            && self.file(f.ino).is_some_and(|now| Arc::ptr_eq(&now, f))
+            && !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key)
+    }
+
+    /// Fetches a block into the cache holding a prefetch slot, then hands the slot to the
+    /// queue. Gives the slot back if the block is being fetched already.
+    fn start_prefetch(
+        self: &Arc<Self>,
+        f: Arc<OpenFile>,
+        index: u64,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<OwnedSemaphorePermit> {
         let stamp = f.stamp();
         let key = BlockKey { ino: f.ino, index };
-        if index >= f.size().div_ceil(self.block_bytes) || self.cache.contains(key, stamp) {
-            return false;
-        }
-        // Only for the file as open now: a handle released and opened again has a new
-        // `OpenFile`, whose writes the old one's `write_gen` would not see.
-        if !self.file(f.ino).is_some_and(|now| Arc::ptr_eq(&now, f)) {
-            return false;
-        }
-        let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else { return false };
         let tx = {
             let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
             if fetching.contains_key(&key) {
-                return false;
+                return Some(permit);
             }
             let (tx, rx) = watch::channel(());
             fetching.insert(key, rx);
             tx
         };
-        self.stats_of(f.ino).issued.fetch_add(1, Ordering::Relaxed);
-        let (me, f) = (self.clone(), f.clone());
+        self.stats_of(f.ino).add(Counter::Issued, 1);
+        let me = self.clone();
         tokio::spawn(async move {
             if let Err(e) = me.fetch(&f, key, stamp, true).await {
                 debug!(ino = %key.ino, index = key.index, error = %e.what, "prefetch failed");
             }
             me.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-            drop((tx, permit));
+            drop(tx);
+            me.next_queued(permit);
         });
-        true
+        None
+    }
+
+    /// With a free prefetch slot: starts the oldest queued block still worth fetching. Blocks
+    /// named `PREFETCH_STALE_READS` or more reads of their file ago, or no longer wanted
+    /// (`wants_prefetch`), are dropped on the way and counted stale.
+    fn next_queued(self: &Arc<Self>, mut permit: OwnedSemaphorePermit) {
+        loop {
+            let Some(q) = self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
+                return;
+            };
+            let age = q.file.reads.load(Ordering::Relaxed).saturating_sub(q.named_at);
+            if age >= PREFETCH_STALE_READS || !self.wants_prefetch(&q.file, q.index) {
+                self.stats_of(q.file.ino).add(Counter::Stale, 1);
+                continue;
+            }
+            match self.start_prefetch(q.file, q.index, permit) {
+                None => return,
+                Some(p) => permit = p,
+            }
+        }
     }
 
     /// The file's prefetch hint, if looked up already.
@@ -1022,10 +1108,7 @@ impl Inner {
             return self.shards_text(i).await;
         }
         if name == XATTR_PREFETCH_STATS {
-            let (issued, used) = self.prefetch_counts(i);
-            return Ok(
-                format!("issued={issued} used={used} wasted={}\n", issued.saturating_sub(used)).into_bytes()
-            );
+            return Ok(self.prefetch_stats(i).to_string().into_bytes());
         }
         if !name.starts_with(b"user.") {
             return Err(FsError::new(libc::ENODATA, "only user.* attributes are kept"));

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod file;
 pub mod fs;
 pub mod mount;
+pub mod stats;
 pub mod trace;
 
 pub use blocks::{BlockClient, BlockError};

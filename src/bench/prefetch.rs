@@ -11,15 +11,16 @@
 //! ratios are against `off`.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use augur_fs_client::fs::Inner;
+use augur_fs_client::stats::{Counter, PrefetchStats};
 use augur_prefetch::{Op, Trace};
-use augur_proto::Ino;
+use augur_proto::meta::ROOT_INO;
 use augur_proto::msg::RequestBody;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -47,9 +48,14 @@ pub struct Row {
     pub mean_us: f64,
     pub p50_us: f64,
     pub p99_us: f64,
-    /// Prefetches issued and used (read before eviction), summed over the files, last run.
+    /// The mount's prefetch counters, last run: prefetches issued, used (read before
+    /// eviction), late (read while in flight); coverage = used / (used + demand misses);
+    /// over-fetch = prefetched bytes / bytes read.
     pub issued: u64,
     pub used: u64,
+    pub late: u64,
+    pub coverage: f64,
+    pub over_fetch: f64,
     /// mean / `off`'s mean.
     pub vs_off: f64,
     /// Share of the blocks the engine observed on which the network's own choice was passed on
@@ -83,12 +89,22 @@ impl Report {
             if self.caches_dropped { "" } else { " (not root: page caches NOT dropped)" }
         );
         out += &format!(
-            "{:<12}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>10}\n",
-            "mode", "mean(us)", "p50(us)", "p99(us)", "vs off", "issued", "used", "network"
+            "{:<12}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>10}{:>10}\n",
+            "mode",
+            "mean(us)",
+            "p50(us)",
+            "p99(us)",
+            "vs off",
+            "issued",
+            "used",
+            "late",
+            "coverage",
+            "overfetch",
+            "network"
         );
         for r in &self.rows {
             out += &format!(
-                "{:<12}{:>11.1}{:>11.1}{:>11.1}{:>9.3}{:>9}{:>9}{:>9.1}%\n",
+                "{:<12}{:>11.1}{:>11.1}{:>11.1}{:>9.3}{:>9}{:>9}{:>9}{:>9.3}{:>10.3}{:>9.1}%\n",
                 r.mode,
                 r.mean_us,
                 r.p50_us,
@@ -96,6 +112,9 @@ impl Report {
                 r.vs_off,
                 r.issued,
                 r.used,
+                r.late,
+                r.coverage,
+                r.over_fetch,
                 100.0 * r.network_decided
             );
         }
@@ -172,13 +191,13 @@ async fn measure_modes(
     })
     .await?;
     let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); MODES.len()];
-    let mut counts = vec![(0u64, 0u64, 0.0f64); MODES.len()];
+    let mut counts: Vec<(Arc<PrefetchStats>, f64)> = vec![Default::default(); MODES.len()];
     let mut caches_dropped = true;
     for run in 0..o.runs {
         for (m, mode) in MODES.iter().enumerate() {
             let think = Duration::from_micros(o.think_us);
             let (sizes, ops) = (sizes.clone(), ops.clone());
-            let ((lat, inos, dropped), inner) = with_mount(cluster, dir, o, mode, move |mnt| {
+            let ((lat, dropped), inner) = with_mount(cluster, dir, o, mode, move |mnt| {
                 let dropped = super::fs::drop_caches();
                 let files: Vec<File> = (0..sizes.len())
                     .map(|i| File::open(mnt.join(format!("stream-{i}"))))
@@ -192,9 +211,7 @@ async fn measure_modes(
                     lat.push(t.elapsed().as_nanos() as u64);
                     std::thread::sleep(think);
                 }
-                let inos: Vec<Ino> =
-                    files.iter().map(|f| Ok(Ino(f.metadata()?.ino()))).collect::<std::io::Result<_>>()?;
-                Ok((lat, inos, dropped))
+                Ok((lat, dropped))
             })
             .await
             .with_context(|| format!("replaying with prefetch mode {mode}"))?;
@@ -205,10 +222,9 @@ async fn measure_modes(
             let fig = (mean, percentile_us(&sorted, 0.5), percentile_us(&sorted, 0.99));
             eprintln!("run {} {mode}: mean {:.1} us, p50 {:.1}, p99 {:.1}", run + 1, fig.0, fig.1, fig.2);
             samples[m].push(fig);
-            let (issued, used) =
-                inos.iter().map(|&i| inner.prefetch_counts(i)).fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
             let (reads, decided) = inner.engine_counters();
-            counts[m] = (issued, used, if reads > 0 { decided as f64 / reads as f64 } else { 0.0 });
+            counts[m] =
+                (inner.prefetch_stats(ROOT_INO), if reads > 0 { decided as f64 / reads as f64 } else { 0.0 });
         }
     }
     let mean_of = |m: usize| median(samples[m].iter().map(|f| f.0).collect());
@@ -221,10 +237,13 @@ async fn measure_modes(
             mean_us: mean_of(m),
             p50_us: median(samples[m].iter().map(|f| f.1).collect()),
             p99_us: median(samples[m].iter().map(|f| f.2).collect()),
-            issued: counts[m].0,
-            used: counts[m].1,
+            issued: counts[m].0.get(Counter::Issued),
+            used: counts[m].0.get(Counter::Used),
+            late: counts[m].0.get(Counter::Late),
+            coverage: counts[m].0.coverage(),
+            over_fetch: counts[m].0.over_fetch(),
             vs_off: if off > 0.0 { mean_of(m) / off } else { 0.0 },
-            network_decided: counts[m].2,
+            network_decided: counts[m].1,
         })
         .collect();
     Ok((rows, caches_dropped))
