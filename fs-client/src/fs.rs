@@ -309,12 +309,15 @@ impl Inner {
 
     /// Loads the model named in the options (or logs why not) and starts the prefetch engine.
     pub fn start_engine(self: &Arc<Self>) {
+        let knobs = augur_prefetch::model::ModelKnobs::default();
         let model = crate::engine::load_model(self.opts.model.as_deref());
-        match crate::engine::Engine::start(
-            Arc::downgrade(self),
-            model,
-            augur_prefetch::model::ModelKnobs::default(),
-        ) {
+        let had_model = model.is_some();
+        let mut started = crate::engine::Engine::start(Arc::downgrade(self), model, knobs);
+        if had_model && let Err(e) = &started {
+            warn!(error = %e, "prefetch: the model cannot run; prefetching with the heuristic predictor (auto)");
+            started = crate::engine::Engine::start(Arc::downgrade(self), None, knobs);
+        }
+        match started {
             Ok(engine) => {
                 let _ = self.engine.set(engine);
             }

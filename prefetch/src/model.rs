@@ -116,7 +116,18 @@ impl Model {
             .map_err(file_err)?
             .into_runnable()
             .map_err(file_err)?;
-        Ok(Model { plan, hidden, path: onnx.to_path_buf() })
+        let model = Model { plan, hidden, path: onnx.to_path_buf() };
+        // One step on a padding token, so a graph that loads but cannot run, or answers in
+        // other shapes, is refused here rather than failing on every read.
+        let mut probs = Vec::new();
+        model
+            .runner()
+            .and_then(|mut r| r.step(&mut StreamState::default(), &Step::PAD, &mut probs))
+            .map_err(|e| ModelError::Mismatch {
+                path: p.clone(),
+                what: format!("a trial step failed: {e:#}"),
+            })?;
+        Ok(model)
     }
 
     /// A runner: tract's execution state for this plan, reused from read to read.
@@ -186,12 +197,30 @@ impl Runner {
         }
         Arc::make_mut(c).try_as_plain_ram_mut()?.as_slice_mut::<f32>()?.copy_from_slice(&state.c);
         let out = self.state.run(self.inputs.iter().map(|t| TValue::from_const(t.clone())).collect())?;
-        let p = out[0].try_as_plain_ram()?.as_slice::<f32>()?;
-        let vocab = p.len() / LANES;
+        let [p, h_out, c_out] = &out[..] else {
+            return Err(TractError::msg(format!("the graph gave {} outputs, expected 3", out.len())));
+        };
+        let (p, h_out, c_out) = (
+            p.try_as_plain_ram()?.as_slice::<f32>()?,
+            h_out.try_as_plain_ram()?.as_slice::<f32>()?,
+            c_out.try_as_plain_ram()?.as_slice::<f32>()?,
+        );
+        let vocab = features::VOCAB as usize;
+        if p.len() != LANES * vocab || h_out.len() != state.h.len() || c_out.len() != state.c.len() {
+            return Err(TractError::msg(format!(
+                "the graph gave outputs of {} / {} / {} values, expected {} / {} / {}",
+                p.len(),
+                h_out.len(),
+                c_out.len(),
+                LANES * vocab,
+                state.h.len(),
+                state.c.len()
+            )));
+        }
         probs.clear();
         probs.extend_from_slice(&p[older * vocab..(older + 1) * vocab]);
-        state.h.copy_from_slice(out[1].try_as_plain_ram()?.as_slice::<f32>()?);
-        state.c.copy_from_slice(out[2].try_as_plain_ram()?.as_slice::<f32>()?);
+        state.h.copy_from_slice(h_out);
+        state.c.copy_from_slice(c_out);
         state.steps += 1;
         Ok(())
     }
@@ -360,11 +389,16 @@ pub struct ModelPredictor {
 
 impl ModelPredictor {
     /// With `model` None (missing or corrupt file), every read goes to the fallback. Fails on a
-    /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already).
+    /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already), or
+    /// if tract cannot make a runner for the model.
     pub fn new(model: Option<Model>, knobs: ModelKnobs) -> Result<Self, String> {
         let fallback = Selector::new(knobs.fallback, knobs.judge())?;
+        let runner = match model {
+            Some(m) => Some(m.runner().map_err(|e| format!("model {}: no runner: {e:#}", m.path.display()))?),
+            None => None,
+        };
         Ok(Self {
-            runner: model.and_then(|m| m.runner().ok()),
+            runner,
             fallback,
             knobs,
             streams: PerStream::default(),

@@ -91,6 +91,12 @@ fn missing_corrupt_or_mismatched_models_are_named_and_fall_back() {
     std::fs::write(corrupt.with_extension("json"), cfg.to_string()).unwrap();
     let e = Model::load(&corrupt).err().unwrap();
     assert!(e.to_string().contains("hidden"), "{e}");
+    // A state size the graph was not built with: refused at load, not on every read.
+    cfg["hidden"] = serde_json::json!(16);
+    std::fs::write(corrupt.with_extension("json"), cfg.to_string()).unwrap();
+    let e = Model::load(&corrupt).err().expect("a model whose state does not fit is refused");
+    eprintln!("hidden 16: {e}");
+    assert!(e.to_string().contains("prefetch.onnx"), "{e}");
 
     same_as_fallback(None);
 }
