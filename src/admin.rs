@@ -1,5 +1,5 @@
 //! Client commands against the meta group: `meta status|add-member|remove-member`, `volume`,
-//! `shards`, `hint`, `cluster status`.
+//! `shards`, `hint`, `prefetch`, `cluster status`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -198,6 +198,101 @@ pub async fn hint(volume: String, hint_type: String, value: String, meta: MetaAr
     }
 }
 
+/// `augur prefetch`: what to warm, as given on the command line.
+#[derive(Debug, PartialEq)]
+enum Target {
+    /// Blocks `first..=last` of an inode; `last` None: to the end of the file.
+    Blocks { ino: u64, first: u64, last: Option<u64> },
+    /// A file on a mount of the volume: all of it.
+    Path(PathBuf),
+}
+
+fn parse_target(s: &str) -> Result<Target> {
+    let bad = || {
+        anyhow::anyhow!(
+            "bad target {s:?}: give INO, INO:INDEX, INO:FIRST-LAST (block indexes, inclusive) or the path \
+             of a file on a mount"
+        )
+    };
+    if s.contains('/') || !s.starts_with(|c: char| c.is_ascii_digit()) {
+        return if std::path::Path::new(s).exists() { Ok(Target::Path(s.into())) } else { Err(bad()) };
+    }
+    let num = |t: &str| t.parse::<u64>().map_err(|_| bad());
+    Ok(match s.split_once(':') {
+        None => Target::Blocks { ino: num(s)?, first: 0, last: None },
+        Some((ino, range)) => {
+            let (first, last) = match range.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(range)?, num(range)?),
+            };
+            if first > last {
+                return Err(bad());
+            }
+            Target::Blocks { ino: num(ino)?, first, last: Some(last) }
+        }
+    })
+}
+
+/// Blocks `PrefetchData` asks for in one run at most.
+const PREFETCH_BLOCKS_MAX: u64 = 1 << 20;
+
+/// `PrefetchData(volume, blocks)`: the storage nodes holding the blocks load them into memory.
+pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> Result<()> {
+    use augur_proto::meta::{NsOp, NsReply};
+    use augur_proto::{BlockId, Ino};
+    let targets: Vec<Target> = targets.iter().map(|t| parse_target(t)).collect::<Result<_>>()?;
+    let client = Arc::new(meta.client()?);
+    let blocks = augur_fs_client::blocks::BlockClient::open(client.clone(), client.rpc().clone(), &volume)
+        .await
+        .with_context(|| format!("opening volume {volume}"))?;
+    let block_bytes = u64::from(blocks.volume.block_size_bytes);
+    let mut ids = Vec::new();
+    for t in targets {
+        let (ino, first, last) = match t {
+            Target::Blocks { ino, first, last: Some(last) } => (ino, first, last),
+            Target::Blocks { ino, first, last: None } => {
+                let size = match client.ns(blocks.volume.id, NsOp::GetAttr { ino: Ino(ino) }).await {
+                    Ok(NsReply::Attr(a)) => a.size,
+                    Ok(other) => bail!("inode {ino}: meta answered {other:?}"),
+                    Err(e) => bail!("inode {ino} of volume {volume}: {e}"),
+                };
+                (ino, first, size.div_ceil(block_bytes).saturating_sub(1))
+            }
+            Target::Path(p) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(&p).with_context(|| format!("{}", p.display()))?;
+                if !m.is_file() {
+                    bail!("{} is not a regular file", p.display());
+                }
+                (m.ino(), 0, m.size().div_ceil(block_bytes).saturating_sub(1))
+            }
+        };
+        if (ids.len() as u64).saturating_add(last - first + 1) > PREFETCH_BLOCKS_MAX {
+            bail!("more than {PREFETCH_BLOCKS_MAX} blocks asked for; warm in parts");
+        }
+        ids.extend((first..=last).map(|i| BlockId::new(Ino(ino), i)));
+    }
+    let report = blocks.warm(&ids).await?;
+    let loaded: u64 = report.loaded.values().sum();
+    if meta.json {
+        print_json(&serde_json::json!({
+            "volume": volume, "blocks": report.blocks, "loaded": report.loaded, "errors": report.errors,
+        }))?;
+    } else {
+        println!("asked for {} blocks of {volume}; replicas loaded {loaded}", report.blocks);
+        for (node, n) in &report.loaded {
+            println!("  {node}: {n}");
+        }
+        for e in &report.errors {
+            println!("  failed: {e}");
+        }
+    }
+    if !report.errors.is_empty() && loaded == 0 {
+        bail!("no replica could be asked: {}", report.errors.join("; "));
+    }
+    Ok(())
+}
+
 pub async fn move_shard(volume: String, shard: u32, nodes: Vec<u64>, meta: MetaArgs) -> Result<()> {
     let nodes = nodes.into_iter().map(augur_proto::NodeId).collect();
     meta.client()?.call(RequestBody::SetShardReplicas { volume, shard: ShardId(shard), nodes }).await?;
@@ -297,4 +392,21 @@ pub async fn cluster_status(meta: MetaArgs) -> Result<()> {
     println!("volumes: {}", c.volumes.len());
     c.volumes.iter().for_each(print_volume);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_targets_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_target("7").unwrap(), Target::Blocks { ino: 7, first: 0, last: None });
+        assert_eq!(parse_target("7:3").unwrap(), Target::Blocks { ino: 7, first: 3, last: Some(3) });
+        assert_eq!(parse_target("7:3-9").unwrap(), Target::Blocks { ino: 7, first: 3, last: Some(9) });
+        assert_eq!(parse_target("/").unwrap(), Target::Path("/".into()));
+        for bad in ["7:9-3", "7:x", "x:1", "7:1-", "/nonexistent/file", "nosuchfile"] {
+            let e = parse_target(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 }

@@ -63,6 +63,18 @@ enum Command {
         #[command(flatten)]
         meta: admin::MetaArgs,
     },
+    /// Warm blocks into the memory caches of every storage node holding them (`PrefetchData`),
+    /// so the next reads are served from memory. Blocks never written load nothing.
+    Prefetch {
+        volume: String,
+        /// What to warm: INO (a whole file), INO:INDEX, INO:FIRST-LAST (block indexes,
+        /// inclusive), or the path of a file on a mount of VOLUME (the whole file). At most
+        /// 1 Mi blocks per run.
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+        #[command(flatten)]
+        meta: admin::MetaArgs,
+    },
     /// Admin: give one shard a new replica list (first = primary); its epoch increases.
     MoveShard {
         volume: String,
@@ -446,6 +458,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Hint { volume, hint_type, value, meta } => {
             admin::hint(volume, hint_type, value, meta).await?
         }
+        Command::Prefetch { volume, targets, meta } => admin::prefetch(volume, targets, meta).await?,
         Command::MoveShard { volume, shard, nodes, meta } => {
             admin::move_shard(volume, shard, nodes, meta).await?
         }

@@ -111,6 +111,32 @@ print("xattrs ok", stats.strip())
     let total = sh_ok(&mnt, "getfattr --only-values -n user.augur.prefetch_stats .");
     assert_eq!(stat(&total, "demand_bytes"), stat(&stats, "demand_bytes"), "{total} / {stats}");
     assert!(stat(&total, "issued") >= stat(&stats, "issued"), "{total} / {stats}");
+    // `augur prefetch`: every replica of the file's shards loads its blocks into memory.
+    let tls = state.join("tls/client");
+    let warm = |targets: &[&str]| {
+        let meta = "127.0.0.9:7001,127.0.0.9:7002,127.0.0.9:7003";
+        let tail = ["--meta", meta, "--tls", tls.to_str().unwrap(), "--json"];
+        common::augur(&[&["prefetch", "default"], targets, &tail[..]].concat())
+    };
+    let loaded = |out: &str| -> (u64, u64) {
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        let sum = v["loaded"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+        (v["blocks"].as_u64().unwrap(), sum)
+    };
+    let blocks = data.len().div_ceil(64 << 10) as u64;
+    let (ok, out, err) = warm(&[mnt.join("dir/file").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(loaded(&out), (blocks, 3 * blocks), "three replicas load every block: {out}");
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(mnt.join("dir/file")).unwrap());
+    let (ok, out, err) = warm(&[&format!("{ino}:0-3"), &format!("{ino}:1000")]);
+    assert!(ok, "{err}");
+    assert_eq!(loaded(&out), (5, 12), "a block never written loads nothing: {out}");
+    let (ok, out, err) = warm(&[&ino.to_string()]);
+    assert!(ok, "{err}");
+    assert_eq!(loaded(&out), (blocks, 3 * blocks), "{out}");
+    let (ok, _, err) = warm(&["12:9-3"]);
+    assert!(!ok && err.contains("12:9-3"), "{err}");
+
     // A file for the next client to read fast, with readahead far beyond its prefetch slots.
     sh_ok(
         &mnt,

@@ -2,14 +2,17 @@
 //! in-sync replica and fail over, write through the primary, and refresh placement from the
 //! meta group whenever a node says the client's epoch is stale.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use augur_meta::MetaClient;
 use augur_proto::meta::VolumeInfo;
-use augur_proto::msg::{BlockRead, ByteRange, Replica, RequestBody, ResponseBody, ShardPlacement};
+use augur_proto::msg::{
+    BATCH_BLOCKS_MAX, BATCH_BYTES_MAX, BlockRead, ByteRange, Replica, RequestBody, ResponseBody,
+    ShardPlacement,
+};
 use augur_proto::{BlockId, ErrorCode, Ino, RpcClient, RpcError, ShardId, ShardRef};
 use serde_bytes::ByteBuf;
 use tracing::{debug, warn};
@@ -35,6 +38,17 @@ pub enum BlockError {
     Invalid(String),
     #[error("meta group: {0}")]
     Meta(RpcError),
+}
+
+/// What `BlockClient::warm` did.
+#[derive(Debug, Default)]
+pub struct WarmReport {
+    /// Blocks asked for.
+    pub blocks: usize,
+    /// Per node: blocks it loaded (each block is asked of every replica of its shard).
+    pub loaded: BTreeMap<String, u64>,
+    /// Replicas that could not be asked, and why.
+    pub errors: Vec<String>,
 }
 
 pub struct BlockClient {
@@ -176,6 +190,43 @@ impl BlockClient {
                 let _ = self.refresh().await;
             }
         }
+    }
+
+    /// `PrefetchData`: asks every replica of each block's shard to load the block into its
+    /// memory cache, so the next read from any replica is served from memory (blocks never
+    /// written load nothing). Requests stay within `BATCH_BLOCKS_MAX` blocks and
+    /// `BATCH_BYTES_MAX` bytes; they go one at a time. A replica that fails is reported and the
+    /// rest go on.
+    pub async fn warm(&self, blocks: &[BlockId]) -> Result<WarmReport, BlockError> {
+        let mut by_shard: BTreeMap<ShardId, Vec<BlockId>> = BTreeMap::new();
+        for &b in blocks {
+            by_shard.entry(self.volume.shard_of(b.ino, b.index)).or_default().push(b);
+        }
+        let per_request = (BATCH_BYTES_MAX / u64::from(self.volume.block_size_bytes).max(1))
+            .clamp(1, BATCH_BLOCKS_MAX as u64) as usize;
+        let mut report = WarmReport { blocks: blocks.len(), ..WarmReport::default() };
+        for ids in by_shard.values() {
+            let (shard, replicas) = self.route(ids[0])?;
+            for chunk in ids.chunks(per_request) {
+                let reads: Vec<BlockRead> =
+                    chunk.iter().map(|&block| BlockRead { shard, block, range: None }).collect();
+                for r in &replicas {
+                    let Some(addr) = addr_of(r) else {
+                        report.errors.push(format!("{}: unusable address {:?}", r.node, r.addr));
+                        continue;
+                    };
+                    let body = RequestBody::Warm { blocks: reads.clone() };
+                    match self.rpc.call_with_deadline(addr, body, BLOCK_ATTEMPT_DEADLINE).await {
+                        Ok(ResponseBody::Warmed { loaded }) => {
+                            *report.loaded.entry(r.node.to_string()).or_default() += u64::from(loaded);
+                        }
+                        Ok(other) => report.errors.push(format!("{} ({addr}) answered {other:?}", r.node)),
+                        Err(e) => report.errors.push(format!("{} ({addr}): {e}", r.node)),
+                    }
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Writes `data` at `offset` in a block through the shard's primary, which acks once every

@@ -448,8 +448,10 @@ impl Inner {
         // A write (or an upload landing) while we fetched makes these bytes possibly old: do
         // not keep them. Insert first and check after, so a write between the two still wins.
         let prefetched = prefetch.then(|| {
+            // The file's bytes the block covers (a block never written comes back empty).
+            let covered = self.block_bytes.min(f.size().saturating_sub(key.index * self.block_bytes));
             let stats = self.stats_of(key.ino);
-            stats.add(Counter::PrefetchedBytes, data.len() as u64);
+            stats.add(Counter::PrefetchedBytes, covered);
             PrefetchMark::new(stats)
         });
         let block = CachedBlock { stamp, data: data.clone(), prefetched };
