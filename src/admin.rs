@@ -248,15 +248,16 @@ pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> R
     let block_bytes = u64::from(blocks.volume.block_size_bytes);
     let mut ids = Vec::new();
     for t in targets {
-        let (ino, first, last) = match t {
-            Target::Blocks { ino, first, last: Some(last) } => (ino, first, last),
+        // Block indexes first..end.
+        let (ino, first, end) = match t {
+            Target::Blocks { ino, first, last: Some(last) } => (ino, first, last.saturating_add(1)),
             Target::Blocks { ino, first, last: None } => {
                 let size = match client.ns(blocks.volume.id, NsOp::GetAttr { ino: Ino(ino) }).await {
                     Ok(NsReply::Attr(a)) => a.size,
                     Ok(other) => bail!("inode {ino}: meta answered {other:?}"),
                     Err(e) => bail!("inode {ino} of volume {volume}: {e}"),
                 };
-                (ino, first, size.div_ceil(block_bytes).saturating_sub(1))
+                (ino, first, size.div_ceil(block_bytes))
             }
             Target::Path(p) => {
                 use std::os::unix::fs::MetadataExt;
@@ -264,13 +265,13 @@ pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> R
                 if !m.is_file() {
                     bail!("{} is not a regular file", p.display());
                 }
-                (m.ino(), 0, m.size().div_ceil(block_bytes).saturating_sub(1))
+                (m.ino(), 0, m.size().div_ceil(block_bytes))
             }
         };
-        if (ids.len() as u64).saturating_add(last - first + 1) > PREFETCH_BLOCKS_MAX {
+        if (ids.len() as u64).saturating_add(end.saturating_sub(first)) > PREFETCH_BLOCKS_MAX {
             bail!("more than {PREFETCH_BLOCKS_MAX} blocks asked for; warm in parts");
         }
-        ids.extend((first..=last).map(|i| BlockId::new(Ino(ino), i)));
+        ids.extend((first..end).map(|i| BlockId::new(Ino(ino), i)));
     }
     let report = blocks.warm(&ids).await?;
     let loaded: u64 = report.loaded.values().sum();

@@ -1132,11 +1132,11 @@ impl Inner {
     /// The type group of a file without a `user.augur.filetype` of its own: the volume's
     /// filetype hint, else detected from its first `HEAD_BYTES` bytes as the replicas have them.
     async fn detected_filetype(&self, i: Ino) -> FsResult<augur_proto::meta::FileType> {
-        if let Some(g) = self.blocks.volume.hints.filetype {
-            return Ok(g);
-        }
         if self.attr_op(NsOp::GetAttr { ino: i }).await?.kind != FileKind::File {
             return Err(FsError::new(libc::ENODATA, "only regular files have a detected type"));
+        }
+        if let Some(g) = self.blocks.volume.hints.filetype {
+            return Ok(g);
         }
         let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
         let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };

@@ -5,51 +5,36 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Counters of one file or of the mount. Blocks unless named `_bytes`.
-#[derive(Default, Debug)]
-pub struct PrefetchStats {
-    /// Prefetch fetches started.
-    pub issued: AtomicU64,
-    /// Prefetched blocks read before they were evicted (late ones included).
-    pub used: AtomicU64,
-    /// Prefetched blocks whose read came while they were still being fetched.
-    pub late: AtomicU64,
-    /// Prefetched blocks evicted or invalidated unread.
-    pub wasted: AtomicU64,
-    /// Named blocks that waited for a fetch slot and went stale first (never fetched).
-    pub stale: AtomicU64,
-    /// Blocks reads fetched themselves (not cached, no prefetch under way).
-    pub demand_misses: AtomicU64,
-    pub prefetched_bytes: AtomicU64,
-    /// Bytes applications read.
-    pub demand_bytes: AtomicU64,
-}
-
-/// Which counter to bump.
+/// Which counter. Blocks unless named `…Bytes`.
 #[derive(Clone, Copy, Debug)]
 pub enum Counter {
+    /// Prefetch fetches started.
     Issued,
+    /// Prefetched blocks read before they were evicted (late ones included).
     Used,
+    /// Prefetched blocks whose read came while they were still being fetched.
     Late,
+    /// Prefetched blocks evicted or invalidated unread.
     Wasted,
+    /// Named blocks that waited for a fetch slot and went stale first (never fetched).
     Stale,
+    /// Blocks reads fetched themselves (not cached, no prefetch under way).
     DemandMisses,
+    /// The file bytes prefetched blocks cover.
     PrefetchedBytes,
+    /// Bytes applications read.
     DemandBytes,
 }
 
+const COUNTERS: usize = Counter::DemandBytes as usize + 1;
+
+/// Counters of one file or of the mount, indexed by `Counter`.
+#[derive(Default, Debug)]
+pub struct PrefetchStats([AtomicU64; COUNTERS]);
+
 impl PrefetchStats {
     fn counter(&self, c: Counter) -> &AtomicU64 {
-        match c {
-            Counter::Issued => &self.issued,
-            Counter::Used => &self.used,
-            Counter::Late => &self.late,
-            Counter::Wasted => &self.wasted,
-            Counter::Stale => &self.stale,
-            Counter::DemandMisses => &self.demand_misses,
-            Counter::PrefetchedBytes => &self.prefetched_bytes,
-            Counter::DemandBytes => &self.demand_bytes,
-        }
+        &self.0[c as usize]
     }
 
     pub fn add(&self, c: Counter, n: u64) {
@@ -123,10 +108,6 @@ impl PrefetchMark {
         if self.unread.swap(false, Ordering::Relaxed) {
             self.stats.add(Counter::Wasted, 1);
         }
-    }
-
-    pub fn is_unread(&self) -> bool {
-        self.unread.load(Ordering::Relaxed)
     }
 }
 
