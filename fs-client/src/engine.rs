@@ -17,9 +17,10 @@
 //! dropped and counted (`Engine::dropped`, logged), never delayed. The predictor runs on a
 //! thread of its own (`augur-prefetch`), not on the runtime's workers.
 //!
-//! The model is given every file as `Group::Other`: it was trained on block traces, which carry
-//! no file types, so its `is_image`/`is_database` inputs have only ever seen 0. (The client
-//! detects the group for `user.augur.filetype` only.)
+//! Each read carries the file's type group as the mount knew it when the request came
+//! (`OpenFile::group`: the volume's filetype hint, else detected from the bytes of the first
+//! read at offset 0, or by the hint lookup; a `user.augur.filetype` override replaces it), the
+//! same value `augur mount --trace` records, so the model sees at serving what it trained on.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +49,8 @@ pub struct Observed {
     pub hits: Vec<bool>,
     /// When the request arrived.
     pub at: Instant,
+    /// The file's type group when it arrived.
+    pub group: Group,
 }
 
 /// The sending side, kept by the file system.
@@ -96,8 +99,8 @@ impl Engine {
     }
 
     /// Queues one read request that arrived `at` (never waits).
-    pub fn observe(&self, file: Arc<OpenFile>, first: u64, hits: Vec<bool>, at: Instant) {
-        if self.tx.try_send(Observed { file, first, hits, at }).is_err() {
+    pub fn observe(&self, file: Arc<OpenFile>, first: u64, hits: Vec<bool>, at: Instant, group: Group) {
+        if self.tx.try_send(Observed { file, first, hits, at, group }).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 warn!(dropped = n, "prefetch: engine queue full or stopped; read requests not observed");
@@ -127,7 +130,7 @@ fn run(
                 t_us,
                 timed: true,
                 request_blocks: o.hits.len() as u64,
-                group: Group::Other,
+                group: o.group,
             };
             out.clear();
             predictor.on_read(&read, &mut out);

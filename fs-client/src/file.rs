@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use augur_proto::Ino;
-use augur_proto::meta::{PrefetchMode, Timestamp};
+use augur_proto::meta::{FileType, PrefetchMode, Timestamp};
 use tokio::task::JoinHandle;
 
 /// Where uploads leave their first failure.
@@ -78,6 +78,20 @@ pub struct OpenFile {
     pub reads: AtomicU64,
     /// The last link went while the file was open: reclaim on the last release.
     pub unlinked: std::sync::atomic::AtomicBool,
+    /// The file's type group as this mount knows it (`GROUP_UNKNOWN` until it does): what the
+    /// prefetch engine and the trace are told with each read.
+    group: AtomicU8,
+}
+
+/// `OpenFile::group` before the type is known (the engine is then told `Other`).
+const GROUP_UNKNOWN: u8 = 0;
+
+fn group_code(g: FileType) -> u8 {
+    match g {
+        FileType::Image => 1,
+        FileType::Database => 2,
+        FileType::Other => 3,
+    }
 }
 
 impl OpenFile {
@@ -93,7 +107,32 @@ impl OpenFile {
             hint_lookup: AtomicBool::new(false),
             reads: AtomicU64::new(0),
             unlinked: std::sync::atomic::AtomicBool::new(false),
+            group: AtomicU8::new(GROUP_UNKNOWN),
         }
+    }
+
+    /// The type group known so far (`Other` while unknown).
+    pub fn group(&self) -> FileType {
+        match self.group.load(Ordering::Acquire) {
+            1 => FileType::Image,
+            2 => FileType::Database,
+            _ => FileType::Other,
+        }
+    }
+
+    pub fn group_known(&self) -> bool {
+        self.group.load(Ordering::Acquire) != GROUP_UNKNOWN
+    }
+
+    /// Takes a detected group, unless one is known already.
+    pub fn learn_group(&self, g: FileType) {
+        let _ =
+            self.group.compare_exchange(GROUP_UNKNOWN, group_code(g), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Takes an overriding group (`user.augur.filetype` set on the file), whatever was known.
+    pub fn set_group(&self, g: FileType) {
+        self.group.store(group_code(g), Ordering::Release);
     }
 
     pub fn stamp(&self) -> Timestamp {
@@ -128,6 +167,20 @@ pub fn split(offset: u64, len: u64, block_bytes: u64) -> impl Iterator<Item = (u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detected_group_never_replaces_a_known_one_but_an_override_does() {
+        let f = OpenFile::new(Ino(9), 0, Timestamp::default());
+        assert!(!f.group_known());
+        assert_eq!(f.group(), FileType::Other, "unknown reads as other");
+        f.learn_group(FileType::Image);
+        f.learn_group(FileType::Database);
+        assert_eq!(f.group(), FileType::Image);
+        f.set_group(FileType::Database);
+        assert_eq!(f.group(), FileType::Database);
+        f.learn_group(FileType::Other);
+        assert_eq!(f.group(), FileType::Database);
+    }
 
     #[test]
     fn split_covers_the_range_in_block_pieces() {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use augur_meta::MetaClient;
+use augur_prefetch::filetype::Group;
 use augur_proto::meta::{
     Attr, DirEntry, FileKind, NsOp, NsReply, PrefetchMode, ROOT_INO, SetAttr, TimeSet, Timestamp, XattrMode,
 };
@@ -475,7 +476,7 @@ impl Inner {
     }
 
     async fn read(self: &Arc<Self>, f: Arc<OpenFile>, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let arrived = std::time::Instant::now();
+        let (arrived, group) = (std::time::Instant::now(), f.group());
         // Blocks with unsent or in-flight writes are sent first, so the replicas have them.
         {
             let mut st = f.state.lock().await;
@@ -521,7 +522,8 @@ impl Inner {
             let mut data = self.blocks.read_range(BlockId::new(f.ino, index), range).await?;
             data.resize(n as usize, 0);
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
-            self.observe(&f, index, hits, arrived);
+            self.observe(&f, index, hits, (arrived, group));
+            learn_group(&f, offset, &data);
             return Ok(data);
         }
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -540,16 +542,24 @@ impl Inner {
             out.resize(out.len() + (n - have), 0);
         }
         if let (Some(first), Some(last)) = (pieces.first(), pieces.last()) {
-            self.observe(&f, first.0, hits, arrived);
+            self.observe(&f, first.0, hits, (arrived, group));
             self.read_ahead(&f, first.0, last.0).await;
         }
+        learn_group(&f, offset, &out);
         Ok(out)
     }
 
-    /// Hands a read request to the prefetch engine.
-    fn observe(&self, f: &Arc<OpenFile>, first: u64, hits: Vec<bool>, arrived: std::time::Instant) {
+    /// Hands a read request to the prefetch engine, with when it came and the file's type
+    /// group as known then.
+    fn observe(
+        &self,
+        f: &Arc<OpenFile>,
+        first: u64,
+        hits: Vec<bool>,
+        (at, group): (std::time::Instant, Group),
+    ) {
         if let Some(e) = self.engine.get() {
-            e.observe(f.clone(), first, hits, arrived);
+            e.observe(f.clone(), first, hits, at, group);
         }
     }
 
@@ -692,7 +702,7 @@ impl Inner {
         }
         let (me, f) = (self.clone(), f.clone());
         tokio::spawn(async move {
-            let mode = me.hint_of(f.ino).await;
+            let (mode, ()) = tokio::join!(me.hint_of(f.ino), me.look_up_group(&f));
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
             if mode == PrefetchMode::Auto {
                 for b in then {
@@ -700,6 +710,22 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// The file's `user.augur.filetype` override, if it has one, replaces whatever group was
+    /// known; without one, a group still unknown (no read has covered offset 0 yet) is
+    /// detected from the replicas' first bytes. A failure leaves the group as it was.
+    async fn look_up_group(&self, f: &OpenFile) {
+        let op = NsOp::GetXattr { ino: f.ino, name: ByteBuf::from(XATTR_FILETYPE.to_vec()) };
+        if let Ok(NsReply::Value(v)) = self.ns(op).await
+            && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
+        {
+            f.set_group(g);
+        } else if !f.group_known()
+            && let Ok(g) = self.detected_filetype(f.ino).await
+        {
+            f.learn_group(g);
+        }
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
@@ -983,6 +1009,9 @@ impl Inner {
         match self.attr_op(NsOp::GetAttr { ino: i }).await {
             Ok(a) => {
                 self.refresh(&f, &a).await;
+                if let Some(g) = self.blocks.volume.hints.filetype {
+                    f.learn_group(g);
+                }
                 Ok(f)
             }
             Err(e) => {
@@ -1142,6 +1171,15 @@ impl Inner {
         let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
         let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
         Ok(augur_prefetch::filetype::Format::detect(&head[..head.len().min(head_bytes)], None).group())
+    }
+}
+
+/// Detects a file's type group from the bytes a read at `offset` returned, when the read
+/// starts at 0 and the group is not known yet.
+fn learn_group(f: &OpenFile, offset: u64, data: &[u8]) {
+    if offset == 0 && !f.group_known() && !data.is_empty() {
+        let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
+        f.learn_group(augur_prefetch::filetype::Format::detect(head, None).group());
     }
 }
 
@@ -1434,7 +1472,7 @@ impl Filesystem for AugurFs {
                 return;
             };
             if let Some(t) = &fs.trace {
-                t.record(augur_prefetch::Op::Read, offset, u64::from(size), i.0);
+                t.record(augur_prefetch::Op::Read, offset, u64::from(size), i.0, f.group());
             }
             match fs.read(f, offset, size).await {
                 Ok(data) => reply.data(&data),
@@ -1462,7 +1500,7 @@ impl Filesystem for AugurFs {
                 return;
             };
             if let Some(t) = &fs.trace {
-                t.record(augur_prefetch::Op::Write, offset, data.len() as u64, i.0);
+                t.record(augur_prefetch::Op::Write, offset, data.len() as u64, i.0, f.group());
             }
             match fs.write(&f, offset, &data).await {
                 Ok(n) => reply.written(n),

@@ -209,7 +209,7 @@ pub fn samples(trace: &crate::trace::Trace, block_bytes: u64, stride: usize, max
             let (stream, pos) = order[step];
             step += 1;
             let s = streams.entry(stream).or_default();
-            s.push(b, t, trace.timed, n, Group::Other);
+            s.push(b, t, trace.timed, n, a.group);
             if s.window.len() < SEQ_LEN {
                 continue;
             }
@@ -279,7 +279,14 @@ mod tests {
     #[test]
     fn samples_are_windows_of_one_stream_with_the_next_reads_as_targets() {
         let accesses = (0..40u64)
-            .map(|i| Access { t_us: i * 10, op: Op::Read, offset: i * 2 * 4096, size: 4096, stream: i % 2 })
+            .map(|i| Access {
+                t_us: i * 10,
+                op: Op::Read,
+                offset: i * 2 * 4096,
+                size: 4096,
+                stream: i % 2,
+                group: Group::Other,
+            })
             .collect();
         let t = Trace { name: "t".into(), accesses, timed: true };
         let s = samples(&t, 4096, 1, usize::MAX);

@@ -224,7 +224,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
                 t_us: t_step,
                 timed: trace.timed,
                 request_blocks,
-                group: crate::filetype::Group::Other,
+                group: a.group,
             };
             predictor.on_read(&read, &mut predictions);
             for &p in &predictions {
@@ -277,7 +277,14 @@ mod tests {
 
     fn sequential(n: u64) -> Trace {
         let accesses = (0..n)
-            .map(|i| Access { t_us: i * 1000, op: Op::Read, offset: i * 65536, size: 65536, stream: 0 })
+            .map(|i| Access {
+                t_us: i * 1000,
+                op: Op::Read,
+                offset: i * 65536,
+                size: 65536,
+                stream: 0,
+                group: crate::filetype::Group::Other,
+            })
             .collect();
         Trace { name: "seq".into(), accesses, timed: true }
     }

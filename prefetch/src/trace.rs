@@ -1,15 +1,22 @@
 //! Access streams and the trace files they come from.
 //!
 //! The shared CSV shape (`.csv` or `.csv.gz`): header
-//! `timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id`, `op` is `R` or `W`.
+//! `timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id`, `op` is `R` or `W`. The
+//! client's own traces (`augur mount --trace`) add a sixth column, `file_type` (`image`,
+//! `database` or `other`: the type group the mount knew for the file when the request came),
+//! under `CLIENT_CSV_HEADER`; a trace without it is all `other`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+
+use crate::filetype::Group;
 
 /// Largest trace read into memory, in records (a trace is replayed whole).
 pub const TRACE_RECORDS_MAX: usize = 50_000_000;
 /// The header every trace file starts with.
 pub const CSV_HEADER: &str = "timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id";
+/// The header of a trace that also carries each request's file type group.
+pub const CLIENT_CSV_HEADER: &str = "timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id,file_type";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -26,6 +33,8 @@ pub struct Access {
     pub size: u64,
     /// The stream it belongs to: a volume/object in block traces, a file in client traces.
     pub stream: u64,
+    /// The file's type group (client traces); `Other` in block traces.
+    pub group: Group,
 }
 
 #[derive(Clone, Debug)]
@@ -68,21 +77,31 @@ impl Trace {
         let bad = |line: usize, what: String| TraceError::Bad { path: path.into(), line, what };
         let mut accesses = Vec::new();
         let mut ordinal = true;
+        let mut fields = 5;
         for (i, line) in reader.lines().enumerate() {
             let line = line.map_err(|source| TraceError::Io { path: path.into(), source })?;
             let n = i + 1;
             if i == 0 {
-                if line.trim() != CSV_HEADER {
-                    return Err(bad(n, format!("expected the header {CSV_HEADER:?}, found {line:?}")));
-                }
+                fields = match line.trim() {
+                    CSV_HEADER => 5,
+                    CLIENT_CSV_HEADER => 6,
+                    _ => {
+                        return Err(bad(
+                            n,
+                            format!(
+                                "expected the header {CSV_HEADER:?} or {CLIENT_CSV_HEADER:?}, found {line:?}"
+                            ),
+                        ));
+                    }
+                };
                 continue;
             }
             if line.trim().is_empty() {
                 continue;
             }
             let f: Vec<&str> = line.trim().split(',').collect();
-            if f.len() != 5 {
-                return Err(bad(n, format!("expected 5 fields, found {}", f.len())));
+            if f.len() != fields {
+                return Err(bad(n, format!("expected {fields} fields, found {}", f.len())));
             }
             let num = |k: usize, what: &str| -> Result<u64, TraceError> {
                 f[k].parse().map_err(|_| bad(n, format!("{what} {:?} is not a non-negative integer", f[k])))
@@ -106,6 +125,10 @@ impl Trace {
                 offset: num(2, "offset_bytes")?,
                 size: num(3, "size_bytes")?,
                 stream: num(4, "volume_or_object_id")?,
+                group: match f.get(5) {
+                    Some(g) => g.parse().map_err(|e: String| bad(n, e))?,
+                    None => Group::Other,
+                },
             };
             ordinal &= a.t_us == accesses.len() as u64;
             if accesses.len() >= TRACE_RECORDS_MAX {
@@ -117,7 +140,8 @@ impl Trace {
     }
 }
 
-/// Writes accesses in the shared CSV shape (gzip-compressed when `path` ends in `.gz`).
+/// Writes accesses in the shared CSV shape (gzip-compressed when `path` ends in `.gz`), with
+/// the `file_type` column when any access is of a file other than `Other`.
 pub fn write_csv(path: &Path, accesses: &[Access]) -> Result<(), TraceError> {
     use std::io::Write;
     let p = path.display().to_string();
@@ -128,13 +152,23 @@ pub fn write_csv(path: &Path, accesses: &[Access]) -> Result<(), TraceError> {
     } else {
         Box::new(std::io::BufWriter::new(file))
     };
-    writeln!(w, "{CSV_HEADER}").map_err(io)?;
+    let typed = accesses.iter().any(|a| a.group != Group::Other);
+    writeln!(w, "{}", if typed { CLIENT_CSV_HEADER } else { CSV_HEADER }).map_err(io)?;
     for a in accesses {
-        let op = if a.op == Op::Read { 'R' } else { 'W' };
-        writeln!(w, "{},{op},{},{},{}", a.t_us, a.offset, a.size, a.stream).map_err(io)?;
+        write_record(&mut w, a, typed).map_err(io)?;
     }
     w.flush().map_err(io)?;
     Ok(())
+}
+
+/// One access as a CSV line; `typed`: with the `file_type` column.
+pub fn write_record(w: &mut impl std::io::Write, a: &Access, typed: bool) -> std::io::Result<()> {
+    let op = if a.op == Op::Read { 'R' } else { 'W' };
+    write!(w, "{},{op},{},{},{}", a.t_us, a.offset, a.size, a.stream)?;
+    if typed {
+        write!(w, ",{}", a.group)?;
+    }
+    writeln!(w)
 }
 
 impl Trace {
@@ -167,7 +201,10 @@ mod tests {
         let t = Trace::parse("x", "x", text.as_bytes()).unwrap();
         assert_eq!(t.accesses.len(), 3);
         assert!(!t.timed, "ordinal timestamps mean untimed");
-        assert_eq!(t.accesses[1], Access { t_us: 1, op: Op::Write, offset: 65536, size: 131072, stream: 0 });
+        assert_eq!(
+            t.accesses[1],
+            Access { t_us: 1, op: Op::Write, offset: 65536, size: 131072, stream: 0, group: Group::Other }
+        );
         assert_eq!(blocks_of(&t.accesses[1], 65536), 1..3);
         assert_eq!(t.footprint(65536), 4);
         let timed = format!("{CSV_HEADER}\n5,R,0,1,0\n90.0,R,0,1,0\n");
@@ -186,5 +223,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("offset_bytes"), "{e}");
+        let e = Trace::parse("t.csv", "t", format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0,movie\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("movie"), "{e}");
+        let e = Trace::parse("t.csv", "t", format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected 6 fields"), "{e}");
+    }
+
+    #[test]
+    fn the_file_type_column_round_trips() {
+        let text =
+            format!("{CLIENT_CSV_HEADER}\n0,R,0,4096,7,image\n3,R,0,4096,9,database\n4,W,0,1,2,other\n");
+        let t = Trace::parse("x", "x", text.as_bytes()).unwrap();
+        let groups: Vec<Group> = t.accesses.iter().map(|a| a.group).collect();
+        assert_eq!(groups, [Group::Image, Group::Database, Group::Other]);
+        let path = std::env::temp_dir().join(format!("augur-typed-{}.csv.gz", std::process::id()));
+        write_csv(&path, &t.accesses).unwrap();
+        let back = Trace::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(back.accesses, t.accesses);
+        // Untyped accesses are written in the shared shape.
+        let plain: Vec<Access> = t.accesses.iter().map(|a| Access { group: Group::Other, ..*a }).collect();
+        write_csv(&path, &plain).unwrap();
+        let text = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut head = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&text[..]), &mut head).unwrap();
+        assert!(head.starts_with(&format!("{CSV_HEADER}\n")), "{head}");
     }
 }
