@@ -4,6 +4,7 @@
 
 mod common;
 
+use augur_prefetch::filetype::Group;
 use common::{DevProc, sh_ok};
 
 #[test]
@@ -65,6 +66,16 @@ os.setxattr("img", "user.augur.filetype", b"database")
 assert os.getxattr("img", "user.augur.filetype") == b"database"
 fails(errno.EINVAL, os.setxattr, "img", "user.augur.filetype", b"picture")
 fails(errno.ENODATA, os.getxattr, "dir", "user.augur.filetype")
+# Files read whole: the trace and the engine are told their type once it is known.
+with open("photo.png", "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20))
+with open("pages.db", "wb") as f:
+    f.write(b"SQLite format 3\x00\x10\x00" + bytes(2 << 20))
+for name in ["photo.png", "pages.db"] * 2:  # the second open knows the type from its first read
+    with open(name, "rb") as f:
+        while f.read(1 << 16):
+            pass
+print("typed", os.stat("photo.png").st_ino, os.stat("pages.db").st_ino)
 print("xattrs ok", stats.strip())
 "#;
     let out = sh_ok(&mnt, &format!("python3 -c '{}'", script.replace('\'', "'\\''")));
@@ -74,11 +85,34 @@ print("xattrs ok", stats.strip())
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(mnt.to_str().unwrap()), "unmounted on Ctrl-C");
 
-    // `--trace`: the client's own trace, in the shared shape, that the trace tools read.
+    // `--trace`: the client's own trace, in the shared shape plus the file type, that the
+    // trace tools read.
     let text = std::fs::read_to_string(&trace).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some(augur_prefetch::trace::CSV_HEADER));
+    assert_eq!(lines.next(), Some(augur_prefetch::trace::CLIENT_CSV_HEADER));
     let recorded = augur_prefetch::Trace::read(&trace).expect("the trace tools read it");
+    let typed: Vec<u64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("typed "))
+        .expect("inodes printed")
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    for (ino, want) in typed.iter().zip([Group::Image, Group::Database]) {
+        let groups: Vec<Group> = recorded
+            .accesses
+            .iter()
+            .filter(|a| a.stream == *ino && a.op == augur_prefetch::Op::Read)
+            .map(|a| a.group)
+            .collect();
+        // The first read at offset 0 comes before anything is known; every later one knows,
+        // also in the file's next open.
+        assert!(groups.len() > 4, "{ino}: {groups:?}");
+        assert!(groups[1..].iter().all(|g| *g == want), "{ino} read as {want}: {groups:?}");
+        let writes =
+            recorded.accesses.iter().filter(|a| a.stream == *ino && a.op == augur_prefetch::Op::Write);
+        assert!(writes.skip(1).all(|a| a.group == want), "{ino}: a header write names the type");
+    }
     let bytes = |op| recorded.accesses.iter().filter(|a| a.op == op).map(|a| a.size).sum::<u64>();
     let (written, read) = (bytes(augur_prefetch::Op::Write), bytes(augur_prefetch::Op::Read));
     assert!(written >= data.len() as u64, "every byte written is recorded: {written}");

@@ -124,6 +124,9 @@ const PREFETCH_STATS_FILES_MAX: usize = 4096;
 /// Inodes whose last reported (size, mtime) is remembered for invalidating the kernel's copy;
 /// an inode forgotten here is simply invalidated at its next open.
 const TOLD_INODES_MAX: usize = 1 << 16;
+/// Files whose type group is remembered across opens, so a file opened again is read with its
+/// type from the first request; one forgotten is detected again.
+const FILE_GROUPS_MAX: usize = 1 << 16;
 /// A read of at most 1/this of a block, not following the previous one, fetches only its bytes.
 const SMALL_READ_FRACTION: u64 = 8;
 /// Unlinked files whose blocks are being deleted in the background at once.
@@ -167,6 +170,8 @@ pub struct Inner {
     engine: OnceLock<crate::engine::Engine>,
     /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
     told: quick_cache::sync::Cache<Ino, (u64, Timestamp)>,
+    /// Type groups learned (detected or overridden here), by inode, for the next open.
+    groups: quick_cache::sync::Cache<Ino, Group>,
 }
 
 pub struct AugurFs {
@@ -305,6 +310,7 @@ impl Inner {
             notifier: OnceLock::new(),
             engine: OnceLock::new(),
             told: quick_cache::sync::Cache::new(TOLD_INODES_MAX),
+            groups: quick_cache::sync::Cache::new(FILE_GROUPS_MAX),
         }
     }
 
@@ -523,7 +529,7 @@ impl Inner {
             data.resize(n as usize, 0);
             f.ra.lock().unwrap_or_else(|p| p.into_inner()).next = index + 1;
             self.observe(&f, index, hits, (arrived, group));
-            learn_group(&f, offset, &data);
+            self.detect_group(&f, offset, &data, 1);
             return Ok(data);
         }
         let mut tasks = Vec::with_capacity(pieces.len());
@@ -545,7 +551,7 @@ impl Inner {
             self.observe(&f, first.0, hits, (arrived, group));
             self.read_ahead(&f, first.0, last.0).await;
         }
-        learn_group(&f, offset, &out);
+        self.detect_group(&f, offset, &out, 1);
         Ok(out)
     }
 
@@ -721,11 +727,29 @@ impl Inner {
             && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
         {
             f.set_group(g);
+            self.groups.insert(f.ino, g);
         } else if !f.group_known()
             && let Ok(g) = self.detected_filetype(f.ino).await
         {
-            f.learn_group(g);
+            self.learn_group(f, g);
         }
+    }
+
+    /// Detects a file's type group from the bytes a read at `offset` returned (or a write at
+    /// `offset` carries), when they start at 0, are at least `min_len` long and the group is
+    /// not known yet.
+    fn detect_group(&self, f: &OpenFile, offset: u64, data: &[u8], min_len: usize) {
+        if offset == 0 && !f.group_known() && data.len() >= min_len.max(1) {
+            let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
+            self.learn_group(f, augur_prefetch::filetype::Format::detect(head, None).group());
+        }
+    }
+
+    /// Takes a detected group for the open file (unless it knows one) and remembers what it
+    /// then knows for the file's next open.
+    fn learn_group(&self, f: &OpenFile, g: Group) {
+        f.learn_group(g);
+        self.groups.insert(f.ino, f.group());
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
@@ -774,6 +798,8 @@ impl Inner {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest offset"))?;
+        // A new file's header names its type (a short first write may be only part of it).
+        self.detect_group(f, offset, data, augur_prefetch::filetype::HEAD_BYTES);
         let mut st = f.state.lock().await;
         // A background upload of this file failed: say so now rather than only at close.
         take_error(&st.errors)?;
@@ -1009,7 +1035,7 @@ impl Inner {
         match self.attr_op(NsOp::GetAttr { ino: i }).await {
             Ok(a) => {
                 self.refresh(&f, &a).await;
-                if let Some(g) = self.blocks.volume.hints.filetype {
+                if let Some(g) = self.blocks.volume.hints.filetype.or_else(|| self.groups.get(&i)) {
                     f.learn_group(g);
                 }
                 Ok(f)
@@ -1171,15 +1197,6 @@ impl Inner {
         let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
         let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
         Ok(augur_prefetch::filetype::Format::detect(&head[..head.len().min(head_bytes)], None).group())
-    }
-}
-
-/// Detects a file's type group from the bytes a read at `offset` returned, when the read
-/// starts at 0 and the group is not known yet.
-fn learn_group(f: &OpenFile, offset: u64, data: &[u8]) {
-    if offset == 0 && !f.group_known() && !data.is_empty() {
-        let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
-        f.learn_group(augur_prefetch::filetype::Format::detect(head, None).group());
     }
 }
 
@@ -1674,6 +1691,7 @@ impl Filesystem for AugurFs {
             value: ByteBuf::from(value.to_vec()),
             mode,
         };
+        let value = value.to_vec();
         self.spawn(move |fs| async move {
             match fs.ns(op).await {
                 Ok(_) => {
@@ -1681,6 +1699,14 @@ impl Filesystem for AugurFs {
                         && let Some(f) = fs.file(ino(i))
                     {
                         f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = None;
+                    }
+                    if name == XATTR_FILETYPE
+                        && let Some(g) = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok())
+                    {
+                        fs.groups.insert(ino(i), g);
+                        if let Some(f) = fs.file(ino(i)) {
+                            f.set_group(g);
+                        }
                     }
                     reply.ok()
                 }
@@ -1722,10 +1748,17 @@ impl Filesystem for AugurFs {
             reply.error(Errno::from_i32(libc::EOPNOTSUPP));
             return;
         }
+        let filetype = name == XATTR_FILETYPE;
         let op = NsOp::RemoveXattr { ino: ino(i), name: ByteBuf::from(name) };
         self.spawn(move |fs| async move {
             match fs.ns(op).await {
-                Ok(_) => reply.ok(),
+                Ok(_) => {
+                    // Detected again at the next open (an open file keeps what it has).
+                    if filetype {
+                        fs.groups.remove(&ino(i));
+                    }
+                    reply.ok()
+                }
                 Err(e) => reply.error(fail("removexattr", &e)),
             }
         });
