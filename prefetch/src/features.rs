@@ -288,7 +288,7 @@ mod tests {
                 group: Group::Other,
             })
             .collect();
-        let t = Trace { name: "t".into(), accesses, timed: true };
+        let t = Trace { name: "t".into(), accesses, timed: true, files: false };
         let s = samples(&t, 4096, 1, usize::MAX);
         // Each stream: 20 reads; from the 16th on the window is full: 5 samples each.
         assert_eq!(s.len(), 10);

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use crate::features::{self, SEQ_LEN, Step, StreamFeatures, token_delta};
+use crate::features::{self, RecentReads, SEQ_LEN, Step, StreamFeatures, token_delta};
 use crate::predict::{PerStream, Predictor, Read};
 use crate::select::{Credits, Judge, Seen, Selector, Sent, Shadow, clock_us};
 
@@ -346,10 +346,12 @@ struct ModelStream {
     features: StreamFeatures,
     state: StreamState,
     reads: u64,
-    /// Real fetch credits (see `ModelKnobs::fetch_ratio`), shared by the model and the fallback.
-    credits: Credits,
     /// Blocks passed on for fetching recently, by the model or the fallback: not again.
     sent: Sent,
+    /// The stream's reads since it was last idle: read recently, so cached or in flight.
+    fresh: RecentReads,
+    /// The predictor's read count at this stream's last read.
+    last_at: u64,
     /// The model's own choices, judged as if fetched, also while the fallback decides, so the
     /// model can take over again.
     shadow: Shadow,
@@ -357,12 +359,12 @@ struct ModelStream {
 
 impl ModelStream {
     /// Passes on the blocks not sent or read recently, as many as the credits pay for.
-    fn pass_on(&mut self, blocks: &[u64], out: &mut Vec<u64>) {
+    fn pass_on(&mut self, credits: &mut Credits, blocks: &[u64], out: &mut Vec<u64>) {
         for &b in blocks {
-            if self.sent.contains(b) || self.features.recently_read(b) {
+            if self.sent.contains(b) || self.fresh.contains(b) {
                 continue;
             }
-            if !self.credits.spend() {
+            if !credits.spend() {
                 break;
             }
             self.sent.insert(b);
@@ -376,6 +378,11 @@ pub struct ModelPredictor {
     fallback: Selector,
     knobs: ModelKnobs,
     streams: PerStream<ModelStream>,
+    /// Real fetch credits (see `ModelKnobs::fetch_ratio`), shared by the model and the fallback
+    /// over every stream, so the budget holds however many streams there are.
+    credits: Credits,
+    /// Reads seen, over every stream.
+    clock: u64,
     scratch: Vec<u64>,
     picks: Vec<u64>,
     probs: Vec<f32>,
@@ -402,6 +409,8 @@ impl ModelPredictor {
             fallback,
             knobs,
             streams: PerStream::default(),
+            credits: Credits::default(),
+            clock: 0,
             scratch: Vec::new(),
             picks: Vec::new(),
             probs: Vec::new(),
@@ -424,16 +433,26 @@ impl Predictor for ModelPredictor {
         self.scratch.clear();
         let useful = self.streams.get(r.stream).sent.useful(r);
         let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
+        self.clock += 1;
         let s = self.streams.get(r.stream);
+        // Back after a long pause (a file opened again, a volume woken up): what it sent and
+        // read then is long gone from the cache, so it may be sent again.
+        if s.reads > 0 && self.clock - s.last_at > IDLE_READS {
+            s.sent = Sent::default();
+            s.fresh = RecentReads::default();
+            s.shadow.expire_all();
+        }
+        s.last_at = self.clock;
+        s.fresh.push(block);
         s.reads += 1;
-        s.credits.earn(self.knobs.fetch_ratio);
+        self.credits.earn(self.knobs.fetch_ratio);
         let now = clock_us(r);
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
         let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
         if !ran {
             self.fell_back += 1;
-            s.pass_on(&self.scratch, out);
+            s.pass_on(&mut self.credits, &self.scratch, out);
             return;
         }
         self.inferences += 1;
@@ -458,7 +477,7 @@ impl Predictor for ModelPredictor {
                 continue;
             };
             // Chosen or read recently (so cached or in flight): not again.
-            if s.shadow.awaits(b) || s.features.recently_read(b) {
+            if s.shadow.awaits(b) || s.fresh.contains(b) {
                 continue;
             }
             cumulative += p;
@@ -470,13 +489,13 @@ impl Predictor for ModelPredictor {
             && s.shadow.score() >= self.knobs.trust * fallback_score;
         if trusted {
             self.decided += 1;
-            s.pass_on(&self.picks, out);
+            s.pass_on(&mut self.credits, &self.picks, out);
             if self.knobs.fill {
-                s.pass_on(&self.scratch, out);
+                s.pass_on(&mut self.credits, &self.scratch, out);
             }
         } else {
             self.fell_back += 1;
-            s.pass_on(&self.scratch, out);
+            s.pass_on(&mut self.credits, &self.scratch, out);
         }
     }
 
@@ -485,14 +504,17 @@ impl Predictor for ModelPredictor {
     }
 
     fn not_fetched(&mut self, stream: u64, block: u64) {
-        let s = self.streams.get(stream);
-        s.credits.earn(1.0);
-        s.sent.remove(block);
+        self.credits.earn(1.0);
+        self.streams.get(stream).sent.remove(block);
     }
 }
 
 /// The heuristic the model hands reads to when unsure or inaccurate (and runs as without a model).
 pub const FALLBACK: &str = "auto";
+
+/// Reads of other streams after which a stream counts as idle: its memory of blocks sent and
+/// read is dropped (they are long evicted), and what its shadow still awaits is judged unused.
+pub const IDLE_READS: u64 = 64;
 
 /// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
 /// knobs; the rest as [`crate::predict::by_name`].

@@ -141,9 +141,17 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
     let mut latencies: Vec<u64> = Vec::new();
     let mut predictions = Vec::new();
     let mut decisions_before = None;
+    // Client traces: each file's size as far as its requests so far show it (its files are
+    // written in the trace), so predictions past a file's end cost nothing, as on a mount.
+    let mut file_blocks: HashMap<u64, u64> = HashMap::default();
 
     for (i, a) in trace.accesses.iter().enumerate() {
         let t = if trace.timed { a.t_us } else { i as u64 * cfg.iat_us };
+        if trace.files {
+            let end = blocks_of(a, cfg.block_bytes).end;
+            let known = file_blocks.entry(a.stream).or_default();
+            *known = (*known).max(end);
+        }
         let scored = i >= scored_from;
         if i == scored_from {
             decisions_before = predictor.decisions();
@@ -232,6 +240,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
                 if cache.map.contains_key(&k)
                     || inflight.contains_key(&k)
                     || inflight.len() >= cfg.max_inflight
+                    || (trace.files && file_blocks.get(&a.stream).is_some_and(|&end| p >= end))
                 {
                     predictor.not_fetched(a.stream, p);
                     continue;
@@ -286,7 +295,32 @@ mod tests {
                 group: crate::filetype::Group::Other,
             })
             .collect();
-        Trace { name: "seq".into(), accesses, timed: true }
+        Trace { name: "seq".into(), accesses, timed: true, files: false }
+    }
+
+    #[test]
+    fn a_client_trace_fetches_nothing_past_a_files_end() {
+        // Files of one block each, written then read: next-8 names only blocks past the end.
+        let mut accesses = Vec::new();
+        for f in 0..50u64 {
+            let a = Access {
+                t_us: f * 1000,
+                op: Op::Write,
+                offset: 0,
+                size: 65536,
+                stream: f,
+                group: crate::filetype::Group::Other,
+            };
+            accesses.push(a);
+            accesses.push(Access { op: Op::Read, t_us: f * 1000 + 500, ..a });
+        }
+        let mut t = Trace { name: "files".into(), accesses, timed: true, files: true };
+        let s = replay(&t, &mut *by_name("next-8").unwrap(), &ReplayConfig::default());
+        assert_eq!(s.issued, 0, "{s:?}");
+        // The same requests as a block trace (streams are devices): the blocks are fetched.
+        t.files = false;
+        let s = replay(&t, &mut *by_name("next-8").unwrap(), &ReplayConfig::default());
+        assert!(s.issued > 0, "{s:?}");
     }
 
     #[test]

@@ -131,6 +131,16 @@ impl Shadow {
         }
     }
 
+    /// Judges every block still awaited as not used (the stream went idle; see
+    /// `model::IDLE_READS`).
+    pub fn expire_all(&mut self) {
+        for _ in 0..self.pending.len() {
+            self.judge(false);
+        }
+        self.pending.clear();
+        self.order.clear();
+    }
+
     fn judge(&mut self, used: bool) {
         self.outcomes.push_back(used);
         if self.outcomes.len() > OUTCOMES {
@@ -225,6 +235,19 @@ pub struct Selector {
     streams: PerStream<SelectStream>,
     judge: Judge,
     name: String,
+    /// Per file type group (`group_index`), per candidate: the latency its shadows hid on
+    /// every stream of the group, decayed like a shadow's score. A new stream starts with the
+    /// group's best candidate rather than the first one.
+    groups: [Vec<f32>; 3],
+    before: Vec<f32>,
+}
+
+fn group_index(g: crate::filetype::Group) -> usize {
+    match g {
+        crate::filetype::Group::Image => 0,
+        crate::filetype::Group::Database => 1,
+        crate::filetype::Group::Other => 2,
+    }
 }
 
 #[derive(Default)]
@@ -251,6 +274,8 @@ impl Selector {
             streams: PerStream::default(),
             judge,
             name: name.to_string(),
+            groups: std::array::from_fn(|_| vec![0.0; names.len()]),
+            before: Vec::with_capacity(names.len()),
         })
     }
 
@@ -265,13 +290,23 @@ impl Selector {
             return 0.0;
         }
         let s = self.streams.get(r.stream);
-        s.shadows.resize_with(self.candidates.len(), Shadow::default);
+        let group = &mut self.groups[group_index(r.group)];
+        if s.reads == 0 {
+            s.shadows.resize_with(self.candidates.len(), Shadow::default);
+            let best = group.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
+            s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
+        }
         s.reads += 1;
         s.recent.push(r.block);
         let seen = Seen { block: r.block, now_us: clock_us(r), reads: s.reads, useful };
+        self.before.clear();
+        self.before.extend(s.shadows.iter().map(|sh| sh.score() * DECAY));
         for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
             sh.on_read(&seen, &self.judge);
             sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b));
+        }
+        for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
+            *pooled = *pooled * DECAY + (sh.score() - before);
         }
         for (i, sh) in s.shadows.iter().enumerate() {
             if sh.score() > s.shadows[s.best].score() {
@@ -341,6 +376,31 @@ mod tests {
         );
         assert_eq!(out, (400..408).collect::<Vec<_>>());
         assert!(Selector::new("oracle", j).is_err());
+    }
+
+    #[test]
+    fn a_new_stream_starts_with_its_file_types_best_heuristic() {
+        use crate::filetype::Group;
+        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+        let mut auto = Selector::new("auto", j).unwrap();
+        let mut out = Vec::new();
+        // Image files read whole, one 64 KiB piece every 100 µs: next-8 hides the most.
+        for file in 0..20u64 {
+            for b in 0..40u64 {
+                out.clear();
+                let t = (file * 40 + b) * 100;
+                let r = Read { t_us: t, timed: true, group: Group::Image, ..Read::at(file, b, false) };
+                auto.select(&r, true, &mut out);
+            }
+        }
+        let first = |auto: &mut Selector, stream: u64, group: Group| {
+            let mut out = Vec::new();
+            let r = Read { t_us: 1_000_000, timed: true, group, ..Read::at(stream, 0, false) };
+            auto.select(&r, true, &mut out);
+            AUTO[auto.streams.get(stream).best]
+        };
+        assert_eq!(first(&mut auto, 100, Group::Image), "next-8", "a new image file");
+        assert_eq!(first(&mut auto, 101, Group::Database), AUTO[0], "nothing known of databases");
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct Trace {
     /// False when the timestamps are only ordinals (the ARC traces): replay then spaces
     /// requests by a fixed inter-arrival time.
     pub timed: bool,
+    /// The streams are files (a client trace, with the `file_type` column), which end where
+    /// their data ends; in block traces they are devices.
+    pub files: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +139,7 @@ impl Trace {
             }
             accesses.push(a);
         }
-        Ok(Trace { name: name.into(), timed: !ordinal || accesses.is_empty(), accesses })
+        Ok(Trace { name: name.into(), timed: !ordinal || accesses.is_empty(), files: fields == 6, accesses })
     }
 }
 

@@ -149,3 +149,41 @@ fn knobs_parse_and_bad_ones_are_named() {
         assert!(e.contains(want), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_fetch_budget_holds_over_many_short_streams() {
+    // A thousand files of one read each: the budget is shared, so a new stream does not bring
+    // credits of its own, and at most one block per read (plus the start) is passed on.
+    let knobs = ModelKnobs { fallback: "next-8", ..ModelKnobs::default() };
+    let mut p = ModelPredictor::new(None, knobs).unwrap();
+    let mut out = Vec::new();
+    for file in 0..1000u64 {
+        p.on_read(&Read { t_us: file * 100, timed: true, ..Read::at(file, 0, false) }, &mut out);
+    }
+    let start = augur_prefetch::select::START_CREDITS as usize;
+    assert!(out.len() <= 1000 + start, "{} blocks passed on for 1000 reads", out.len());
+    assert!(out.len() >= 1000, "and the budget is spent: {}", out.len());
+}
+
+#[test]
+fn a_stream_back_from_idle_may_send_its_blocks_again() {
+    let knobs = ModelKnobs { fallback: "next-1", ..ModelKnobs::default() };
+    let mut p = ModelPredictor::new(None, knobs).unwrap();
+    let mut out = Vec::new();
+    let mut t = 0;
+    let mut read = |p: &mut ModelPredictor, stream: u64, block: u64, out: &mut Vec<u64>| {
+        out.clear();
+        t += 100;
+        p.on_read(&Read { t_us: t, timed: true, ..Read::at(stream, block, false) }, out);
+    };
+    read(&mut p, 1, 0, &mut out);
+    assert_eq!(out, [1]);
+    read(&mut p, 1, 0, &mut out);
+    assert!(out.is_empty(), "block 1 was just sent");
+    // Other streams read for longer than IDLE_READS: stream 1's memory is gone.
+    for i in 0..augur_prefetch::model::IDLE_READS + 1 {
+        read(&mut p, 2, i * 10, &mut out);
+    }
+    read(&mut p, 1, 0, &mut out);
+    assert_eq!(out, [1], "sent again after the pause");
+}
