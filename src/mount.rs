@@ -54,8 +54,9 @@ pub struct MountTuning {
     #[arg(long)]
     pub no_default_permissions: bool,
     /// Record every read and write request to FILE (CSV in the shape of the shared traces, the
-    /// file's inode as the stream) for `augur trace eval|features` and training. Requests are
-    /// queued (65 536 at most; past it records are dropped and counted), never delayed.
+    /// file's inode as the stream, plus the file's type group) for `augur trace eval|features`
+    /// and training. Requests are queued (65 536 at most; past it records are dropped and
+    /// counted), never delayed.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// The prefetch engine's ONNX model (`prefetch.json` beside it). Files whose

@@ -203,7 +203,8 @@ fn table(r: &TraceReport, a: &EvalArgs) -> String {
 #[derive(Args)]
 pub struct ConvertArgs {
     /// Input: the shared CSV shape or the client's own trace (`augur mount --trace` writes the
-    /// same shape, one stream per file), `.csv` or `.csv.gz`.
+    /// same shape plus a `file_type` column, one stream per file; kept in the output),
+    /// `.csv` or `.csv.gz`.
     input: PathBuf,
     /// Output file; gzip-compressed when it ends in `.gz`.
     output: PathBuf,
@@ -229,7 +230,7 @@ pub fn convert(args: ConvertArgs) -> Result<()> {
         .take(args.limit.unwrap_or(usize::MAX))
         .copied()
         .collect();
-    augur_prefetch::trace::write_csv(&args.output, &kept)?;
+    augur_prefetch::trace::write_csv(&args.output, &kept, trace.files)?;
     println!("wrote {} of {} records to {}", kept.len(), trace.accesses.len(), args.output.display());
     Ok(())
 }

@@ -144,8 +144,9 @@ impl Trace {
 }
 
 /// Writes accesses in the shared CSV shape (gzip-compressed when `path` ends in `.gz`), with
-/// the `file_type` column when any access is of a file other than `Other`.
-pub fn write_csv(path: &Path, accesses: &[Access]) -> Result<(), TraceError> {
+/// the `file_type` column when `files` (the streams are files: a client trace) or any access
+/// is of a file other than `Other`.
+pub fn write_csv(path: &Path, accesses: &[Access], files: bool) -> Result<(), TraceError> {
     use std::io::Write;
     let p = path.display().to_string();
     let io = |source| TraceError::Io { path: p.clone(), source };
@@ -155,7 +156,7 @@ pub fn write_csv(path: &Path, accesses: &[Access]) -> Result<(), TraceError> {
     } else {
         Box::new(std::io::BufWriter::new(file))
     };
-    let typed = accesses.iter().any(|a| a.group != Group::Other);
+    let typed = files || accesses.iter().any(|a| a.group != Group::Other);
     writeln!(w, "{}", if typed { CLIENT_CSV_HEADER } else { CSV_HEADER }).map_err(io)?;
     for a in accesses {
         write_record(&mut w, a, typed).map_err(io)?;
@@ -244,13 +245,16 @@ mod tests {
         let groups: Vec<Group> = t.accesses.iter().map(|a| a.group).collect();
         assert_eq!(groups, [Group::Image, Group::Database, Group::Other]);
         let path = std::env::temp_dir().join(format!("augur-typed-{}.csv.gz", std::process::id()));
-        write_csv(&path, &t.accesses).unwrap();
+        write_csv(&path, &t.accesses, false).unwrap();
         let back = Trace::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(back.accesses, t.accesses);
+        assert!(back.files, "a typed trace's streams are files");
         // Untyped accesses are written in the shared shape.
         let plain: Vec<Access> = t.accesses.iter().map(|a| Access { group: Group::Other, ..*a }).collect();
-        write_csv(&path, &plain).unwrap();
+        write_csv(&path, &plain, true).unwrap();
+        assert!(Trace::read(&path).unwrap().files, "a client trace stays one, all other or not");
+        write_csv(&path, &plain, false).unwrap();
         let text = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         let mut head = String::new();
