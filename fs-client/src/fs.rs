@@ -124,8 +124,8 @@ const PREFETCH_STATS_FILES_MAX: usize = 4096;
 /// Inodes whose last reported (size, mtime) is remembered for invalidating the kernel's copy;
 /// an inode forgotten here is simply invalidated at its next open.
 const TOLD_INODES_MAX: usize = 1 << 16;
-/// Files whose type group is remembered across opens, so a file opened again is read with its
-/// type from the first request; one forgotten is detected again.
+/// Files whose type group is remembered across opens, so a file opened again unchanged is read
+/// with its type from the first request; one forgotten (or changed since) is detected again.
 const FILE_GROUPS_MAX: usize = 1 << 16;
 /// A read of at most 1/this of a block, not following the previous one, fetches only its bytes.
 const SMALL_READ_FRACTION: u64 = 8;
@@ -170,8 +170,9 @@ pub struct Inner {
     engine: OnceLock<crate::engine::Engine>,
     /// (size, mtime) of every inode as last told to the kernel, to drop its stale copy at open.
     told: quick_cache::sync::Cache<Ino, (u64, Timestamp)>,
-    /// Type groups learned (detected or overridden here), by inode, for the next open.
-    groups: quick_cache::sync::Cache<Ino, Group>,
+    /// Type groups learned, by inode, with the mtime the file had then: for its next open, if
+    /// the file has not changed.
+    groups: quick_cache::sync::Cache<Ino, (Group, Timestamp)>,
 }
 
 pub struct AugurFs {
@@ -727,7 +728,6 @@ impl Inner {
             && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
         {
             f.set_group(g);
-            self.groups.insert(f.ino, g);
         } else if !f.group_known()
             && let Ok(g) = self.detected_filetype(f.ino).await
         {
@@ -749,7 +749,7 @@ impl Inner {
     /// then knows for the file's next open.
     fn learn_group(&self, f: &OpenFile, g: Group) {
         f.learn_group(g);
-        self.groups.insert(f.ino, f.group());
+        self.groups.insert(f.ino, (f.group(), f.stamp()));
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
@@ -1035,7 +1035,8 @@ impl Inner {
         match self.attr_op(NsOp::GetAttr { ino: i }).await {
             Ok(a) => {
                 self.refresh(&f, &a).await;
-                if let Some(g) = self.blocks.volume.hints.filetype.or_else(|| self.groups.get(&i)) {
+                let remembered = self.groups.get(&i).filter(|(_, mtime)| *mtime == f.stamp());
+                if let Some(g) = self.blocks.volume.hints.filetype.or(remembered.map(|(g, _)| g)) {
                     f.learn_group(g);
                 }
                 Ok(f)
@@ -1703,7 +1704,8 @@ impl Filesystem for AugurFs {
                     if name == XATTR_FILETYPE
                         && let Some(g) = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok())
                     {
-                        fs.groups.insert(ino(i), g);
+                        // Later opens find the override in the hint lookup.
+                        fs.groups.remove(&ino(i));
                         if let Some(f) = fs.file(ino(i)) {
                             f.set_group(g);
                         }
