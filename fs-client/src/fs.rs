@@ -723,10 +723,7 @@ impl Inner {
     /// known; without one, a group still unknown (no read has covered offset 0 yet) is
     /// detected from the replicas' first bytes. A failure leaves the group as it was.
     async fn look_up_group(&self, f: &OpenFile) {
-        let op = NsOp::GetXattr { ino: f.ino, name: ByteBuf::from(XATTR_FILETYPE.to_vec()) };
-        if let Ok(NsReply::Value(v)) = self.ns(op).await
-            && let Some(g) = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())
-        {
+        if let Some(g) = self.xattr_value(f.ino, XATTR_FILETYPE).await {
             f.set_group(g);
         } else if !f.group_known()
             && let Ok(g) = self.detected_filetype(f.ino).await
@@ -753,12 +750,15 @@ impl Inner {
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
-        let op = NsOp::GetXattr { ino, name: ByteBuf::from(XATTR_PREFETCH.to_vec()) };
-        match self.ns(op).await {
-            Ok(NsReply::Value(v)) => {
-                std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or_default()
-            }
-            _ => self.blocks.volume.hints.prefetch,
+        self.xattr_value(ino, XATTR_PREFETCH).await.unwrap_or(self.blocks.volume.hints.prefetch)
+    }
+
+    /// A file's Augur attribute `name` as the meta group keeps it, parsed; None when it has
+    /// none (or it cannot be read or parsed).
+    async fn xattr_value<T: std::str::FromStr>(&self, ino: Ino, name: &[u8]) -> Option<T> {
+        match self.ns(NsOp::GetXattr { ino, name: ByteBuf::from(name.to_vec()) }).await {
+            Ok(NsReply::Value(v)) => parse_value(&v),
+            _ => None,
         }
     }
 
@@ -1186,7 +1186,8 @@ impl Inner {
     }
 
     /// The type group of a file without a `user.augur.filetype` of its own: the volume's
-    /// filetype hint, else detected from its first `HEAD_BYTES` bytes as the replicas have them.
+    /// filetype hint, else what this mount knows of the file if it is open here, else detected
+    /// from its first `HEAD_BYTES` bytes as the replicas have them.
     async fn detected_filetype(&self, i: Ino) -> FsResult<augur_proto::meta::FileType> {
         if self.attr_op(NsOp::GetAttr { ino: i }).await?.kind != FileKind::File {
             return Err(FsError::new(libc::ENODATA, "only regular files have a detected type"));
@@ -1194,11 +1195,20 @@ impl Inner {
         if let Some(g) = self.blocks.volume.hints.filetype {
             return Ok(g);
         }
+        // Known already from a read or write of the head here: no need to read it again.
+        if let Some(f) = self.file(i).filter(|f| f.group_known()) {
+            return Ok(f.group());
+        }
         let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
         let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
         let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
         Ok(augur_prefetch::filetype::Format::detect(&head[..head.len().min(head_bytes)], None).group())
     }
+}
+
+/// An attribute's value as text parsed into `T` (a prefetch hint, a file type).
+fn parse_value<T: std::str::FromStr>(v: &[u8]) -> Option<T> {
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// Keeps the first failure of an upload for the next flush (or write) to report.
@@ -1702,7 +1712,7 @@ impl Filesystem for AugurFs {
                         f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = None;
                     }
                     if name == XATTR_FILETYPE
-                        && let Some(g) = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok())
+                        && let Some(g) = parse_value(&value)
                     {
                         // Later opens find the override in the hint lookup.
                         fs.groups.remove(&ino(i));

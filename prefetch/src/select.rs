@@ -337,10 +337,12 @@ impl Predictor for Selector {
 mod tests {
     use super::*;
 
+    const JUDGE: Judge = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
         let mut s = Shadow { credits: Credits(0.0), ..Shadow::default() };
-        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+        let j = JUDGE;
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);
         s.offer(&[11, 12], 0, 1, |_| false);
@@ -356,16 +358,20 @@ mod tests {
         assert_eq!(s.outcomes, [true, false]);
     }
 
+    /// `auto`'s answer to read `r`, timed at `t_us`.
+    fn select(auto: &mut Selector, r: Read, t_us: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        auto.select(&Read { t_us, timed: true, ..r }, true, &mut out);
+        out
+    }
+
     #[test]
     fn auto_follows_the_heuristic_that_fits_the_stream() {
-        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
-        let mut auto = Selector::new("auto", j).unwrap();
+        let mut auto = Selector::new("auto", JUDGE).unwrap();
         let mut out = Vec::new();
         // A sequential stream, one read each 100 µs: the deepest look-ahead hides the most.
         for b in 0..400u64 {
-            out.clear();
-            let r = Read { t_us: b * 100, timed: true, ..Read::at(7, b, false) };
-            auto.select(&r, true, &mut out);
+            out = select(&mut auto, Read::at(7, b, false), b * 100);
         }
         let s = auto.streams.get(7);
         assert_eq!(
@@ -375,28 +381,25 @@ mod tests {
             s.shadows.iter().map(Shadow::score).collect::<Vec<_>>()
         );
         assert_eq!(out, (400..408).collect::<Vec<_>>());
-        assert!(Selector::new("oracle", j).is_err());
+        assert!(Selector::new("oracle", JUDGE).is_err());
     }
 
     #[test]
     fn a_new_stream_starts_with_its_file_types_best_heuristic() {
         use crate::filetype::Group;
-        let j = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
-        let mut auto = Selector::new("auto", j).unwrap();
-        let mut out = Vec::new();
+        let mut auto = Selector::new("auto", JUDGE).unwrap();
         // Image files read whole, one 64 KiB piece every 100 µs: next-8 hides the most.
         for file in 0..20u64 {
             for b in 0..40u64 {
-                out.clear();
-                let t = (file * 40 + b) * 100;
-                let r = Read { t_us: t, timed: true, group: Group::Image, ..Read::at(file, b, false) };
-                auto.select(&r, true, &mut out);
+                select(
+                    &mut auto,
+                    Read { group: Group::Image, ..Read::at(file, b, false) },
+                    (file * 40 + b) * 100,
+                );
             }
         }
         let first = |auto: &mut Selector, stream: u64, group: Group| {
-            let mut out = Vec::new();
-            let r = Read { t_us: 1_000_000, timed: true, group, ..Read::at(stream, 0, false) };
-            auto.select(&r, true, &mut out);
+            select(auto, Read { group, ..Read::at(stream, 0, false) }, 1_000_000);
             AUTO[auto.streams.get(stream).best]
         };
         assert_eq!(first(&mut auto, 100, Group::Image), "next-8", "a new image file");

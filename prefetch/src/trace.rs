@@ -217,23 +217,16 @@ mod tests {
 
     #[test]
     fn bad_input_names_line_and_field() {
-        let e = Trace::parse("t.csv", "t", "a,b\n".as_bytes()).unwrap_err().to_string();
+        let error = |text: String| Trace::parse("t.csv", "t", text.as_bytes()).unwrap_err().to_string();
+        let e = error("a,b\n".into());
         assert!(e.contains("line 1") && e.contains("header"), "{e}");
-        let e = Trace::parse("t.csv", "t", format!("{CSV_HEADER}\n0,X,0,1,0\n").as_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = error(format!("{CSV_HEADER}\n0,X,0,1,0\n"));
         assert!(e.contains("line 2") && e.contains("op"), "{e}");
-        let e = Trace::parse("t.csv", "t", format!("{CSV_HEADER}\n0,R,-5,1,0\n").as_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = error(format!("{CSV_HEADER}\n0,R,-5,1,0\n"));
         assert!(e.contains("offset_bytes"), "{e}");
-        let e = Trace::parse("t.csv", "t", format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0,movie\n").as_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = error(format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0,movie\n"));
         assert!(e.contains("line 2") && e.contains("movie"), "{e}");
-        let e = Trace::parse("t.csv", "t", format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0\n").as_bytes())
-            .unwrap_err()
-            .to_string();
+        let e = error(format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0\n"));
         assert!(e.contains("expected 6 fields"), "{e}");
     }
 
