@@ -130,6 +130,7 @@ fn run(
                 t_us,
                 timed: true,
                 request_blocks: o.hits.len() as u64,
+                request_first: o.first,
                 group: o.group,
             };
             out.clear();

@@ -246,8 +246,11 @@ pub struct ModelKnobs {
     /// whole miss, when choices are judged (`select::Shadow`).
     pub fetch_us: f32,
     /// The byte budget: blocks a stream may have fetched ahead per block it reads (model and
-    /// fallback together), kept by a bucket of at most `BUCKET_BLOCKS` credits.
+    /// fallback together), kept by a bucket of at most `bucket` credits.
     pub fetch_ratio: f32,
+    /// The most credits saved up (blocks): the largest burst of fetches ahead of reads, and how
+    /// far over `fetch_ratio` a stretch of reads can go.
+    pub bucket: usize,
     /// Also pass on the fallback's predictions after the model's own, while credits last.
     pub fill: bool,
     /// The model decides only while its shadow score is at least this times the fallback's
@@ -270,6 +273,7 @@ impl Default for ModelKnobs {
             fallback: FALLBACK,
             fetch_us: 1000.0,
             fetch_ratio: 1.0,
+            bucket: crate::select::BUCKET_BLOCKS as usize,
             fill: true,
             trust: 1.0,
         }
@@ -278,14 +282,14 @@ impl Default for ModelKnobs {
 
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
-    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `fill`, `trust`).
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `bucket`, `fill`, `trust`).
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::default().with(text)
     }
 
     /// How choices are judged (`select::Shadow`).
     pub fn judge(&self) -> Judge {
-        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio }
+        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio, bucket: self.bucket as f32 }
     }
 
     /// Parses `name=value,...` over these knobs.
@@ -323,6 +327,12 @@ impl ModelKnobs {
                             bad(&format!("not auto or one of {}", crate::predict::HEURISTICS.join(", ")))
                         })?;
                 }
+                "bucket" => {
+                    k.bucket = value.parse().map_err(|e| bad(&e))?;
+                    if !(1..=65536).contains(&k.bucket) {
+                        return Err(bad(&"must be 1..=65536"));
+                    }
+                }
                 "budget_blocks" => {
                     k.budget_blocks = value.parse().map_err(|e| bad(&e))?;
                     if !(1..=256).contains(&k.budget_blocks) {
@@ -332,7 +342,7 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_us, fetch_ratio, fill, trust)"
+                         accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, fill, trust)"
                     ));
                 }
             }
@@ -359,9 +369,9 @@ struct ModelStream {
 
 impl ModelStream {
     /// Passes on the blocks not sent or read recently, as many as the credits pay for.
-    fn pass_on(&mut self, credits: &mut Credits, blocks: &[u64], out: &mut Vec<u64>) {
+    fn pass_on(&mut self, r: &Read, credits: &mut Credits, blocks: &[u64], out: &mut Vec<u64>) {
         for &b in blocks {
-            if self.sent.contains(b) || self.fresh.contains(b) {
+            if self.sent.contains(b) || self.fresh.contains(b) || r.in_request_after(b) {
                 continue;
             }
             if !credits.spend() {
@@ -409,7 +419,7 @@ impl ModelPredictor {
             fallback,
             knobs,
             streams: PerStream::default(),
-            credits: Credits::default(),
+            credits: Credits::new(knobs.bucket as f32),
             clock: 0,
             scratch: Vec::new(),
             picks: Vec::new(),
@@ -442,6 +452,9 @@ impl Predictor for ModelPredictor {
             s.fresh = RecentReads::default();
             s.shadow.expire_all();
         }
+        if s.reads == 0 {
+            s.shadow = Shadow::new(self.knobs.bucket as f32);
+        }
         s.last_at = self.clock;
         s.fresh.push(block);
         s.reads += 1;
@@ -452,7 +465,7 @@ impl Predictor for ModelPredictor {
         let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
         if !ran {
             self.fell_back += 1;
-            s.pass_on(&mut self.credits, &self.scratch, out);
+            s.pass_on(r, &mut self.credits, &self.scratch, out);
             return;
         }
         self.inferences += 1;
@@ -477,7 +490,7 @@ impl Predictor for ModelPredictor {
                 continue;
             };
             // Chosen or read recently (so cached or in flight): not again.
-            if s.shadow.awaits(b) || s.fresh.contains(b) {
+            if s.shadow.awaits(b) || s.fresh.contains(b) || r.in_request_after(b) {
                 continue;
             }
             cumulative += p;
@@ -489,13 +502,13 @@ impl Predictor for ModelPredictor {
             && s.shadow.score() >= self.knobs.trust * fallback_score;
         if trusted {
             self.decided += 1;
-            s.pass_on(&mut self.credits, &self.picks, out);
+            s.pass_on(r, &mut self.credits, &self.picks, out);
             if self.knobs.fill {
-                s.pass_on(&mut self.credits, &self.scratch, out);
+                s.pass_on(r, &mut self.credits, &self.scratch, out);
             }
         } else {
             self.fell_back += 1;
-            s.pass_on(&mut self.credits, &self.scratch, out);
+            s.pass_on(r, &mut self.credits, &self.scratch, out);
         }
     }
 

@@ -19,12 +19,21 @@ pub struct Read {
     /// Time of the request in µs (an ordinal when `timed` is false).
     pub t_us: u64,
     pub timed: bool,
-    /// Blocks the whole request covers.
+    /// Blocks the whole request covers, from `request_first` on.
     pub request_blocks: u64,
+    /// The request's first block (this read is one of its blocks; the ones after it are read
+    /// next, by the request itself).
+    pub request_first: u64,
     pub group: crate::filetype::Group,
 }
 
 impl Read {
+    /// Whether `block` is a later block of this read's own request: read next whatever is
+    /// predicted, so a prefetch of it hides nothing.
+    pub fn in_request_after(&self, block: u64) -> bool {
+        block > self.block && block < self.request_first.saturating_add(self.request_blocks)
+    }
+
     /// A read with no timing or type information (tests, simple callers).
     pub fn at(stream: u64, block: u64, hit: bool) -> Self {
         Read {
@@ -34,6 +43,7 @@ impl Read {
             t_us: 0,
             timed: false,
             request_blocks: 1,
+            request_first: block,
             group: crate::filetype::Group::Other,
         }
     }

@@ -181,7 +181,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
         }
         let mut wait = 0u64;
         let range = blocks_of(a, cfg.block_bytes);
-        let request_blocks = range.end - range.start;
+        let (request_first, request_blocks) = (range.start, range.end - range.start);
         let t_step = if trace.timed { a.t_us } else { i as u64 };
         for b in range {
             let k = (a.stream, b);
@@ -232,6 +232,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
                 t_us: t_step,
                 timed: trace.timed,
                 request_blocks,
+                request_first,
                 group: a.group,
             };
             predictor.on_read(&read, &mut predictions);

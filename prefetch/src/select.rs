@@ -26,8 +26,9 @@ pub const PENDING_MAX: usize = 256;
 pub const OUTCOMES: usize = 64;
 /// Reads over which a shadow's score halves.
 pub const HALF_LIFE_READS: f32 = 256.0;
-/// Most fetch credits a shadow (or a real stream) saves up: its largest burst.
-pub const BUCKET_BLOCKS: f32 = 64.0;
+/// Most fetch credits a shadow (or the model's real budget) saves up by default: its largest
+/// burst (`ModelKnobs::bucket`).
+pub const BUCKET_BLOCKS: f32 = 256.0;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
@@ -36,23 +37,25 @@ pub const UNTIMED_STEP_US: u64 = 100;
 /// A per-stream fetch budget: credits earned per block read (and given back for blocks that cost
 /// no fetch), saved up to `BUCKET_BLOCKS`, `START_CREDITS` at first; one credit per fetch.
 #[derive(Clone, Copy, Debug)]
-pub struct Credits(f32);
-
-impl Default for Credits {
-    fn default() -> Self {
-        Self(START_CREDITS)
-    }
+pub struct Credits {
+    have: f32,
+    /// The most saved up.
+    cap: f32,
 }
 
 impl Credits {
+    /// `START_CREDITS` (at most `cap`), saving up to `cap`.
+    pub fn new(cap: f32) -> Self {
+        Self { have: START_CREDITS.min(cap), cap }
+    }
     pub fn earn(&mut self, n: f32) {
-        self.0 = (self.0 + n).min(BUCKET_BLOCKS);
+        self.have = (self.have + n).min(self.cap);
     }
     /// Pays for one fetch, if there is a credit.
     pub fn spend(&mut self) -> bool {
-        let ok = self.0 >= 1.0;
+        let ok = self.have >= 1.0;
         if ok {
-            self.0 -= 1.0;
+            self.have -= 1.0;
         }
         ok
     }
@@ -68,6 +71,8 @@ pub fn clock_us(r: &Read) -> u64 {
 pub struct Judge {
     pub fetch_us: f32,
     pub fetch_ratio: f32,
+    /// Most credits saved up (the largest burst).
+    pub bucket: f32,
 }
 
 /// One read as shadows see it.
@@ -94,15 +99,22 @@ pub struct Shadow {
     outcomes: VecDeque<bool>,
 }
 
-impl Default for Shadow {
-    fn default() -> Self {
+impl Shadow {
+    /// A shadow saving up at most `bucket` credits (`Judge::bucket`).
+    pub fn new(bucket: f32) -> Self {
         Self {
-            credits: Credits::default(),
+            credits: Credits::new(bucket),
             pending: HashMap::default(),
             order: VecDeque::new(),
             score: 0.0,
             outcomes: VecDeque::new(),
         }
+    }
+}
+
+impl Default for Shadow {
+    fn default() -> Self {
+        Self::new(BUCKET_BLOCKS)
     }
 }
 
@@ -292,7 +304,7 @@ impl Selector {
         let s = self.streams.get(r.stream);
         let group = &mut self.groups[group_index(r.group)];
         if s.reads == 0 {
-            s.shadows.resize_with(self.candidates.len(), Shadow::default);
+            s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
             let best = group.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
             s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
         }
@@ -303,7 +315,7 @@ impl Selector {
         self.before.extend(s.shadows.iter().map(|sh| sh.score() * DECAY));
         for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
             sh.on_read(&seen, &self.judge);
-            sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b));
+            sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b) || r.in_request_after(b));
         }
         for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
             *pooled = *pooled * DECAY + (sh.score() - before);
@@ -337,11 +349,11 @@ impl Predictor for Selector {
 mod tests {
     use super::*;
 
-    const JUDGE: Judge = Judge { fetch_us: 1000.0, fetch_ratio: 1.0 };
+    const JUDGE: Judge = Judge { fetch_us: 1000.0, fetch_ratio: 1.0, bucket: BUCKET_BLOCKS };
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
-        let mut s = Shadow { credits: Credits(0.0), ..Shadow::default() };
+        let mut s = Shadow { credits: Credits { have: 0.0, cap: BUCKET_BLOCKS }, ..Shadow::default() };
         let j = JUDGE;
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);

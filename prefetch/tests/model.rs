@@ -135,13 +135,14 @@ fn the_step_state_is_per_stream() {
 
 #[test]
 fn knobs_parse_and_bad_ones_are_named() {
-    let k = ModelKnobs::parse("min_p=0.2, budget_blocks=4,fallback=mithril").unwrap();
-    assert_eq!((k.min_p, k.budget_blocks, k.fallback), (0.2, 4, "mithril"));
+    let k = ModelKnobs::parse("min_p=0.2, budget_blocks=4,fallback=mithril,bucket=1024").unwrap();
+    assert_eq!((k.min_p, k.budget_blocks, k.fallback, k.bucket), (0.2, 4, "mithril", 1024));
     assert_eq!(k.threshold, ModelKnobs::default().threshold);
     for (bad, want) in [
         ("min_p", "expected name=value"),
         ("min_p=-1", "min_p"),
         ("budget_blocks=0", "1..=256"),
+        ("bucket=0", "1..=65536"),
         ("fallback=model", "not auto or one of"),
         ("speed=9", "unknown model knob"),
     ] {
@@ -186,4 +187,41 @@ fn a_stream_back_from_idle_may_send_its_blocks_again() {
     }
     read(&mut p, 1, 0, &mut out);
     assert_eq!(out, [1], "sent again after the pause");
+}
+
+#[test]
+fn the_rest_of_a_reads_own_request_is_never_passed_on() {
+    // A request of blocks 20..24 read block by block: the blocks after each one are read by the
+    // request itself, so fetching them ahead hides nothing and would only spend the budget.
+    for model in [None, Some(Model::load(&shipped()).unwrap())] {
+        let knobs = ModelKnobs { fallback: "next-8", fetch_ratio: 64.0, ..ModelKnobs::default() };
+        let mut p = ModelPredictor::new(model, knobs).unwrap();
+        let mut all = Vec::new();
+        for b in 20..24u64 {
+            let mut out = Vec::new();
+            let read = Read { request_first: 20, request_blocks: 4, ..Read::at(0, b, false) };
+            p.on_read(&read, &mut out);
+            assert!(out.iter().all(|&x| !(b + 1..24).contains(&x)), "read {b} passed on {out:?}");
+            all.extend(out);
+        }
+        assert!((24..28).all(|b| all.contains(&b)), "what follows the request is: {all:?}");
+    }
+}
+
+#[test]
+fn the_bucket_caps_a_burst() {
+    // Credits saved while reading cached blocks (nothing new to send) are spent on the next
+    // jump, at most `bucket` of them at once.
+    for (bucket, want) in [(4, 4), (256, 8)] {
+        let knobs = ModelKnobs { fallback: "next-8", bucket, ..ModelKnobs::default() };
+        let mut p = ModelPredictor::new(None, knobs).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..300 {
+            out.clear();
+            p.on_read(&Read::at(0, 0, true), &mut out);
+        }
+        out.clear();
+        p.on_read(&Read::at(0, 5000, false), &mut out);
+        assert_eq!(out.len(), want, "bucket {bucket}: {out:?}");
+    }
 }

@@ -39,9 +39,15 @@ pub fn run(trace: &Path, model: &Path, accesses: usize, runs: usize) -> Result<V
         .filter(|(_, a)| a.op == augur_prefetch::Op::Read)
         .flat_map(|(i, a)| {
             let r = blocks_of(a, 64 << 10);
-            let n = r.end - r.start;
+            let (first, n) = (r.start, r.end - r.start);
             let t_us = if t.timed { a.t_us } else { i as u64 };
-            r.map(move |b| Read { request_blocks: n, t_us, timed: t.timed, ..Read::at(a.stream, b, false) })
+            r.map(move |b| Read {
+                request_blocks: n,
+                request_first: first,
+                t_us,
+                timed: t.timed,
+                ..Read::at(a.stream, b, false)
+            })
         })
         .take(accesses)
         .collect();
