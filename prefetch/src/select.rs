@@ -34,8 +34,9 @@ pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
 pub const UNTIMED_STEP_US: u64 = 100;
 
-/// A per-stream fetch budget: credits earned per block read (and given back for blocks that cost
-/// no fetch), saved up to `BUCKET_BLOCKS`, `START_CREDITS` at first; one credit per fetch.
+/// A fetch budget (a shadow's, or the model's real one over all streams): credits earned per
+/// block read (and given back for blocks that cost no fetch), saved up to its cap (the
+/// `bucket` knob, `BUCKET_BLOCKS` by default), `START_CREDITS` at first; one credit per fetch.
 #[derive(Clone, Copy, Debug)]
 pub struct Credits {
     have: f32,
