@@ -151,6 +151,8 @@ fn run(
         if !pending.is_empty() {
             inner.look_up_mode(&o.file, pending);
         }
+        // The read's prefetches are on their way: now the work the predictor put off.
+        predictor.catch_up();
         if let Some((r, d)) = predictor.decisions() {
             reads.store(r, Ordering::Relaxed);
             decided.store(d, Ordering::Relaxed);

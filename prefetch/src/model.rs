@@ -397,6 +397,8 @@ pub struct ModelPredictor {
     picks: Vec<u64>,
     probs: Vec<f32>,
     ranked: Vec<(usize, f32)>,
+    /// The last read's network step, when it could not decide that read (run by `catch_up`).
+    pending: Option<Pending>,
     /// Times the fallback decided (unsure, inaccurate, behind it, or no model).
     pub fell_back: u64,
     /// Times the network's choice was passed on.
@@ -425,10 +427,62 @@ impl ModelPredictor {
             picks: Vec::new(),
             probs: Vec::new(),
             ranked: Vec::new(),
+            pending: None,
             fell_back: 0,
             decided: 0,
             inferences: 0,
         })
+    }
+}
+
+/// A read whose network step is still to run (see `ModelPredictor::catch_up`).
+struct Pending {
+    stream: u64,
+    step: Step,
+    read: Read,
+    now_us: u64,
+    /// The stream's read count at this read.
+    reads: u64,
+}
+
+impl ModelPredictor {
+    /// Runs the network's step for a read: its state moves on, its choices (`picks`) are
+    /// offered to its shadow. Returns the top probability, or None if the step failed.
+    fn infer(&mut self, p: &Pending) -> Option<f32> {
+        let runner = self.runner.as_mut()?;
+        let s = self.streams.get(p.stream);
+        runner.step(&mut s.state, &p.step, &mut self.probs).ok()?;
+        self.inferences += 1;
+        let min_p = self.knobs.min_p;
+        self.ranked.clear();
+        self.ranked.extend(
+            self.probs
+                .iter()
+                .enumerate()
+                .filter(|&(t, &p)| p >= min_p && token_delta(t as i64).is_some_and(|d| d != 0))
+                .map(|(t, &p)| (t, p)),
+        );
+        self.ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let top = self.ranked.first().map_or(0.0, |r| r.1);
+        self.picks.clear();
+        let mut cumulative = 0.0;
+        let r = &p.read;
+        for &(token, prob) in &self.ranked {
+            if cumulative >= self.knobs.threshold || self.picks.len() >= self.knobs.budget_blocks {
+                break;
+            }
+            let Some(b) = token_delta(token as i64).and_then(|d| r.block.checked_add_signed(d)) else {
+                continue;
+            };
+            // Chosen or read recently (so cached or in flight): not again.
+            if s.shadow.awaits(b) || s.fresh.contains(b) || r.in_request_after(b) {
+                continue;
+            }
+            cumulative += prob;
+            self.picks.push(b);
+        }
+        s.shadow.offer(&self.picks, p.now_us, p.reads, |_| false);
+        Some(top)
     }
 }
 
@@ -438,6 +492,7 @@ impl Predictor for ModelPredictor {
     }
 
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        self.catch_up();
         let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
@@ -462,45 +517,22 @@ impl Predictor for ModelPredictor {
         let now = clock_us(r);
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
-        let ran = self.runner.as_mut().is_some_and(|m| m.step(&mut s.state, &step, &mut self.probs).is_ok());
-        if !ran {
-            self.fell_back += 1;
-            s.pass_on(r, &mut self.credits, &self.scratch, out);
-            return;
-        }
-        self.inferences += 1;
-        let min_p = self.knobs.min_p;
-        self.ranked.clear();
-        self.ranked.extend(
-            self.probs
-                .iter()
-                .enumerate()
-                .filter(|&(t, &p)| p >= min_p && token_delta(t as i64).is_some_and(|d| d != 0))
-                .map(|(t, &p)| (t, p)),
-        );
-        self.ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        let top = self.ranked.first().map_or(0.0, |r| r.1);
-        self.picks.clear();
-        let mut cumulative = 0.0;
-        for &(token, p) in &self.ranked {
-            if cumulative >= self.knobs.threshold || self.picks.len() >= self.knobs.budget_blocks {
-                break;
-            }
-            let Some(b) = token_delta(token as i64).and_then(|d| block.checked_add_signed(d)) else {
-                continue;
-            };
-            // Chosen or read recently (so cached or in flight): not again.
-            if s.shadow.awaits(b) || s.fresh.contains(b) || r.in_request_after(b) {
-                continue;
-            }
-            cumulative += p;
-            self.picks.push(b);
-        }
-        s.shadow.offer(&self.picks, now, s.reads, |_| false);
-        let trusted = top >= self.knobs.unsure_below
+        let step = Pending { stream: r.stream, step, read: *r, now_us: now, reads: s.reads };
+        // Whatever the network says, it cannot decide this read (inaccurate or behind its
+        // fallback lately, or no model): the fallback's answer goes out now, and the network's
+        // step, which keeps its state and its shadow current, waits for `catch_up`.
+        let may_decide = self.runner.is_some()
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
             && s.shadow.score() >= self.knobs.trust * fallback_score;
-        if trusted {
+        if !may_decide {
+            self.fell_back += 1;
+            s.pass_on(r, &mut self.credits, &self.scratch, out);
+            self.pending = self.runner.is_some().then_some(step);
+            return;
+        }
+        let top = self.infer(&step);
+        let s = self.streams.get(r.stream);
+        if top.is_some_and(|top| top >= self.knobs.unsure_below) {
             self.decided += 1;
             s.pass_on(r, &mut self.credits, &self.picks, out);
             if self.knobs.fill {
@@ -509,6 +541,12 @@ impl Predictor for ModelPredictor {
         } else {
             self.fell_back += 1;
             s.pass_on(r, &mut self.credits, &self.scratch, out);
+        }
+    }
+
+    fn catch_up(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.infer(&p);
         }
     }
 

@@ -62,6 +62,10 @@ pub trait Predictor: Send {
     fn decisions(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Work a predictor put off to answer sooner (the `model`'s network step on a read it
+    /// could not decide). Runs at the next `on_read` anyway; a caller with time on its hands
+    /// (the engine, once it has issued a read's prefetches) calls it earlier.
+    fn catch_up(&mut self) {}
 }
 
 /// The heuristic set every evaluation reports (SPEC §7), in order.

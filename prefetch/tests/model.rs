@@ -225,3 +225,35 @@ fn the_bucket_caps_a_burst() {
         assert_eq!(out.len(), want, "bucket {bucket}: {out:?}");
     }
 }
+
+#[test]
+fn a_step_put_off_changes_no_answer() {
+    // The network's step on a read it cannot decide runs later (`catch_up`, or the next read):
+    // the answers are the same whenever it runs.
+    let model = Model::load(&shipped()).unwrap();
+    let mut eager = ModelPredictor::new(Some(model.clone()), ModelKnobs::default()).unwrap();
+    let mut lazy = ModelPredictor::new(Some(model), ModelKnobs::default()).unwrap();
+    let mut t = 0;
+    for i in 0..400u64 {
+        // Two streams: one sequential in two-block requests, one jumping about.
+        let (stream, block) = if i % 3 == 0 { (2, (i * 7919) % 5000) } else { (1, 100 + i) };
+        t += 100;
+        let read = Read {
+            t_us: t,
+            timed: true,
+            request_first: block - (block % 2),
+            request_blocks: 2,
+            ..Read::at(stream, block, false)
+        };
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        eager.on_read(&read, &mut x);
+        eager.catch_up();
+        lazy.on_read(&read, &mut y);
+        assert_eq!(x, y, "read {i}");
+    }
+    eager.catch_up();
+    lazy.catch_up();
+    assert_eq!(eager.decisions(), lazy.decisions());
+    assert_eq!(eager.inferences, lazy.inferences);
+    assert!(eager.inferences > 0);
+}
