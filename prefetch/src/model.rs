@@ -406,6 +406,14 @@ pub struct ModelPredictor {
     pub inferences: u64,
 }
 
+/// A read whose network step is still to run (see `ModelPredictor::catch_up`).
+struct Pending {
+    step: Step,
+    read: Read,
+    /// The stream's read count at this read.
+    reads: u64,
+}
+
 impl ModelPredictor {
     /// With `model` None (missing or corrupt file), every read goes to the fallback. Fails on a
     /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already), or
@@ -433,24 +441,12 @@ impl ModelPredictor {
             inferences: 0,
         })
     }
-}
 
-/// A read whose network step is still to run (see `ModelPredictor::catch_up`).
-struct Pending {
-    stream: u64,
-    step: Step,
-    read: Read,
-    now_us: u64,
-    /// The stream's read count at this read.
-    reads: u64,
-}
-
-impl ModelPredictor {
     /// Runs the network's step for a read: its state moves on, its choices (`picks`) are
     /// offered to its shadow. Returns the top probability, or None if the step failed.
     fn infer(&mut self, p: &Pending) -> Option<f32> {
         let runner = self.runner.as_mut()?;
-        let s = self.streams.get(p.stream);
+        let s = self.streams.get(p.read.stream);
         runner.step(&mut s.state, &p.step, &mut self.probs).ok()?;
         self.inferences += 1;
         let min_p = self.knobs.min_p;
@@ -481,7 +477,7 @@ impl ModelPredictor {
             cumulative += prob;
             self.picks.push(b);
         }
-        s.shadow.offer(&self.picks, p.now_us, p.reads, |_| false);
+        s.shadow.offer(&self.picks, clock_us(r), p.reads, |_| false);
         Some(top)
     }
 }
@@ -517,7 +513,7 @@ impl Predictor for ModelPredictor {
         let now = clock_us(r);
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
-        let step = Pending { stream: r.stream, step, read: *r, now_us: now, reads: s.reads };
+        let step = Pending { step, read: *r, reads: s.reads };
         // Whatever the network says, it cannot decide this read (inaccurate or behind its
         // fallback lately, or no model): the fallback's answer goes out now, and the network's
         // step, which keeps its state and its shadow current, waits for `catch_up`.

@@ -147,10 +147,10 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
 
     for (i, a) in trace.accesses.iter().enumerate() {
         let t = if trace.timed { a.t_us } else { i as u64 * cfg.iat_us };
+        let range = blocks_of(a, cfg.block_bytes);
         if trace.files {
-            let end = blocks_of(a, cfg.block_bytes).end;
             let known = file_blocks.entry(a.stream).or_default();
-            *known = (*known).max(end);
+            *known = (*known).max(range.end);
         }
         let scored = i >= scored_from;
         if i == scored_from {
@@ -170,7 +170,7 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             }
         }
         if a.op == Op::Write {
-            for b in blocks_of(a, cfg.block_bytes) {
+            for b in range {
                 let k = (a.stream, b);
                 inflight.remove(&k);
                 if cache.insert(k, false, t) && scored {
@@ -180,7 +180,6 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
             continue;
         }
         let mut wait = 0u64;
-        let range = blocks_of(a, cfg.block_bytes);
         let (request_first, request_blocks) = (range.start, range.end - range.start);
         let t_step = if trace.timed { a.t_us } else { i as u64 };
         for b in range {
