@@ -83,15 +83,12 @@ pub struct OpenFile {
     group: AtomicU8,
 }
 
-/// `OpenFile::group` before the type is known (the engine is then told `Other`).
+/// `OpenFile::group` before the type is known (the engine is then told `Other`); a known group
+/// is stored as `group_code`.
 const GROUP_UNKNOWN: u8 = 0;
 
 fn group_code(g: FileType) -> u8 {
-    match g {
-        FileType::Image => 1,
-        FileType::Database => 2,
-        FileType::Other => 3,
-    }
+    g.index() as u8 + 1
 }
 
 impl OpenFile {
@@ -113,11 +110,10 @@ impl OpenFile {
 
     /// The type group known so far (`Other` while unknown).
     pub fn group(&self) -> FileType {
-        match self.group.load(Ordering::Acquire) {
-            1 => FileType::Image,
-            2 => FileType::Database,
-            _ => FileType::Other,
-        }
+        let code = self.group.load(Ordering::Acquire);
+        code.checked_sub(1)
+            .and_then(|i| FileType::ALL.get(usize::from(i)).copied())
+            .unwrap_or(FileType::Other)
     }
 
     pub fn group_known(&self) -> bool {

@@ -248,19 +248,11 @@ pub struct Selector {
     streams: PerStream<SelectStream>,
     judge: Judge,
     name: String,
-    /// Per file type group (`group_index`), per candidate: the latency its shadows hid on
+    /// Per file type group (`Group::index`), per candidate: the latency its shadows hid on
     /// every stream of the group, decayed like a shadow's score. A new stream starts with the
     /// group's best candidate rather than the first one.
-    groups: [Vec<f32>; 3],
+    groups: [Vec<f32>; crate::filetype::Group::ALL.len()],
     before: Vec<f32>,
-}
-
-fn group_index(g: crate::filetype::Group) -> usize {
-    match g {
-        crate::filetype::Group::Image => 0,
-        crate::filetype::Group::Database => 1,
-        crate::filetype::Group::Other => 2,
-    }
 }
 
 #[derive(Default)]
@@ -303,7 +295,7 @@ impl Selector {
             return 0.0;
         }
         let s = self.streams.get(r.stream);
-        let group = &mut self.groups[group_index(r.group)];
+        let group = &mut self.groups[r.group.index()];
         if s.reads == 0 {
             s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
             let best = group.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));

@@ -184,6 +184,20 @@ impl FromStr for FileType {
     }
 }
 
+impl FileType {
+    /// Every group, in `index` order.
+    pub const ALL: [FileType; 3] = [Self::Image, Self::Database, Self::Other];
+
+    /// The group's place in `ALL` (for tables kept per group).
+    pub fn index(self) -> usize {
+        match self {
+            Self::Image => 0,
+            Self::Database => 1,
+            Self::Other => 2,
+        }
+    }
+}
+
 impl fmt::Display for FileType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -645,6 +659,14 @@ mod tests {
         assert_eq!(h.filetype, None);
         assert!(h.set("colour", "red").unwrap_err().contains("hint type"));
         assert!(h.set("filetype", "video").unwrap_err().contains("video"));
+    }
+
+    #[test]
+    fn file_types_index_their_place_and_round_trip_as_text() {
+        for (i, g) in FileType::ALL.into_iter().enumerate() {
+            assert_eq!(g.index(), i);
+            assert_eq!(g.to_string().parse::<FileType>().unwrap(), g);
+        }
     }
 
     #[test]
