@@ -681,9 +681,14 @@ impl Inner {
     /// (`wants_prefetch`), are dropped on the way and counted stale.
     fn next_queued(self: &Arc<Self>, mut permit: OwnedSemaphorePermit) {
         loop {
-            let Some(q) = self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
+            let mut queue = self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(q) = queue.pop_front() else {
+                // The slot goes back while the queue is still locked: a block queued after this
+                // look finds the slot free on its own second try (`prefetch_block`).
+                drop(permit);
                 return;
             };
+            drop(queue);
             let age = q.file.reads.load(Ordering::Relaxed).saturating_sub(q.named_at);
             if age >= PREFETCH_STALE_READS || !self.wants_prefetch(&q.file, q.index) {
                 self.stats_of(q.file.ino).add(Counter::Stale, 1);
