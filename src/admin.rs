@@ -277,10 +277,10 @@ pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> R
     let loaded: u64 = report.loaded.values().sum();
     if meta.json {
         print_json(&serde_json::json!({
-            "volume": volume, "blocks": report.blocks, "loaded": report.loaded, "errors": report.errors,
+            "volume": volume, "blocks": ids.len(), "loaded": report.loaded, "errors": report.errors,
         }))?;
     } else {
-        println!("asked for {} blocks of {volume}; replicas loaded {loaded}", report.blocks);
+        println!("asked for {} blocks of {volume}; replicas loaded {loaded}", ids.len());
         for (node, n) in &report.loaded {
             println!("  {node}: {n}");
         }

@@ -66,6 +66,26 @@ os.setxattr("img", "user.augur.filetype", b"database")
 assert os.getxattr("img", "user.augur.filetype") == b"database"
 fails(errno.EINVAL, os.setxattr, "img", "user.augur.filetype", b"picture")
 fails(errno.ENODATA, os.getxattr, "dir", "user.augur.filetype")
+# An override set and removed while the file is open here: detected again, not kept.
+with open("img", "rb") as f:
+    os.setxattr("img", "user.augur.filetype", b"database")
+    assert f.read(4) == b"\x89PNG"
+    assert os.getxattr("img", "user.augur.filetype") == b"database"
+    os.removexattr("img", "user.augur.filetype")
+    assert os.getxattr("img", "user.augur.filetype") == b"image", "the override is gone"
+# A hint set on a file while it is open here takes effect at once.
+def issued(p):
+    s = os.getxattr(p, "user.augur.prefetch_stats").decode()
+    return int(dict(kv.split("=") for kv in s.split())["issued"])
+with open("ra", "wb") as f:
+    f.write(bytes(4 << 20))
+with open("ra", "rb", buffering=0) as f:
+    f.read(65536)
+    os.setxattr("ra", "user.augur.prefetch", b"readahead:8")
+    before = issued("ra")
+    for _ in range(24):
+        f.read(65536)
+    assert issued("ra") > before, ("readahead:8 set while open", before, issued("ra"))
 # Files read whole: the trace and the engine are told their type once it is known.
 with open("photo.png", "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20))

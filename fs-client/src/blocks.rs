@@ -43,11 +43,9 @@ pub enum BlockError {
 /// What `BlockClient::warm` did.
 #[derive(Debug, Default)]
 pub struct WarmReport {
-    /// Blocks asked for.
-    pub blocks: usize,
     /// Per node: blocks it loaded (each block is asked of every replica of its shard).
     pub loaded: BTreeMap<String, u64>,
-    /// Replicas that could not be asked, and why.
+    /// Shards and replicas that could not be asked, and why.
     pub errors: Vec<String>,
 }
 
@@ -195,8 +193,8 @@ impl BlockClient {
     /// `PrefetchData`: asks every replica of each block's shard to load the block into its
     /// memory cache, so the next read from any replica is served from memory (blocks never
     /// written load nothing). Requests stay within `BATCH_BLOCKS_MAX` blocks and
-    /// `BATCH_BYTES_MAX` bytes; they go one at a time. A replica that fails is reported and the
-    /// rest go on.
+    /// `BATCH_BYTES_MAX` bytes; they go one at a time. A replica that fails, or a shard whose
+    /// replicas cannot be found, is reported and the rest go on.
     pub async fn warm(&self, blocks: &[BlockId]) -> Result<WarmReport, BlockError> {
         let mut by_shard: BTreeMap<ShardId, Vec<BlockId>> = BTreeMap::new();
         for &b in blocks {
@@ -204,9 +202,15 @@ impl BlockClient {
         }
         let per_request = (BATCH_BYTES_MAX / u64::from(self.volume.block_size_bytes).max(1))
             .clamp(1, BATCH_BLOCKS_MAX as u64) as usize;
-        let mut report = WarmReport { blocks: blocks.len(), ..WarmReport::default() };
+        let mut report = WarmReport::default();
         for ids in by_shard.values() {
-            let (shard, replicas) = self.route(ids[0])?;
+            let (shard, replicas) = match self.route(ids[0]) {
+                Ok(route) => route,
+                Err(e) => {
+                    report.errors.push(format!("{e} ({} blocks not warmed)", ids.len()));
+                    continue;
+                }
+            };
             for chunk in ids.chunks(per_request) {
                 let reads: Vec<BlockRead> =
                     chunk.iter().map(|&block| BlockRead { shard, block, range: None }).collect();

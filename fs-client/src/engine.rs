@@ -6,13 +6,14 @@
 //! `MountOptions::prefetch_in_flight_max` fetches at once, the rest queued (`PREFETCH_QUEUE_MAX`)
 //! and dropped as stale once their file has been read `PREFETCH_STALE_READS` more times; a
 //! demand read never waits for a queued block (it fetches it itself). What the engine names but
-//! is not wanted (past the end, cached, in flight) is handed back (`Predictor::not_fetched`), so
-//! its byte budget is not spent on it.
+//! is not wanted (past the end, cached, in flight), and what is dropped from the queue unfetched,
+//! is handed back (`Predictor::not_fetched`), so its byte budget is not spent on it.
 //!
 //! The engine steers only files whose `user.augur.prefetch` hint is `auto` (the default); the
 //! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). A file's hint is
 //! looked up once, in a task of its own, when the engine first has something to fetch for it
-//! (what it named then is fetched when the answer is `auto`). Reads never wait for the engine:
+//! (what it named then is fetched when the answer is `auto`; what it names while the lookup is
+//! under way is handed back), and again after the hint is removed on this mount. Reads never wait for the engine:
 //! observations go through a queue of `OBSERVED_QUEUE` requests, and when it is full they are
 //! dropped and counted (`Engine::dropped`, logged), never delayed. The predictor runs on a
 //! thread of its own (`augur-prefetch`), not on the runtime's workers.
@@ -24,7 +25,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use augur_prefetch::filetype::Group;
@@ -39,6 +40,9 @@ use crate::fs::Inner;
 
 /// Read requests waiting for the engine; past it observations are dropped (and counted).
 pub const OBSERVED_QUEUE: usize = 1024;
+/// Blocks dropped from the prefetch queue waiting to be handed back to the predictor; past it
+/// the budget is simply not given back for them.
+pub const HANDED_BACK_MAX: usize = crate::fs::PREFETCH_QUEUE_MAX;
 
 /// One read request as the engine sees it.
 pub struct Observed {
@@ -61,7 +65,11 @@ pub struct Engine {
     /// Blocks observed, and blocks on which the network's own choice was passed on.
     pub reads: Arc<AtomicU64>,
     pub decided: Arc<AtomicU64>,
+    /// (inode, block) the engine named that were dropped unfetched (`hand_back`).
+    handed_back: HandedBack,
 }
+
+type HandedBack = Arc<Mutex<Vec<(u64, u64)>>>;
 
 /// Loads the model for the engine: `None` (with the reason logged) runs the heuristic fallback
 /// (`auto`: per file, the heuristic that would have hidden the most fetch time lately).
@@ -91,11 +99,22 @@ impl Engine {
         let (reads, decided) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let runtime = tokio::runtime::Handle::current();
         let counters = (reads.clone(), decided.clone());
+        let handed_back = HandedBack::default();
+        let back = handed_back.clone();
         std::thread::Builder::new().name("augur-prefetch".into()).spawn(move || {
             let _entered = runtime.enter();
-            run(inner, rx, predictor, counters);
+            run(inner, rx, predictor, counters, back);
         })?;
-        Ok(Engine { tx, dropped: AtomicU64::new(0), reads, decided })
+        Ok(Engine { tx, dropped: AtomicU64::new(0), reads, decided, handed_back })
+    }
+
+    /// A block the engine named for `ino` was dropped unfetched: its credit goes back to the
+    /// predictor before its next read (at most `HANDED_BACK_MAX` waiting).
+    pub fn hand_back(&self, ino: u64, block: u64) {
+        let mut v = self.handed_back.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < HANDED_BACK_MAX {
+            v.push((ino, block));
+        }
     }
 
     /// Queues one read request that arrived `at` (never waits).
@@ -114,11 +133,17 @@ fn run(
     mut rx: mpsc::Receiver<Observed>,
     mut predictor: ModelPredictor,
     (reads, decided): (Arc<AtomicU64>, Arc<AtomicU64>),
+    handed_back: HandedBack,
 ) {
     let mut out = Vec::new();
+    let mut back = Vec::new();
     let started = Instant::now();
     while let Some(o) = rx.blocking_recv() {
         let Some(inner) = inner.upgrade() else { break };
+        std::mem::swap(&mut back, &mut *handed_back.lock().unwrap_or_else(|p| p.into_inner()));
+        for (ino, b) in back.drain(..) {
+            predictor.not_fetched(ino, b);
+        }
         let ino = o.file.ino.0;
         let t_us = o.at.saturating_duration_since(started).as_micros() as u64;
         let mut pending = Vec::new();
@@ -149,7 +174,10 @@ fn run(
             }
         }
         if !pending.is_empty() {
-            inner.look_up_mode(&o.file, pending);
+            // Named while a lookup is under way already: not fetched, so not paid for.
+            for b in inner.look_up_mode(&o.file, pending) {
+                predictor.not_fetched(ino, b);
+            }
         }
         // The read's prefetches are on their way: now the work the predictor put off.
         predictor.catch_up();

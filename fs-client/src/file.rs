@@ -78,14 +78,17 @@ pub struct OpenFile {
     pub reads: AtomicU64,
     /// The last link went while the file was open: reclaim on the last release.
     pub unlinked: std::sync::atomic::AtomicBool,
-    /// The file's type group as this mount knows it (`GROUP_UNKNOWN` until it does): what the
-    /// prefetch engine and the trace are told with each read.
+    /// The file's type group as this mount knows it (`GROUP_UNKNOWN` until it does), with
+    /// `OVERRIDDEN` set when it is the file's `user.augur.filetype`: what the prefetch engine
+    /// and the trace are told with each read.
     group: AtomicU8,
 }
 
 /// `OpenFile::group` before the type is known (the engine is then told `Other`); a known group
 /// is stored as `group_code`.
 const GROUP_UNKNOWN: u8 = 0;
+/// Set in `OpenFile::group` when the group is an override, not detected.
+const OVERRIDDEN: u8 = 0x80;
 
 fn group_code(g: FileType) -> u8 {
     g.index() as u8 + 1
@@ -110,7 +113,7 @@ impl OpenFile {
 
     /// The type group known so far (`Other` while unknown).
     pub fn group(&self) -> FileType {
-        let code = self.group.load(Ordering::Acquire);
+        let code = self.group.load(Ordering::Acquire) & !OVERRIDDEN;
         code.checked_sub(1)
             .and_then(|i| FileType::ALL.get(usize::from(i)).copied())
             .unwrap_or(FileType::Other)
@@ -126,9 +129,22 @@ impl OpenFile {
             self.group.compare_exchange(GROUP_UNKNOWN, group_code(g), Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Whether the group is the file's `user.augur.filetype` (not detected).
+    pub fn group_overridden(&self) -> bool {
+        self.group.load(Ordering::Acquire) & OVERRIDDEN != 0
+    }
+
     /// Takes an overriding group (`user.augur.filetype` set on the file), whatever was known.
     pub fn set_group(&self, g: FileType) {
-        self.group.store(group_code(g), Ordering::Release);
+        self.group.store(group_code(g) | OVERRIDDEN, Ordering::Release);
+    }
+
+    /// The override was removed: the group is unknown again (to be detected), unless it was
+    /// detected rather than overridden.
+    pub fn forget_override(&self) {
+        let _ = self.group.fetch_update(Ordering::AcqRel, Ordering::Acquire, |code| {
+            (code & OVERRIDDEN != 0).then_some(GROUP_UNKNOWN)
+        });
     }
 
     pub fn stamp(&self) -> Timestamp {
@@ -172,10 +188,18 @@ mod tests {
         f.learn_group(FileType::Image);
         f.learn_group(FileType::Database);
         assert_eq!(f.group(), FileType::Image);
+        assert!(!f.group_overridden(), "detected");
+        f.forget_override();
+        assert_eq!(f.group(), FileType::Image, "a detected group is no override to forget");
         f.set_group(FileType::Database);
         assert_eq!(f.group(), FileType::Database);
+        assert!(f.group_overridden());
         f.learn_group(FileType::Other);
         assert_eq!(f.group(), FileType::Database);
+        f.forget_override();
+        assert!(!f.group_known() && !f.group_overridden(), "unknown again, to be detected");
+        f.learn_group(FileType::Image);
+        assert_eq!(f.group(), FileType::Image);
     }
 
     #[test]

@@ -625,7 +625,7 @@ impl Inner {
             if queue.len() >= PREFETCH_QUEUE_MAX
                 && let Some(old) = queue.pop_front()
             {
-                self.stats_of(old.file.ino).add(Counter::Stale, 1);
+                self.drop_queued(&old);
             }
             queue.push_back(Queued { file: f.clone(), index, named_at: f.reads.load(Ordering::Relaxed) });
         }
@@ -691,7 +691,7 @@ impl Inner {
             drop(queue);
             let age = q.file.reads.load(Ordering::Relaxed).saturating_sub(q.named_at);
             if age >= PREFETCH_STALE_READS || !self.wants_prefetch(&q.file, q.index) {
-                self.stats_of(q.file.ino).add(Counter::Stale, 1);
+                self.drop_queued(&q);
                 continue;
             }
             match self.start_prefetch(q.file, q.index, permit) {
@@ -701,27 +701,54 @@ impl Inner {
         }
     }
 
+    /// A queued block is dropped unfetched: counted stale, and if the engine named it (the file
+    /// is `auto`), its credit goes back to the engine.
+    fn drop_queued(&self, q: &Queued) {
+        self.stats_of(q.file.ino).add(Counter::Stale, 1);
+        if self.known_mode(&q.file) == Some(PrefetchMode::Auto)
+            && let Some(e) = self.engine.get()
+        {
+            e.hand_back(q.file.ino.0, q.index);
+        }
+    }
+
     /// The file's prefetch hint, if looked up already.
     pub(crate) fn known_mode(&self, f: &OpenFile) -> Option<PrefetchMode> {
         f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode
     }
 
-    /// Looks the file's prefetch hint up in a task of its own, once per open file; if it is
-    /// `auto`, then fetches `then` (what the engine named meanwhile).
-    pub(crate) fn look_up_mode(self: &Arc<Self>, f: &Arc<OpenFile>, then: Vec<u64>) {
+    /// Looks the file's prefetch hint up in a task of its own, once per open file (and again
+    /// after its `user.augur.prefetch` is removed here); if it is `auto`, then fetches `then`
+    /// (what the engine named meanwhile). The file's type group is looked up beside it; the
+    /// hint takes effect as soon as it is known. Returns `then` if a lookup was under way
+    /// already (its blocks are not fetched: the caller hands them back).
+    pub(crate) fn look_up_mode(self: &Arc<Self>, f: &Arc<OpenFile>, then: Vec<u64>) -> Vec<u64> {
         if f.hint_lookup.swap(true, Ordering::AcqRel) {
-            return;
+            return then;
         }
         let (me, f) = (self.clone(), f.clone());
         tokio::spawn(async move {
-            let (mode, ()) = tokio::join!(me.hint_of(f.ino), me.look_up_group(&f));
-            f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
-            if mode == PrefetchMode::Auto {
-                for b in then {
-                    me.prefetch_block(&f, b);
+            let hint = async {
+                let mode = me.hint_of(f.ino).await;
+                f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
+                if mode == PrefetchMode::Auto {
+                    for b in then {
+                        me.prefetch_block(&f, b);
+                    }
                 }
-            }
+            };
+            tokio::join!(hint, me.look_up_group(&f));
         });
+        Vec::new()
+    }
+
+    /// The file's `user.augur.prefetch` changed here: `mode` in force now, or (None) looked up
+    /// again at its next read.
+    fn set_mode(&self, f: &OpenFile, mode: Option<PrefetchMode>) {
+        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = mode;
+        if mode.is_none() {
+            f.hint_lookup.store(false, Ordering::Release);
+        }
     }
 
     /// The file's `user.augur.filetype` override, if it has one, replaces whatever group was
@@ -747,11 +774,13 @@ impl Inner {
         }
     }
 
-    /// Takes a detected group for the open file (unless it knows one) and remembers what it
-    /// then knows for the file's next open.
+    /// Takes a detected group for the open file (unless it knows one) and remembers what was
+    /// detected for the file's next open (an override is found there by the hint lookup).
     fn learn_group(&self, f: &OpenFile, g: Group) {
         f.learn_group(g);
-        self.groups.insert(f.ino, (f.group(), f.stamp()));
+        if !f.group_overridden() {
+            self.groups.insert(f.ino, (f.group(), f.stamp()));
+        }
     }
 
     async fn hint_of(&self, ino: Ino) -> PrefetchMode {
@@ -1201,7 +1230,7 @@ impl Inner {
             return Ok(g);
         }
         // Known already from a read or write of the head here: no need to read it again.
-        if let Some(f) = self.file(i).filter(|f| f.group_known()) {
+        if let Some(f) = self.file(i).filter(|f| f.group_known() && !f.group_overridden()) {
             return Ok(f.group());
         }
         let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
@@ -1714,7 +1743,7 @@ impl Filesystem for AugurFs {
                     if name == XATTR_PREFETCH
                         && let Some(f) = fs.file(ino(i))
                     {
-                        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = None;
+                        fs.set_mode(&f, parse_value(&value));
                     }
                     if name == XATTR_FILETYPE
                         && let Some(g) = parse_value(&value)
@@ -1765,16 +1794,28 @@ impl Filesystem for AugurFs {
             reply.error(Errno::from_i32(libc::EOPNOTSUPP));
             return;
         }
-        let filetype = name == XATTR_FILETYPE;
+        let (filetype, prefetch) = (name == XATTR_FILETYPE, name == XATTR_PREFETCH);
         let op = NsOp::RemoveXattr { ino: ino(i), name: ByteBuf::from(name) };
         self.spawn(move |fs| async move {
             match fs.ns(op).await {
                 Ok(_) => {
-                    // Detected again at the next open (an open file keeps what it has).
-                    if filetype {
-                        fs.groups.remove(&ino(i));
+                    let open = fs.file(ino(i));
+                    if prefetch && let Some(f) = &open {
+                        // The inherited hint, looked up at the next read.
+                        fs.set_mode(f, None);
                     }
-                    reply.ok()
+                    if !filetype {
+                        return reply.ok();
+                    }
+                    fs.groups.remove(&ino(i));
+                    if let Some(f) = &open {
+                        f.forget_override();
+                    }
+                    reply.ok();
+                    // An open file has its type detected again now.
+                    if let Some(f) = open {
+                        fs.look_up_group(&f).await;
+                    }
                 }
                 Err(e) => reply.error(fail("removexattr", &e)),
             }
