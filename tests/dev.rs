@@ -54,6 +54,7 @@ with open("dir/file", "rb") as f:
         pass
 stats = os.getxattr("dir/file", "user.augur.prefetch_stats").decode()
 assert stats.startswith("issued=") and "used=" in stats and "wasted=" in stats, stats
+fails(errno.ENODATA, os.getxattr, "dir", "user.augur.prefetch_stats")
 # The file type: detected from the first bytes unless overridden.
 with open("img", "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + bytes(200))

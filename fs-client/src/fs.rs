@@ -1203,6 +1203,13 @@ impl Inner {
             return self.shards_text(i).await;
         }
         if name == XATTR_PREFETCH_STATS {
+            // Counted per file (and for the mount, on its root): a directory has none of its own.
+            if i != ROOT_INO && self.attr_op(NsOp::GetAttr { ino: i }).await?.kind == FileKind::Dir {
+                return Err(FsError::new(
+                    libc::ENODATA,
+                    "prefetch stats are kept per file, and for the whole mount on its root",
+                ));
+            }
             return Ok(self.prefetch_stats(i).to_string().into_bytes());
         }
         if !name.starts_with(b"user.") {
