@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use augur_proto::Ino;
 use augur_proto::meta::Timestamp;
+use quick_cache::Weighter;
 use quick_cache::sync::Cache;
-use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
 use crate::stats::PrefetchMark;
 
@@ -31,17 +31,10 @@ pub struct CachedBlock {
     pub stamp: Timestamp,
     pub data: Arc<[u8]>,
     /// Set when a prefetch brought the block in: counts it as used, late or wasted once
-    /// (`user.augur.prefetch_stats`).
+    /// (`user.augur.prefetch_stats`). Shared by the cache's entry and every copy a read took:
+    /// when the last goes (the entry left the cache: evicted, replaced or invalidated) and no
+    /// read took it, the prefetch was wasted.
     pub prefetched: Option<Arc<PrefetchMark>>,
-}
-
-impl CachedBlock {
-    /// Leaving the cache: a prefetched block not read by now was wasted.
-    fn dropped(&self) {
-        if let Some(m) = &self.prefetched {
-            m.dropped();
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -53,19 +46,7 @@ impl Weighter<BlockKey, CachedBlock> for BytesWeighter {
     }
 }
 
-/// Counts prefetched blocks evicted unread as wasted.
-#[derive(Clone)]
-struct CountWaste;
-
-impl Lifecycle<BlockKey, CachedBlock> for CountWaste {
-    type RequestState = ();
-    fn begin_request(&self) -> Self::RequestState {}
-    fn on_evict(&self, _: &mut (), _: BlockKey, val: CachedBlock) {
-        val.dropped();
-    }
-}
-
-type Blocks = Cache<BlockKey, CachedBlock, BytesWeighter, DefaultHashBuilder, CountWaste>;
+type Blocks = Cache<BlockKey, CachedBlock, BytesWeighter>;
 
 pub struct BlockCache {
     cache: Option<Blocks>,
@@ -78,7 +59,7 @@ impl BlockCache {
     pub fn new(bytes_max: u64, block_bytes: u64) -> Self {
         let cache = (bytes_max > 0).then(|| {
             let items = (bytes_max / block_bytes.max(1)).max(16) as usize;
-            Cache::with(items, bytes_max, BytesWeighter, DefaultHashBuilder::default(), CountWaste)
+            Cache::with_weighter(items, bytes_max, BytesWeighter)
         });
         Self { cache, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
     }
@@ -96,21 +77,16 @@ impl BlockCache {
         self.cache.as_ref().and_then(|c| c.peek(&key)).is_some_and(|b| b.stamp == stamp)
     }
 
+    /// Caches `block` (with no cache, it is dropped at once: a prefetch of it was wasted).
     pub fn insert(&self, key: BlockKey, block: CachedBlock) {
-        match &self.cache {
-            Some(c) => {
-                if let Some(old) = c.peek(&key) {
-                    old.dropped();
-                }
-                c.insert(key, block);
-            }
-            None => block.dropped(),
+        if let Some(c) = &self.cache {
+            c.insert(key, block);
         }
     }
 
     pub fn remove(&self, key: BlockKey) {
-        if let Some((_, old)) = self.cache.as_ref().and_then(|c| c.remove(&key)) {
-            old.dropped();
+        if let Some(c) = &self.cache {
+            c.remove(&key);
         }
     }
 

@@ -80,8 +80,9 @@ impl StatsPair {
     }
 }
 
-/// Carried by a cached block that a prefetch brought in, until it is first read: whoever
-/// takes the mark (a read, an eviction, an invalidation) counts the block once.
+/// Carried by a cached block that a prefetch brought in: the first read counts it used (and
+/// late if it waited); if no read took it before the block left the cache (evicted, replaced,
+/// invalidated; the mark's last `Arc` dropped), it counts wasted.
 #[derive(Debug)]
 pub struct PrefetchMark {
     unread: AtomicBool,
@@ -102,10 +103,12 @@ impl PrefetchMark {
             }
         }
     }
+}
 
-    /// The block left the cache.
-    pub fn dropped(&self) {
-        if self.unread.swap(false, Ordering::Relaxed) {
+/// The block left the cache (and every read's copy of it is gone): wasted if none read it.
+impl Drop for PrefetchMark {
+    fn drop(&mut self) {
+        if *self.unread.get_mut() {
             self.stats.add(Counter::Wasted, 1);
         }
     }
@@ -141,9 +144,8 @@ mod tests {
         let (a, b) = (PrefetchMark::new(pair.clone()), PrefetchMark::new(pair.clone()));
         a.read(true);
         a.read(false);
-        a.dropped();
-        b.dropped();
-        b.read(false);
+        drop(a);
+        drop(b);
         for s in [&pair.file, &pair.total] {
             assert_eq!((s.get(Counter::Used), s.get(Counter::Late), s.get(Counter::Wasted)), (1, 1, 1));
         }
