@@ -769,8 +769,7 @@ impl Inner {
     /// not known yet.
     fn detect_group(&self, f: &OpenFile, offset: u64, data: &[u8], min_len: usize) {
         if offset == 0 && !f.group_known() && data.len() >= min_len.max(1) {
-            let head = &data[..data.len().min(augur_prefetch::filetype::HEAD_BYTES)];
-            self.learn_group(f, augur_prefetch::filetype::Format::detect(head, None).group());
+            self.learn_group(f, augur_prefetch::filetype::group_of_head(data));
         }
     }
 
@@ -1240,10 +1239,10 @@ impl Inner {
         if let Some(f) = self.file(i).filter(|f| f.group_known() && !f.group_overridden()) {
             return Ok(f.group());
         }
-        let head_bytes = augur_prefetch::filetype::HEAD_BYTES;
-        let range = augur_proto::msg::ByteRange { offset: 0, len: head_bytes as u32 };
+        let range =
+            augur_proto::msg::ByteRange { offset: 0, len: augur_prefetch::filetype::HEAD_BYTES as u32 };
         let head = self.blocks.read_range(BlockId::new(i, 0), Some(range)).await?;
-        Ok(augur_prefetch::filetype::Format::detect(&head[..head.len().min(head_bytes)], None).group())
+        Ok(augur_prefetch::filetype::group_of_head(&head))
     }
 }
 

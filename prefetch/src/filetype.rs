@@ -27,6 +27,12 @@ pub enum Format {
 /// Bytes of a file's head that detection looks at.
 pub const HEAD_BYTES: usize = 100;
 
+/// The group of a file whose bytes start with `bytes` (its first `HEAD_BYTES` are looked at;
+/// no name to fall back on).
+pub fn group_of_head(bytes: &[u8]) -> Group {
+    Format::detect(&bytes[..bytes.len().min(HEAD_BYTES)], None).group()
+}
+
 impl Format {
     pub fn group(self) -> Group {
         match self {
@@ -160,6 +166,12 @@ mod tests {
         assert_eq!(Format::detect(b"hello", Some("x.parquet")).group(), Group::Database);
         assert_eq!(Format::detect(b"hello", Some("notes.txt")), Format::Unknown);
         assert_eq!(Format::detect(b"PAR1....", None), Format::Parquet);
+        assert_eq!(
+            group_of_head(&[&b"\x89PNG\r\n\x1a\n"[..], &[0; 4096]].concat()),
+            Group::Image,
+            "a whole block"
+        );
+        assert_eq!(group_of_head(b"SQLite format 3\0\x10\0"), Group::Database, "a short head");
         assert_eq!(Format::detect(b"PK\x03\x04rest", Some("a.png")), Format::Zip, "magic wins over the name");
         assert_eq!(Format::Unknown.group(), Group::Other);
     }
