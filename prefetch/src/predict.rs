@@ -72,10 +72,16 @@ pub trait Predictor: Send {
 pub const HEURISTICS: [&str; 9] =
     ["none", "next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril"];
 
-/// Builds a predictor by name: `none`, `next-N`, `linux-ra`, `leap`, `markov`, `mithril`.
+/// Heuristics beyond SPEC §7's set: chosen among by `auto` (and the model's fallback), and
+/// reported when asked for (`--predictors`).
+pub const EXTRA_HEURISTICS: [&str; 1] = ["history"];
+
+/// Builds a predictor by name: `none`, `next-N`, `linux-ra`, `leap`, `markov`, `mithril`,
+/// `history`.
 pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
     Ok(match name {
         "none" => Box::new(NoPrefetch),
+        "history" => Box::new(History::default()),
         "linux-ra" => Box::new(LinuxReadahead::default()),
         "leap" => Box::new(Leap::default()),
         "markov" => Box::new(Markov::default()),
@@ -88,7 +94,11 @@ pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
             Box::new(NextN(k))
         }
         other => {
-            return Err(format!("unknown predictor {other:?} (known: {}, next-N)", HEURISTICS.join(", ")));
+            return Err(format!(
+                "unknown predictor {other:?} (known: {}, {}, next-N)",
+                HEURISTICS.join(", "),
+                EXTRA_HEURISTICS.join(", ")
+            ));
         }
     })
 }
@@ -363,6 +373,74 @@ impl Predictor for Mithril {
     }
 }
 
+/// Temporal streaming: when a request starts at a block some earlier request of the stream
+/// started at, the blocks of the requests that followed that one (up to `HISTORY_NAMES`), and
+/// the block after the request, as next-1. It finds the workload's way back into a region it
+/// read before, which a cache of a few percent of the footprint has long dropped and which no
+/// recent read points to (models/README.md, item 22). The history is one log of the last
+/// `HISTORY_REQUESTS` requests over all streams.
+#[derive(Default)]
+pub struct History {
+    /// (stream, first block, blocks) of each request, oldest first; `log[0]` is request `base`.
+    log: VecDeque<(u64, u64, u32)>,
+    base: u64,
+    /// (stream, block) → the last request that started at it.
+    started: HashMap<(u64, u64), u64>,
+}
+
+/// Requests the history remembers (over all streams): about 14 MiB.
+pub const HISTORY_REQUESTS: usize = 1 << 18;
+/// Blocks named from the history per request.
+pub const HISTORY_NAMES: usize = 4;
+/// Requests looked at after the earlier one: at most this many of the stream's, within
+/// `HISTORY_SCAN` of the log.
+const HISTORY_FOLLOWERS: usize = 4 * HISTORY_NAMES;
+const HISTORY_SCAN: usize = 256;
+
+impl Predictor for History {
+    fn name(&self) -> String {
+        "history".into()
+    }
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let last = r.request_first + r.request_blocks.max(1) - 1;
+        let start = out.len();
+        if r.block == last {
+            out.push(r.block + 1);
+        }
+        if r.block != r.request_first {
+            return;
+        }
+        if let Some(&seq) = self.started.get(&(r.stream, r.block)) {
+            let from = (seq - self.base) as usize + 1;
+            let followers = self.log.range(from..).take(HISTORY_SCAN).filter(|e| e.0 == r.stream);
+            let mut named = 0;
+            'followers: for &(_, first, blocks) in followers.take(HISTORY_FOLLOWERS) {
+                for b in first..first + u64::from(blocks) {
+                    if (r.request_first..=last + 1).contains(&b) || out[start..].contains(&b) {
+                        continue;
+                    }
+                    out.push(b);
+                    named += 1;
+                    if named == HISTORY_NAMES {
+                        break 'followers;
+                    }
+                }
+            }
+        }
+        let seq = self.base + self.log.len() as u64;
+        self.log.push_back((r.stream, r.block, r.request_blocks.clamp(1, u64::from(u32::MAX)) as u32));
+        self.started.insert((r.stream, r.block), seq);
+        if self.log.len() > HISTORY_REQUESTS
+            && let Some((stream, block, _)) = self.log.pop_front()
+        {
+            if self.started.get(&(stream, block)) == Some(&self.base) {
+                self.started.remove(&(stream, block));
+            }
+            self.base += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,7 +457,46 @@ mod tests {
     }
 
     #[test]
+    fn history_returns_to_what_followed_a_request_last_time() {
+        let mut h = History::default();
+        let read = |h: &mut History, stream, first, blocks: u64| {
+            let mut out = Vec::new();
+            for b in first..first + blocks {
+                h.on_read(
+                    &Read { request_first: first, request_blocks: blocks, ..Read::at(stream, b, false) },
+                    &mut out,
+                );
+            }
+            out
+        };
+        // A pass over a region, then elsewhere (and another stream in between).
+        assert_eq!(read(&mut h, 0, 100, 2), vec![102], "nothing known yet: the next block");
+        read(&mut h, 0, 500, 1);
+        read(&mut h, 9, 101, 1);
+        read(&mut h, 0, 900, 2);
+        read(&mut h, 0, 300, 1);
+        read(&mut h, 0, 700, 1);
+        for b in 5000..5100 {
+            read(&mut h, 0, b * 10, 1);
+        }
+        // Back at 100: what followed it then, whole requests, four blocks, this stream's only.
+        assert_eq!(read(&mut h, 0, 100, 2), vec![500, 900, 901, 300, 102]);
+        // A block the request itself (or next-1) covers is not named again.
+        read(&mut h, 0, 40, 1);
+        read(&mut h, 0, 41, 1);
+        read(&mut h, 0, 42, 1);
+        assert_eq!(read(&mut h, 0, 40, 1), vec![41, 42]);
+        // Past HISTORY_REQUESTS later requests, the start at 100 is forgotten.
+        for i in 0..HISTORY_REQUESTS as u64 {
+            read(&mut h, 1, i * 7, 1);
+        }
+        assert_eq!(read(&mut h, 0, 100, 2), vec![102]);
+        assert!(h.log.len() <= HISTORY_REQUESTS && h.started.len() <= HISTORY_REQUESTS);
+    }
+
+    #[test]
     fn names_build_predictors_and_bad_names_are_refused() {
+        assert_eq!(by_name("history").unwrap().name(), "history");
         for n in HEURISTICS {
             assert_eq!(by_name(n).unwrap().name(), n);
         }

@@ -265,8 +265,9 @@ struct SelectStream {
     best: usize,
 }
 
-/// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches).
-pub const AUTO: [&str; 8] = ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril"];
+/// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches, and `history`).
+pub const AUTO: [&str; 9] =
+    ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril", "history"];
 
 impl Selector {
     /// `auto` (all of `AUTO`) or one heuristic by name.
