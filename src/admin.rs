@@ -289,7 +289,7 @@ pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> R
         }
     }
     if !report.errors.is_empty() && loaded == 0 {
-        bail!("no replica could be asked: {}", report.errors.join("; "));
+        bail!("nothing was loaded: {}", report.errors.join("; "));
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use augur_prefetch::model::ModelKnobs;
 use augur_prefetch::model::predictor_with;
-use augur_prefetch::{EXTRA_HEURISTICS, HEURISTICS, ReplayConfig, Score, Trace, replay};
+use augur_prefetch::{ReplayConfig, Score, Trace, all_heuristics, replay};
 use clap::Args;
 use serde::Serialize;
 
@@ -91,7 +91,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?
     };
-    let mut names: Vec<String> = HEURISTICS.iter().chain(&EXTRA_HEURISTICS).map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = all_heuristics().map(String::from).collect();
     for p in &args.predictors {
         if !names.contains(p) {
             names.push(p.clone());

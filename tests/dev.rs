@@ -88,6 +88,11 @@ with open("ra", "rb", buffering=0) as f:
     for _ in range(24):
         f.read(65536)
     assert issued("ra") > before, ("readahead:8 set while open", before, issued("ra"))
+    os.setxattr("ra", "user.augur.prefetch", b"off")
+    before = issued("ra")
+    for _ in range(16):
+        f.read(65536)
+    assert issued("ra") == before, ("off set while open", before, issued("ra"))
 # Files read whole: the trace and the engine are told their type once it is known.
 with open("photo.png", "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20))

@@ -14,7 +14,7 @@ fn eval_reports_every_heuristic_per_trace_in_text_and_json() {
     let arc = excerpt("arc_P3_excerpt.csv.gz");
     let (ok, out, err) = augur(&["trace", "eval", &cp, &arc, "--tail-frac", "0.3"]);
     assert!(ok, "{err}");
-    for name in augur_prefetch::HEURISTICS.iter().chain(&augur_prefetch::EXTRA_HEURISTICS) {
+    for name in augur_prefetch::all_heuristics() {
         assert_eq!(
             out.matches(&format!("\n  {name} ")).count(),
             2,
@@ -27,7 +27,7 @@ fn eval_reports_every_heuristic_per_trace_in_text_and_json() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let scores = v[0]["scores"].as_array().unwrap();
-    assert_eq!(scores.len(), augur_prefetch::HEURISTICS.len() + augur_prefetch::EXTRA_HEURISTICS.len());
+    assert_eq!(scores.len(), augur_prefetch::all_heuristics().count());
     let none = scores.iter().find(|s| s["predictor"] == "none").unwrap();
     assert_eq!(none["issued"], 0);
     assert!(none["mean_latency_us"].as_f64().unwrap() > 0.0);
@@ -192,7 +192,7 @@ fn bench_predictor_times_the_model_beside_every_heuristic() {
     let rows = rows.as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["predictor"].as_str().unwrap()).collect();
     assert_eq!(names[..3], ["model-step", "model", "auto"]);
-    assert_eq!(names[3..], [&augur_prefetch::HEURISTICS[..], &augur_prefetch::EXTRA_HEURISTICS].concat());
+    assert_eq!(names[3..], augur_prefetch::all_heuristics().collect::<Vec<_>>());
     assert!(
         rows.iter().all(|r| r["accesses"] == 300 && r["runs"] == 3 && r["p50_us"].as_f64().unwrap() > 0.0),
         "{out}"

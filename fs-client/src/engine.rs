@@ -13,7 +13,8 @@
 //! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). A file's hint is
 //! looked up once, in a task of its own, when the engine first has something to fetch for it
 //! (what it named then is fetched when the answer is `auto`; what it names while the lookup is
-//! under way is handed back), and again after the hint is removed on this mount. Reads never wait for the engine:
+//! under way is handed back), and again after the hint is removed on this mount; a hint set on
+//! this mount takes effect on the open file at once. Reads never wait for the engine:
 //! observations go through a queue of `OBSERVED_QUEUE` requests, and when it is full they are
 //! dropped and counted (`Engine::dropped`, logged), never delayed. The predictor runs on a
 //! thread of its own (`augur-prefetch`), not on the runtime's workers.

@@ -57,6 +57,9 @@ pub struct ReadAhead {
     pub issued_until: u64,
     /// The file's `user.augur.prefetch` (or the volume's), once looked up.
     pub mode: Option<PrefetchMode>,
+    /// Bumped when the hint is set or removed through this mount: a lookup started before
+    /// does not overwrite what was set since.
+    pub mode_generation: u64,
 }
 
 pub struct OpenFile {

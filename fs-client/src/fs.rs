@@ -112,6 +112,9 @@ struct Queued {
     index: u64,
     /// The file's read count when it was named.
     named_at: u64,
+    /// The prefetch engine named it (the file was `auto`), not a fixed hint's readahead: if it
+    /// is never fetched, the engine gets its credit back.
+    by_engine: bool,
 }
 
 /// Blocks waiting for a prefetch slot; past it the oldest is dropped (counted stale).
@@ -627,7 +630,13 @@ impl Inner {
             {
                 self.drop_queued(&old);
             }
-            queue.push_back(Queued { file: f.clone(), index, named_at: f.reads.load(Ordering::Relaxed) });
+            let by_engine = self.known_mode(f) == Some(PrefetchMode::Auto);
+            queue.push_back(Queued {
+                file: f.clone(),
+                index,
+                named_at: f.reads.load(Ordering::Relaxed),
+                by_engine,
+            });
         }
         // A slot may have come free since, with nobody left to look at the queue.
         if let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() {
@@ -694,18 +703,25 @@ impl Inner {
                 self.drop_queued(&q);
                 continue;
             }
+            let (ino, index, by_engine) = (q.file.ino, q.index, q.by_engine);
             match self.start_prefetch(q.file, q.index, permit) {
                 None => return,
-                Some(p) => permit = p,
+                // Being fetched already (a demand read took it): no fetch of its own.
+                Some(p) => {
+                    permit = p;
+                    if by_engine && let Some(e) = self.engine.get() {
+                        e.hand_back(ino.0, index);
+                    }
+                }
             }
         }
     }
 
-    /// A queued block is dropped unfetched: counted stale, and if the engine named it (the file
-    /// is `auto`), its credit goes back to the engine.
+    /// A queued block is dropped unfetched: counted stale, and if the engine named it, its
+    /// credit goes back to the engine.
     fn drop_queued(&self, q: &Queued) {
         self.stats_of(q.file.ino).add(Counter::Stale, 1);
-        if self.known_mode(&q.file) == Some(PrefetchMode::Auto)
+        if q.by_engine
             && let Some(e) = self.engine.get()
         {
             e.hand_back(q.file.ino.0, q.index);
@@ -727,11 +743,19 @@ impl Inner {
             return then;
         }
         let (me, f) = (self.clone(), f.clone());
+        let generation = f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode_generation;
         tokio::spawn(async move {
             let hint = async {
-                let mode = me.hint_of(f.ino).await;
-                f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = Some(mode);
-                if mode == PrefetchMode::Auto {
+                let found = me.hint_of(f.ino).await;
+                let mode = {
+                    let mut ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
+                    // Unless the hint was set or removed here meanwhile: that answer is newer.
+                    if ra.mode_generation == generation {
+                        ra.mode = Some(found);
+                    }
+                    ra.mode
+                };
+                if mode == Some(PrefetchMode::Auto) {
                     for b in then {
                         me.prefetch_block(&f, b);
                     }
@@ -743,11 +767,19 @@ impl Inner {
     }
 
     /// The file's `user.augur.prefetch` changed here: `mode` in force now, or (None) looked up
-    /// again at its next read.
-    fn set_mode(&self, f: &OpenFile, mode: Option<PrefetchMode>) {
-        f.ra.lock().unwrap_or_else(|p| p.into_inner()).mode = mode;
+    /// again at its next read. A file whose hint was never looked up still has its type looked
+    /// up (that runs beside the hint lookup).
+    fn set_mode(self: &Arc<Self>, f: &Arc<OpenFile>, mode: Option<PrefetchMode>) {
+        {
+            let mut ra = f.ra.lock().unwrap_or_else(|p| p.into_inner());
+            ra.mode = mode;
+            ra.mode_generation += 1;
+        }
         if mode.is_none() {
             f.hint_lookup.store(false, Ordering::Release);
+        } else if !f.hint_lookup.swap(true, Ordering::AcqRel) {
+            let (me, f) = (self.clone(), f.clone());
+            tokio::spawn(async move { me.look_up_group(&f).await });
         }
     }
 
@@ -1203,7 +1235,10 @@ impl Inner {
         }
         if name == XATTR_PREFETCH_STATS {
             // Counted per file (and for the mount, on its root): a directory has none of its own.
-            if i != ROOT_INO && self.attr_op(NsOp::GetAttr { ino: i }).await?.kind == FileKind::Dir {
+            if i != ROOT_INO
+                && self.file(i).is_none()
+                && self.attr_op(NsOp::GetAttr { ino: i }).await?.kind == FileKind::Dir
+            {
                 return Err(FsError::new(
                     libc::ENODATA,
                     "prefetch stats are kept per file, and for the whole mount on its root",

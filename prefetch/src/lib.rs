@@ -10,6 +10,6 @@ pub mod replay;
 pub mod select;
 pub mod trace;
 
-pub use predict::{EXTRA_HEURISTICS, HEURISTICS, Predictor, Read, by_name};
+pub use predict::{EXTRA_HEURISTICS, HEURISTICS, Predictor, Read, all_heuristics, by_name};
 pub use replay::{ReplayConfig, Score, replay};
 pub use trace::{Access, Op, Trace};

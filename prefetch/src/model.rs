@@ -239,7 +239,7 @@ pub struct ModelKnobs {
     pub unsure_below: f32,
     /// Below this measured accuracy (used / issued) of recent predictions, the fallback decides.
     pub accuracy_floor: f32,
-    /// What decides when the model does not: one of `HEURISTICS` or `EXTRA_HEURISTICS`, or `auto` (per stream, the
+    /// What decides when the model does not: one of `predict::all_heuristics`, or `auto` (per stream, the
     /// heuristic whose shadow scores best, see `select`).
     pub fallback: &'static str,
     /// The fetch latency the client sees (µs): a prefetch named this long before its read hid a
@@ -320,18 +320,10 @@ impl ModelKnobs {
                     }
                 }
                 "fallback" => {
-                    use crate::predict::{EXTRA_HEURISTICS, HEURISTICS};
-                    k.fallback = std::iter::once("auto")
-                        .chain(HEURISTICS)
-                        .chain(EXTRA_HEURISTICS)
-                        .find(|h| *h == value)
-                        .ok_or_else(|| {
-                            bad(&format!(
-                                "not auto or one of {}, {}",
-                                HEURISTICS.join(", "),
-                                EXTRA_HEURISTICS.join(", ")
-                            ))
-                        })?;
+                    let known = || std::iter::once("auto").chain(crate::predict::all_heuristics());
+                    k.fallback = known().find(|h| *h == value).ok_or_else(|| {
+                        bad(&format!("not one of {}", known().collect::<Vec<_>>().join(", ")))
+                    })?;
                 }
                 "bucket" => {
                     k.bucket = value.parse().map_err(|e| bad(&e))?;

@@ -413,6 +413,12 @@ mod tests {
     }
 
     #[test]
+    fn auto_chooses_among_every_heuristic_that_fetches() {
+        let fetching: Vec<&str> = crate::predict::all_heuristics().filter(|n| *n != "none").collect();
+        assert_eq!(AUTO[..], fetching[..]);
+    }
+
+    #[test]
     fn decay_halves_a_score_over_the_half_life() {
         let half = DECAY.powf(HALF_LIFE_READS);
         assert!((half - 0.5).abs() < 1e-3, "{half}");

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use augur_prefetch::features::StreamFeatures;
 use augur_prefetch::model::{Model, StreamState};
-use augur_prefetch::{EXTRA_HEURISTICS, HEURISTICS, Read, Trace, trace::blocks_of};
+use augur_prefetch::{Read, Trace, all_heuristics, trace::blocks_of};
 use serde::Serialize;
 
 use super::node::percentile_us;
@@ -53,8 +53,7 @@ pub fn run(trace: &Path, model: &Path, accesses: usize, runs: usize) -> Result<V
         .collect();
     let model = augur_prefetch::model::Model::load(model)?;
     let mut names: Vec<&str> = vec![STEP, "model", "auto"];
-    names.extend(HEURISTICS);
-    names.extend(EXTRA_HEURISTICS);
+    names.extend(all_heuristics());
     // Per predictor, one (p50, p99, mean) per run; runs interleave the predictors so a noisy
     // stretch of the machine hits them alike.
     let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); names.len()];
