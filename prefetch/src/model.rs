@@ -320,10 +320,16 @@ impl ModelKnobs {
                     }
                 }
                 "fallback" => {
-                    let known = || std::iter::once("auto").chain(crate::predict::all_heuristics());
-                    k.fallback = known().find(|h| *h == value).ok_or_else(|| {
-                        bad(&format!("not one of {}", known().collect::<Vec<_>>().join(", ")))
-                    })?;
+                    use crate::predict::all_heuristics;
+                    k.fallback = std::iter::once("auto")
+                        .chain(all_heuristics())
+                        .find(|h| *h == value)
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "not auto or one of {}",
+                                all_heuristics().collect::<Vec<_>>().join(", ")
+                            ))
+                        })?;
                 }
                 "bucket" => {
                     k.bucket = value.parse().map_err(|e| bad(&e))?;

@@ -143,7 +143,7 @@ fn knobs_parse_and_bad_ones_are_named() {
         ("min_p=-1", "min_p"),
         ("budget_blocks=0", "1..=256"),
         ("bucket=0", "1..=65536"),
-        ("fallback=model", "not one of auto, none, next-1"),
+        ("fallback=model", "not auto or one of none, next-1"),
         ("speed=9", "unknown model knob"),
     ] {
         let e = ModelKnobs::parse(bad).unwrap_err();
