@@ -273,7 +273,7 @@ pub async fn prefetch(volume: String, targets: Vec<String>, meta: MetaArgs) -> R
         }
         ids.extend((first..end).map(|i| BlockId::new(Ino(ino), i)));
     }
-    let report = blocks.warm(&ids).await?;
+    let report = blocks.warm(&ids).await;
     let loaded: u64 = report.loaded.values().sum();
     if meta.json {
         print_json(&serde_json::json!({

@@ -491,6 +491,14 @@ mod tests {
         read(&mut h, 0, 41, 1);
         read(&mut h, 0, 42, 1);
         assert_eq!(read(&mut h, 0, 40, 1), vec![41, 42]);
+        // Followers are looked for within HISTORY_SCAN requests of the log: past a long run of
+        // another stream's, nothing is named.
+        read(&mut h, 0, 7000, 1);
+        for i in 0..HISTORY_SCAN as u64 {
+            read(&mut h, 2, i, 1);
+        }
+        read(&mut h, 0, 8000, 1);
+        assert_eq!(read(&mut h, 0, 7000, 1), vec![7001], "8000 lies past the scan");
         // Past HISTORY_REQUESTS later requests, the start at 100 is forgotten.
         for i in 0..HISTORY_REQUESTS as u64 {
             read(&mut h, 1, i * 7, 1);
