@@ -164,7 +164,7 @@ fn run(
             match inner.known_mode(&o.file) {
                 Some(PrefetchMode::Auto) => {
                     for &b in &out {
-                        if !inner.prefetch_block(&o.file, b) {
+                        if !inner.prefetch_block(&o.file, b, true) {
                             predictor.not_fetched(ino, b);
                         }
                     }

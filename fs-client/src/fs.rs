@@ -112,8 +112,7 @@ struct Queued {
     index: u64,
     /// The file's read count when it was named.
     named_at: u64,
-    /// The prefetch engine named it (the file was `auto`), not a fixed hint's readahead: if it
-    /// is never fetched, the engine gets its credit back.
+    /// The prefetch engine named it (`Inner::prefetch_block`).
     by_engine: bool,
 }
 
@@ -607,7 +606,7 @@ impl Inner {
             (from, to)
         };
         for index in from..to {
-            self.prefetch_block(f, index);
+            self.prefetch_block(f, index, false);
         }
     }
 
@@ -615,8 +614,10 @@ impl Inner {
     /// block is past the end of the file, cached or being fetched, or `f` is no longer the file
     /// as open now (a handle released and opened again has a new `OpenFile`, whose writes the
     /// old one's `write_gen` would not see). Otherwise the block is fetched at once if fewer than
-    /// `prefetch_in_flight_max` prefetches are under way, else queued until one ends.
-    pub(crate) fn prefetch_block(self: &Arc<Self>, f: &Arc<OpenFile>, index: u64) -> bool {
+    /// `prefetch_in_flight_max` prefetches are under way, else queued until one ends. `by_engine`:
+    /// the prefetch engine named it (not a fixed hint's readahead), so a queued block dropped
+    /// unfetched hands its credit back to the engine.
+    pub(crate) fn prefetch_block(self: &Arc<Self>, f: &Arc<OpenFile>, index: u64, by_engine: bool) -> bool {
         if !self.wants_prefetch(f, index) {
             return false;
         }
@@ -630,7 +631,6 @@ impl Inner {
             {
                 self.drop_queued(&old);
             }
-            let by_engine = self.known_mode(f) == Some(PrefetchMode::Auto);
             queue.push_back(Queued {
                 file: f.clone(),
                 index,
@@ -709,9 +709,7 @@ impl Inner {
                 // Being fetched already (a demand read took it): no fetch of its own.
                 Some(p) => {
                     permit = p;
-                    if by_engine && let Some(e) = self.engine.get() {
-                        e.hand_back(ino.0, index);
-                    }
+                    self.hand_back(by_engine, ino, index);
                 }
             }
         }
@@ -721,10 +719,14 @@ impl Inner {
     /// credit goes back to the engine.
     fn drop_queued(&self, q: &Queued) {
         self.stats_of(q.file.ino).add(Counter::Stale, 1);
-        if q.by_engine
-            && let Some(e) = self.engine.get()
-        {
-            e.hand_back(q.file.ino.0, q.index);
+        self.hand_back(q.by_engine, q.file.ino, q.index);
+    }
+
+    /// A block named for prefetch was not fetched for it: if the engine named it, the engine
+    /// gets its credit back.
+    fn hand_back(&self, by_engine: bool, ino: Ino, index: u64) {
+        if by_engine && let Some(e) = self.engine.get() {
+            e.hand_back(ino.0, index);
         }
     }
 
@@ -757,7 +759,7 @@ impl Inner {
                 };
                 if mode == Some(PrefetchMode::Auto) {
                     for b in then {
-                        me.prefetch_block(&f, b);
+                        me.prefetch_block(&f, b, true);
                     }
                 }
             };

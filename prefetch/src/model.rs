@@ -320,16 +320,11 @@ impl ModelKnobs {
                     }
                 }
                 "fallback" => {
-                    use crate::predict::all_heuristics;
+                    use crate::predict::{all_heuristics, heuristics_listed};
                     k.fallback = std::iter::once("auto")
                         .chain(all_heuristics())
                         .find(|h| *h == value)
-                        .ok_or_else(|| {
-                            bad(&format!(
-                                "not auto or one of {}",
-                                all_heuristics().collect::<Vec<_>>().join(", ")
-                            ))
-                        })?;
+                        .ok_or_else(|| bad(&format!("not auto or one of {}", heuristics_listed())))?;
                 }
                 "bucket" => {
                     k.bucket = value.parse().map_err(|e| bad(&e))?;

@@ -81,6 +81,11 @@ pub fn all_heuristics() -> impl Iterator<Item = &'static str> {
     HEURISTICS.into_iter().chain(EXTRA_HEURISTICS)
 }
 
+/// `all_heuristics` as a list for messages ("none, next-1, ...").
+pub fn heuristics_listed() -> String {
+    all_heuristics().collect::<Vec<_>>().join(", ")
+}
+
 /// Builds a predictor by name: `none`, `next-N`, `linux-ra`, `leap`, `markov`, `mithril`,
 /// `history`.
 pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
@@ -99,8 +104,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
             Box::new(NextN(k))
         }
         other => {
-            let known: Vec<&str> = all_heuristics().collect();
-            return Err(format!("unknown predictor {other:?} (known: {}, next-N)", known.join(", ")));
+            return Err(format!("unknown predictor {other:?} (known: {}, next-N)", heuristics_listed()));
         }
     })
 }
