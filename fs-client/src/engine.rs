@@ -5,9 +5,10 @@
 //! background by `Inner::prefetch_block`: no duplicates (cached or in flight); at most
 //! `MountOptions::prefetch_in_flight_max` fetches at once, the rest queued (`PREFETCH_QUEUE_MAX`)
 //! and dropped as stale once their file has been read `PREFETCH_STALE_READS` more times; a
-//! demand read never waits for a queued block (it fetches it itself). What the engine names but
-//! is not wanted (past the end, cached, in flight), and what is dropped from the queue unfetched,
-//! is handed back (`Predictor::not_fetched`), so its byte budget is not spent on it.
+//! demand read never waits for a queued block (it fetches it itself). The predictor's byte
+//! budget pays only for blocks that need a fetch (`Predictor::pays`, asked once the block is
+//! known not to be past the end, cached or in flight), and what it paid for but was dropped
+//! from the queue unfetched is handed back (`Predictor::not_fetched`).
 //!
 //! The engine steers only files whose `user.augur.prefetch` hint is `auto` (the default); the
 //! other hints are served by the hint's fixed readahead (`Inner::read_ahead`). A file's hint is
@@ -164,18 +165,21 @@ fn run(
             match inner.known_mode(&o.file) {
                 Some(PrefetchMode::Auto) => {
                     for &b in &out {
-                        if !inner.prefetch_block(&o.file, b, true) {
-                            predictor.not_fetched(ino, b);
-                        }
+                        inner.prefetch_block(&o.file, b, Some(&mut || predictor.pays(ino, b)));
                     }
                 }
-                Some(_) => out.iter().for_each(|&b| predictor.not_fetched(ino, b)),
+                // A fixed hint's file: the engine fetches nothing for it, so pays nothing.
+                Some(_) => {}
                 // Fetched by the lookup if the file turns out to be `auto`.
-                None => pending.extend_from_slice(&out),
+                None => pending.extend(
+                    out.iter()
+                        .copied()
+                        .filter(|&b| inner.wants_prefetch(&o.file, b) && predictor.pays(ino, b)),
+                ),
             }
         }
         if !pending.is_empty() {
-            // Named while a lookup is under way already: not fetched, so not paid for.
+            // Named while a lookup is under way already: not fetched, so the credit goes back.
             for b in inner.look_up_mode(&o.file, pending) {
                 predictor.not_fetched(ino, b);
             }

@@ -606,23 +606,38 @@ impl Inner {
             (from, to)
         };
         for index in from..to {
-            self.prefetch_block(f, index, false);
+            self.prefetch_block(f, index, None);
         }
     }
 
     /// Asks for block `index` of `f` in the background. Returns false, doing nothing, if the
     /// block is past the end of the file, cached or being fetched, or `f` is no longer the file
     /// as open now (a handle released and opened again has a new `OpenFile`, whose writes the
-    /// old one's `write_gen` would not see). Otherwise the block is fetched at once if fewer than
-    /// `prefetch_in_flight_max` prefetches are under way, else queued until one ends. `by_engine`:
-    /// the prefetch engine named it (not a fixed hint's readahead), so a queued block dropped
-    /// unfetched hands its credit back to the engine.
-    pub(crate) fn prefetch_block(self: &Arc<Self>, f: &Arc<OpenFile>, index: u64, by_engine: bool) -> bool {
+    /// old one's `write_gen` would not see), or if `pay` declines. Otherwise the block is
+    /// fetched at once if fewer than `prefetch_in_flight_max` prefetches are under way, else
+    /// queued until one ends. `pay` is given for a block the prefetch engine named (None: a
+    /// fixed hint's readahead) and asked only once the block is known to need a fetch, so the
+    /// engine's budget is spent on real fetches (`Predictor::pays`); a block paid for and then
+    /// dropped unfetched hands its credit back to the engine.
+    pub(crate) fn prefetch_block(
+        self: &Arc<Self>,
+        f: &Arc<OpenFile>,
+        index: u64,
+        pay: Option<&mut dyn FnMut() -> bool>,
+    ) -> bool {
         if !self.wants_prefetch(f, index) {
             return false;
         }
+        let by_engine = pay.is_some();
+        if pay.is_some_and(|pay| !pay()) {
+            return false;
+        }
         if let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() {
-            return self.start_prefetch(f.clone(), index, permit).is_none();
+            if self.start_prefetch(f.clone(), index, permit).is_some() {
+                // Being fetched already (a demand read took it meanwhile): no fetch of its own.
+                self.hand_back(by_engine, f.ino, index);
+            }
+            return true;
         }
         {
             let mut queue = self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -645,7 +660,7 @@ impl Inner {
         true
     }
 
-    fn wants_prefetch(&self, f: &Arc<OpenFile>, index: u64) -> bool {
+    pub(crate) fn wants_prefetch(&self, f: &Arc<OpenFile>, index: u64) -> bool {
         let key = BlockKey { ino: f.ino, index };
         index < f.size().div_ceil(self.block_bytes)
             && !self.cache.contains(key, f.stamp())
@@ -757,9 +772,10 @@ impl Inner {
                     }
                     ra.mode
                 };
-                if mode == Some(PrefetchMode::Auto) {
-                    for b in then {
-                        me.prefetch_block(&f, b, true);
+                // Paid for by the engine already: what is not fetched now goes back.
+                for b in then {
+                    if mode != Some(PrefetchMode::Auto) || !me.prefetch_block(&f, b, Some(&mut || true)) {
+                        me.hand_back(true, f.ino, b);
                     }
                 }
             };

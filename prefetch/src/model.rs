@@ -11,14 +11,16 @@
 //!
 //! For each read the network gives, per delta token, the probability that the block that far
 //! away is read within the stream's next `HORIZON` reads. The predictor takes the likeliest
-//! deltas (top-k chosen here), skipping blocks it issued or the stream read recently (no
-//! duplicate fetches), while each is at least `min_p`, until their probabilities add up to
-//! `threshold` (expected useful blocks) or `budget_blocks` new blocks are issued. Its choices
-//! are judged as if fetched (`select::Shadow`) whoever decides. When the best probability is
-//! below `unsure_below`, the measured accuracy of its recent choices on this stream (used /
-//! judged) falls below `accuracy_floor`, or its shadow hid less fetch time lately than `trust` ×
-//! the fallback's, the fallback (`auto`: the best heuristic for the stream) decides. One fetch
-//! budget per stream pays for both.
+//! deltas (top-k chosen here), skipping blocks it chose or the stream read recently, while each
+//! is at least `min_p`, until their probabilities add up to `threshold` (expected useful blocks)
+//! or `budget_blocks` blocks are chosen. Its choices are judged as if fetched
+//! (`select::Shadow`) whoever decides. When the best probability is below `unsure_below`, the
+//! measured accuracy of its recent choices on this stream (used / judged) falls below
+//! `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
+//! fallback (`auto`: the best heuristic for the stream) decides. The answer is passed on best
+//! first; one fetch budget over all streams pays for what of it is really fetched: the caller
+//! skips what is cached or in flight, at no cost, and asks the budget (`Predictor::pays`) for
+//! each of the rest, so no credit goes on a block that needs no fetch.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -272,7 +274,7 @@ impl Default for ModelKnobs {
             accuracy_floor: 0.05,
             fallback: FALLBACK,
             fetch_us: 1000.0,
-            fetch_ratio: 1.0,
+            fetch_ratio: 0.95,
             bucket: crate::select::BUCKET_BLOCKS as usize,
             fill: true,
             trust: 1.0,
@@ -355,7 +357,8 @@ struct ModelStream {
     features: StreamFeatures,
     state: StreamState,
     reads: u64,
-    /// Blocks passed on for fetching recently, by the model or the fallback: not again.
+    /// Blocks fetched for this stream recently (paid for, `Predictor::pays`): a hit on one of
+    /// them is one a prefetch helped (`Seen::useful`).
     sent: Sent,
     /// The stream's reads since it was last idle: read recently, so cached or in flight.
     fresh: RecentReads,
@@ -366,17 +369,12 @@ struct ModelStream {
     shadow: Shadow,
 }
 
-impl ModelStream {
-    /// Passes on the blocks not sent or read recently, as many as the credits pay for.
-    fn pass_on(&mut self, r: &Read, credits: &mut Credits, blocks: &[u64], out: &mut Vec<u64>) {
-        for &b in blocks {
-            if self.sent.contains(b) || self.fresh.contains(b) || r.in_request_after(b) {
-                continue;
-            }
-            if !credits.spend() {
-                break;
-            }
-            self.sent.insert(b);
+/// Passes on `blocks`, best first, less those the read's own request reads next and those
+/// passed on already for this read. What is cached or in flight already the caller skips at no
+/// cost; the rest the budget pays for while it lasts (`Predictor::pays`).
+fn pass_on(r: &Read, blocks: &[u64], out: &mut Vec<u64>, from: usize) {
+    for &b in blocks {
+        if !r.in_request_after(b) && !out[from..].contains(&b) {
             out.push(b);
         }
     }
@@ -519,23 +517,23 @@ impl Predictor for ModelPredictor {
         let may_decide = self.runner.is_some()
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
             && s.shadow.score() >= self.knobs.trust * fallback_score;
+        let from = out.len();
         if !may_decide {
             self.fell_back += 1;
-            s.pass_on(r, &mut self.credits, &self.scratch, out);
+            pass_on(r, &self.scratch, out, from);
             self.pending = self.runner.is_some().then_some(step);
             return;
         }
         let top = self.infer(&step);
-        let s = self.streams.get(r.stream);
         if top.is_some_and(|top| top >= self.knobs.unsure_below) {
             self.decided += 1;
-            s.pass_on(r, &mut self.credits, &self.picks, out);
+            pass_on(r, &self.picks, out, from);
             if self.knobs.fill {
-                s.pass_on(r, &mut self.credits, &self.scratch, out);
+                pass_on(r, &self.scratch, out, from);
             }
         } else {
             self.fell_back += 1;
-            s.pass_on(r, &mut self.credits, &self.scratch, out);
+            pass_on(r, &self.scratch, out, from);
         }
     }
 
@@ -547,6 +545,14 @@ impl Predictor for ModelPredictor {
 
     fn decisions(&self) -> Option<(u64, u64)> {
         Some((self.fell_back + self.decided, self.decided))
+    }
+
+    fn pays(&mut self, stream: u64, block: u64) -> bool {
+        let paid = self.credits.spend();
+        if paid {
+            self.streams.get(stream).sent.insert(block);
+        }
+        paid
     }
 
     fn not_fetched(&mut self, stream: u64, block: u64) {

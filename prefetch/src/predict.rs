@@ -53,9 +53,16 @@ pub trait Predictor: Send {
     fn name(&self) -> String;
     /// A demand read; appends the blocks to prefetch to `out`, best first.
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>);
-    /// A block this predictor just named cost no fetch: it was cached or in flight already, or
-    /// the limit on fetches in flight dropped it. (Predictors that keep a fetch budget take it
-    /// back.)
+    /// Asked by the caller for each block this predictor named, in order, that it is about to
+    /// fetch (not cached, not in flight, within the file, under the limit on fetches in flight):
+    /// whether the predictor's fetch budget pays for it. A predictor with a budget
+    /// (`model`) spends it here, on real fetches only, so it never guesses what the cache holds;
+    /// the rest always pay. A block not paid for is not fetched.
+    fn pays(&mut self, _stream: u64, _block: u64) -> bool {
+        true
+    }
+    /// A block paid for (`pays`) was not fetched after all (dropped from a full or stale queue,
+    /// or fetched meanwhile by a demand read): the budget gets it back.
     fn not_fetched(&mut self, _stream: u64, _block: u64) {}
     /// For a predictor that hands some reads to a fallback (`model`): reads seen so far, and on
     /// how many of them its own choice was passed on.

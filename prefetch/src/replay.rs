@@ -7,7 +7,8 @@
 //! - time from the trace, or `iat_us` per request when untimed; a demand miss costs `latency_us`;
 //!   a prefetch issued at t lands (at the MRU end) at t + latency; reading a block still in
 //!   flight waits for the rest (late, still used); at most `max_inflight` prefetches in flight,
-//!   extra predictions dropped;
+//!   extra predictions dropped; a predictor with a fetch budget is asked to pay
+//!   (`Predictor::pays`) only for the blocks that would really be fetched, as on a mount;
 //! - with `tail_frac`, everything runs over the whole trace but only the last `tail_frac` of the
 //!   requests is scored.
 
@@ -241,8 +242,8 @@ pub fn replay(trace: &Trace, predictor: &mut dyn Predictor, cfg: &ReplayConfig) 
                     || inflight.contains_key(&k)
                     || inflight.len() >= cfg.max_inflight
                     || (trace.files && file_blocks.get(&a.stream).is_some_and(|&end| p >= end))
+                    || !predictor.pays(a.stream, p)
                 {
-                    predictor.not_fetched(a.stream, p);
                     continue;
                 }
                 let at = t + cfg.latency_us;

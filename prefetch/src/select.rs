@@ -199,7 +199,8 @@ impl Shadow {
 /// test).
 const DECAY: f32 = 0.997_296_7;
 
-/// The last `SENT_MEMORY` blocks passed on for fetching, so none is passed on twice.
+/// The last `SENT_MEMORY` blocks sent for fetching on a stream: a hit on one of them is a read a
+/// prefetch helped ([`Seen::useful`]).
 #[derive(Debug, Default)]
 pub struct Sent {
     order: VecDeque<(u64, u64)>,
