@@ -274,7 +274,7 @@ impl Default for ModelKnobs {
             accuracy_floor: 0.05,
             fallback: FALLBACK,
             fetch_us: 1000.0,
-            fetch_ratio: 0.95,
+            fetch_ratio: 0.97,
             bucket: crate::select::BUCKET_BLOCKS as usize,
             fill: true,
             trust: 1.0,

@@ -28,7 +28,7 @@ pub const OUTCOMES: usize = 64;
 pub const HALF_LIFE_READS: f32 = 256.0;
 /// Most fetch credits a shadow (or the model's real budget) saves up by default: its largest
 /// burst (`ModelKnobs::bucket`).
-pub const BUCKET_BLOCKS: f32 = 256.0;
+pub const BUCKET_BLOCKS: f32 = 192.0;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
