@@ -171,11 +171,14 @@ fn run(
                 // A fixed hint's file: the engine fetches nothing for it, so pays nothing.
                 Some(_) => {}
                 // Fetched by the lookup if the file turns out to be `auto`.
-                None => pending.extend(
-                    out.iter()
-                        .copied()
-                        .filter(|&b| inner.wants_prefetch(&o.file, b) && predictor.pays(ino, b)),
-                ),
+                None => {
+                    for &b in &out {
+                        if !pending.contains(&b) && inner.wants_prefetch(&o.file, b) && predictor.pays(ino, b)
+                        {
+                            pending.push(b);
+                        }
+                    }
+                }
             }
         }
         if !pending.is_empty() {

@@ -2,7 +2,7 @@
 //! path. Every callback hands its work to the tokio runtime and replies from there; errors
 //! become errno values here and nowhere else, and no callback panics (no unwrap on input).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +118,32 @@ struct Queued {
 
 /// Blocks waiting for a prefetch slot; past it the oldest is dropped (counted stale).
 pub const PREFETCH_QUEUE_MAX: usize = 256;
+
+/// The prefetch queue, oldest first, and the keys in it: a block queued already is not wanted
+/// again (`Inner::wants_prefetch`), so it is neither queued twice nor paid for twice.
+#[derive(Default)]
+struct PrefetchQueue {
+    order: VecDeque<Queued>,
+    keys: HashSet<BlockKey>,
+}
+
+impl PrefetchQueue {
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+    fn contains(&self, key: &BlockKey) -> bool {
+        self.keys.contains(key)
+    }
+    fn push_back(&mut self, q: Queued) {
+        self.keys.insert(BlockKey { ino: q.file.ino, index: q.index });
+        self.order.push_back(q);
+    }
+    fn pop_front(&mut self) -> Option<Queued> {
+        let q = self.order.pop_front()?;
+        self.keys.remove(&BlockKey { ino: q.file.ino, index: q.index });
+        Some(q)
+    }
+}
 /// Reads of its file after which a queued block is stale and dropped unfetched: the reads have
 /// moved on, and the engine has named what they lead to since.
 pub const PREFETCH_STALE_READS: u64 = 8;
@@ -162,7 +188,7 @@ pub struct Inner {
     reclaims: Arc<Semaphore>,
     fetching: Mutex<HashMap<BlockKey, watch::Receiver<()>>>,
     /// Blocks named for prefetch while every prefetch slot was busy, oldest first.
-    prefetch_queue: Mutex<std::collections::VecDeque<Queued>>,
+    prefetch_queue: Mutex<PrefetchQueue>,
     trace: Option<crate::trace::TraceRecorder>,
     stats: quick_cache::sync::Cache<Ino, Arc<PrefetchStats>>,
     /// The mount's prefetch counters (the root directory's `user.augur.prefetch_stats`).
@@ -611,14 +637,15 @@ impl Inner {
     }
 
     /// Asks for block `index` of `f` in the background. Returns false, doing nothing, if the
-    /// block is past the end of the file, cached or being fetched, or `f` is no longer the file
-    /// as open now (a handle released and opened again has a new `OpenFile`, whose writes the
-    /// old one's `write_gen` would not see), or if `pay` declines. Otherwise the block is
-    /// fetched at once if fewer than `prefetch_in_flight_max` prefetches are under way, else
-    /// queued until one ends. `pay` is given for a block the prefetch engine named (None: a
-    /// fixed hint's readahead) and asked only once the block is known to need a fetch, so the
-    /// engine's budget is spent on real fetches (`Predictor::pays`); a block paid for and then
-    /// dropped unfetched hands its credit back to the engine.
+    /// block is past the end of the file, cached, being fetched or queued already, or `f` is no
+    /// longer the file as open now (a handle released and opened again has a new `OpenFile`,
+    /// whose writes the old one's `write_gen` would not see), or if `pay` declines. Otherwise
+    /// (true) the block is fetched at once if fewer than `prefetch_in_flight_max` prefetches
+    /// are under way, else queued until one ends. `pay` is given for a block the prefetch
+    /// engine named (None: a fixed hint's readahead) and asked only once the block is known to
+    /// need a fetch, so the engine's budget is spent on real fetches (`Predictor::pays`). Once
+    /// paid, every refund is made here or by the queue: a block a demand read started fetching
+    /// in between, or one dropped from the queue unfetched, hands its credit back.
     pub(crate) fn prefetch_block(
         self: &Arc<Self>,
         f: &Arc<OpenFile>,
@@ -666,6 +693,7 @@ impl Inner {
             && !self.cache.contains(key, f.stamp())
             && self.file(f.ino).is_some_and(|now| Arc::ptr_eq(&now, f))
             && !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key)
+            && !self.prefetch_queue.lock().unwrap_or_else(|p| p.into_inner()).contains(&key)
     }
 
     /// Fetches a block into the cache holding a prefetch slot, then hands the slot to the

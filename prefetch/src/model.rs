@@ -247,13 +247,15 @@ pub struct ModelKnobs {
     /// The fetch latency the client sees (µs): a prefetch named this long before its read hid a
     /// whole miss, when choices are judged (`select::Shadow`).
     pub fetch_us: f32,
-    /// The byte budget: blocks a stream may have fetched ahead per block it reads (model and
-    /// fallback together), kept by a bucket of at most `bucket` credits.
+    /// The byte budget: blocks fetched ahead per block read, over all streams (model and
+    /// fallback together, paid in `Predictor::pays`), kept by a bucket of at most `bucket`
+    /// credits.
     pub fetch_ratio: f32,
     /// The most credits saved up (blocks): the largest burst of fetches ahead of reads, and how
     /// far over `fetch_ratio` a stretch of reads can go.
     pub bucket: usize,
-    /// Also pass on the fallback's predictions after the model's own, while credits last.
+    /// Also pass on the fallback's predictions after the model's own (the budget pays for them
+    /// while credits last).
     pub fill: bool,
     /// The model decides only while its shadow score is at least this times the fallback's
     /// (the fetch time each would have hidden recently, see `select::Shadow`). A fallback of one
@@ -494,7 +496,8 @@ impl Predictor for ModelPredictor {
         self.clock += 1;
         let s = self.streams.get(r.stream);
         // Back after a long pause (a file opened again, a volume woken up): what it sent and
-        // read then is long gone from the cache, so it may be sent again.
+        // read then is long gone from the cache, so a hit on it now is no prefetch's doing, and
+        // the network may choose it again.
         if s.reads > 0 && self.clock - s.last_at > IDLE_READS {
             s.sent = Sent::default();
             s.fresh = RecentReads::default();

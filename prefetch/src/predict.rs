@@ -54,7 +54,8 @@ pub trait Predictor: Send {
     /// A demand read; appends the blocks to prefetch to `out`, best first.
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>);
     /// Asked by the caller for each block this predictor named, in order, that it is about to
-    /// fetch (not cached, not in flight, within the file, under the limit on fetches in flight):
+    /// fetch (not cached, not in flight, within the file; the replay drops what is past its
+    /// limit on fetches in flight unasked, a mount queues it, not twice):
     /// whether the predictor's fetch budget pays for it. A predictor with a budget
     /// (`model`) spends it here, on real fetches only, so it never guesses what the cache holds;
     /// the rest always pay. A block not paid for is not fetched.

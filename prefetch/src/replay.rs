@@ -324,6 +324,45 @@ mod tests {
         assert!(s.issued > 0, "{s:?}");
     }
 
+    /// next-2 keeping what the replay asks it to pay for; declines every third ask.
+    #[derive(Default)]
+    struct Counting {
+        asked: u64,
+        paid: std::collections::HashSet<u64>,
+        asked_again: u64,
+    }
+
+    impl Predictor for Counting {
+        fn name(&self) -> String {
+            "counting".into()
+        }
+        fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+            out.extend([r.block + 1, r.block + 2]);
+        }
+        fn pays(&mut self, _: u64, block: u64) -> bool {
+            self.asked += 1;
+            self.asked_again += u64::from(self.paid.contains(&block));
+            let pays = self.asked % 3 != 0;
+            if pays {
+                self.paid.insert(block);
+            }
+            pays
+        }
+    }
+
+    #[test]
+    fn the_budget_is_asked_only_for_blocks_fetched() {
+        // next-2 names two blocks per read; with a cache that holds everything, a block paid
+        // for is in flight or cached from then on and is never asked about again, and every
+        // block paid for is fetched. One declined is asked about again at the next read.
+        let mut p = Counting::default();
+        let cfg = ReplayConfig { cache_frac: 1.0, ..ReplayConfig::default() };
+        let s = replay(&sequential(1000), &mut p, &cfg);
+        assert_eq!(p.asked_again, 0, "asked about blocks fetched already");
+        assert_eq!(s.issued, p.paid.len() as u64, "{s:?}");
+        assert!(p.asked > s.issued, "declined blocks are asked about again");
+    }
+
     #[test]
     fn no_prefetch_misses_every_first_touch() {
         let s = replay(&sequential(1000), &mut *by_name("none").unwrap(), &ReplayConfig::default());
