@@ -342,7 +342,7 @@ mod tests {
         fn pays(&mut self, _: u64, block: u64) -> bool {
             self.asked += 1;
             self.asked_again += u64::from(self.paid.contains(&block));
-            let pays = self.asked % 3 != 0;
+            let pays = !self.asked.is_multiple_of(3);
             if pays {
                 self.paid.insert(block);
             }
