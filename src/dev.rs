@@ -33,6 +33,11 @@ pub struct DevArgs {
     /// Name of the volume created and mounted.
     #[arg(long, default_value = "default")]
     volume: String,
+    /// Tests and benchmarks only: the storage nodes delay every block read and write by this
+    /// many ms (at most 10000), standing in for the distance to remote storage.
+    #[arg(long, default_value_t = 0, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(..=10_000))]
+    inject_latency_ms: u64,
     #[command(flatten)]
     tuning: MountTuning,
 }
@@ -80,8 +85,8 @@ impl DevCluster {
         Self::start_with_latency(state, ip, volume, quiet, 0).await
     }
 
-    /// `start`, with `inject_latency_ms` added by the nodes to every block request (benchmarks
-    /// only: it stands in for the distance to remote storage).
+    /// `start`, with `inject_latency_ms` added by the nodes to every block request (tests and
+    /// benchmarks only: it stands in for the distance to remote storage).
     pub async fn start_with_latency(
         state: &Path,
         ip: IpAddr,
@@ -172,7 +177,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     augur_fs_client::mount::clear_stale_mount(&mountpoint);
     std::fs::create_dir_all(&mountpoint).with_context(|| format!("creating {}", mountpoint.display()))?;
 
-    let cluster = DevCluster::start(&state, args.ip, &args.volume, false).await?;
+    let cluster =
+        DevCluster::start_with_latency(&state, args.ip, &args.volume, false, args.inject_latency_ms).await?;
     let mounted =
         augur_fs_client::mount(cluster.client()?, &args.volume, &mountpoint, args.tuning.options()).await?;
 

@@ -330,3 +330,64 @@ async fn sharding(meta: &MetaClient, volume: &str) -> Result<(VolumeInfo, Vec<Sh
         Err(e) => Err(BlockError::Meta(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use augur_proto::meta::{VolumeHints, VolumeInfo};
+    use augur_proto::tls::{self, Role, TlsIdentity};
+    use augur_proto::{Epoch, NodeId, VolumeId};
+
+    use super::*;
+
+    /// A client of a two-shard volume whose placement table holds only `placed` (no meta group:
+    /// nothing here asks it).
+    fn client(dir: &std::path::Path, placed: Vec<ShardPlacement>) -> BlockClient {
+        tls::init_ca(&dir.join("ca"), "warm-test").unwrap();
+        tls::issue(&dir.join("ca"), Role::Client, "client", &dir.join("client")).unwrap();
+        let rpc = Arc::new(RpcClient::new(&TlsIdentity::load(&dir.join("client")).unwrap()).unwrap());
+        let volume = VolumeInfo {
+            id: VolumeId(1),
+            name: "v".into(),
+            block_size_bytes: 64 << 10,
+            replicas: 1,
+            shard_count: 2,
+            stripe_unit_blocks: 1,
+            created_unix_ms: 0,
+            hints: VolumeHints::default(),
+            inodes: 0,
+        };
+        BlockClient {
+            meta: Arc::new(MetaClient::new(rpc.clone(), Vec::new())),
+            rpc,
+            volume,
+            placement: RwLock::new(placed.into_iter().map(|p| (p.shard, p)).collect()),
+            suspects: std::sync::Mutex::new(HashMap::new()),
+            deadline: BLOCK_OP_DEADLINE,
+        }
+    }
+
+    #[tokio::test]
+    async fn warm_reports_what_it_cannot_ask_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // Shard 0 (asked first) is placed nowhere; shard 1 lives on two nodes registered
+        // without a usable address.
+        let unusable = |n| Replica { node: NodeId(n), addr: "not an address".into() };
+        let replicas = vec![unusable(7), unusable(8)];
+        let placed = vec![ShardPlacement { shard: ShardId(1), epoch: Epoch(1), replicas }];
+        let c = client(dir.path(), placed);
+        let blocks: Vec<BlockId> = (0..64).map(|i| BlockId::new(Ino(9), i)).collect();
+        let unplaced = blocks.iter().filter(|b| c.volume.shard_of(b.ino, b.index) == ShardId(0)).count();
+        assert!(unplaced > 0 && unplaced < blocks.len(), "the blocks must span both shards");
+
+        let report = c.warm(&blocks).await;
+        assert!(report.loaded.is_empty(), "{report:?}");
+        let no_placement = format!("no placement known for {} ({unplaced} blocks not warmed)", ShardId(0));
+        assert_eq!(report.errors.iter().filter(|e| **e == no_placement).count(), 1, "{report:?}");
+        for node in ["node-7", "node-8"] {
+            let said = format!("{node}: unusable address \"not an address\"");
+            assert!(report.errors.contains(&said), "every replica is tried: {report:?}");
+        }
+        // Every error is one of the two: the unplaced shard did not stop the placed one's turn.
+        assert!(report.errors.iter().all(|e| *e == no_placement || e.contains("unusable address")));
+    }
+}

@@ -111,12 +111,15 @@ impl Engine {
     }
 
     /// A block the engine named for `ino` was dropped unfetched: its credit goes back to the
-    /// predictor before its next read (at most `HANDED_BACK_MAX` waiting).
-    pub fn hand_back(&self, ino: u64, block: u64) {
+    /// predictor before its next read. False if `HANDED_BACK_MAX` are waiting already (the
+    /// credit is lost).
+    pub fn hand_back(&self, ino: u64, block: u64) -> bool {
         let mut v = self.handed_back.lock().unwrap_or_else(|p| p.into_inner());
-        if v.len() < HANDED_BACK_MAX {
+        let room = v.len() < HANDED_BACK_MAX;
+        if room {
             v.push((ino, block));
         }
+        room
     }
 
     /// Queues one read request that arrived `at` (never waits).
@@ -185,6 +188,7 @@ fn run(
             // Named while a lookup is under way already: not fetched, so the credit goes back.
             for b in inner.look_up_mode(&o.file, pending) {
                 predictor.not_fetched(ino, b);
+                inner.count_returned(o.file.ino);
             }
         }
         // The read's prefetches are on their way: now the work the predictor put off.

@@ -761,16 +761,26 @@ impl Inner {
     /// A queued block is dropped unfetched: counted stale, and if the engine named it, its
     /// credit goes back to the engine.
     fn drop_queued(&self, q: &Queued) {
-        self.stats_of(q.file.ino).add(Counter::Stale, 1);
+        // Returned first: the stats line reads `stale` before `returned`, so a reader never
+        // sees an engine block stale and not yet returned.
         self.hand_back(q.by_engine, q.file.ino, q.index);
+        self.stats_of(q.file.ino).add(Counter::Stale, 1);
     }
 
     /// A block named for prefetch was not fetched for it: if the engine named it, the engine
-    /// gets its credit back.
+    /// gets its credit back (counted `returned`).
     fn hand_back(&self, by_engine: bool, ino: Ino, index: u64) {
-        if by_engine && let Some(e) = self.engine.get() {
-            e.hand_back(ino.0, index);
+        if by_engine
+            && let Some(e) = self.engine.get()
+            && e.hand_back(ino.0, index)
+        {
+            self.count_returned(ino);
         }
+    }
+
+    /// One block's credit went back to the engine (`Counter::Returned`).
+    pub(crate) fn count_returned(&self, ino: Ino) {
+        self.stats_of(ino).add(Counter::Returned, 1);
     }
 
     /// The file's prefetch hint, if looked up already.

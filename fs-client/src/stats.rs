@@ -18,6 +18,10 @@ pub enum Counter {
     Wasted,
     /// Named blocks that waited for a fetch slot and went stale first (never fetched).
     Stale,
+    /// Blocks the prefetch engine named and paid for that were not fetched for it (dropped from
+    /// the queue, fetched by a read meanwhile, or of a file whose hint is not `auto`): their
+    /// share of its byte budget went back to it (`Predictor::not_fetched`).
+    Returned,
     /// Blocks reads fetched themselves (not cached, no prefetch under way).
     DemandMisses,
     /// The file bytes prefetched blocks cover.
@@ -118,13 +122,13 @@ impl Drop for PrefetchMark {
 impl fmt::Display for PrefetchStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Counter::*;
-        let [issued, used, late, wasted, stale, misses, pbytes, dbytes] =
-            [Issued, Used, Late, Wasted, Stale, DemandMisses, PrefetchedBytes, DemandBytes]
+        let [issued, used, late, wasted, stale, returned, misses, pbytes, dbytes] =
+            [Issued, Used, Late, Wasted, Stale, Returned, DemandMisses, PrefetchedBytes, DemandBytes]
                 .map(|c| self.get(c));
         writeln!(
             f,
             "issued={issued} used={used} late={late} wasted={wasted} unread={} stale={stale} \
-             demand_misses={misses} prefetched_bytes={pbytes} demand_bytes={dbytes} \
+             returned={returned} demand_misses={misses} prefetched_bytes={pbytes} demand_bytes={dbytes} \
              accuracy={:.3} coverage={:.3} over_fetch={:.3}",
             issued.saturating_sub(used + wasted),
             self.accuracy(),
@@ -155,7 +159,7 @@ mod tests {
         pair.add(Counter::DemandBytes, 400);
         assert_eq!(
             pair.file.to_string(),
-            "issued=4 used=1 late=1 wasted=1 unread=2 stale=0 demand_misses=2 prefetched_bytes=100 \
+            "issued=4 used=1 late=1 wasted=1 unread=2 stale=0 returned=0 demand_misses=2 prefetched_bytes=100 \
              demand_bytes=400 accuracy=0.250 coverage=0.333 over_fetch=0.250\n"
         );
     }

@@ -589,3 +589,39 @@ pub fn predictor_with(
         n => crate::predict::by_name(n),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &mut ModelPredictor, stream: u64, block: u64) {
+        p.on_read(&Read::at(stream, block, false), &mut Vec::new());
+    }
+
+    /// Stream 1 reads once more after `others` reads of stream 2; whether a hit on block 10,
+    /// paid for before the pause, then counts as a prefetch's doing, whether block 3, read
+    /// before it, is still taken as cached, and whether the network's shadow still awaits
+    /// block 20, named before it.
+    fn after_pause(others: u64) -> (bool, bool, bool) {
+        let mut p = ModelPredictor::new(None, ModelKnobs::default()).unwrap();
+        for b in 0..4 {
+            read(&mut p, 1, b);
+        }
+        assert!(p.pays(1, 10));
+        p.streams.get(1).shadow.offer(&[20], 0, 4, |_| false);
+        for i in 0..others {
+            read(&mut p, 2, 1_000 + i);
+        }
+        read(&mut p, 1, 4);
+        let s = p.streams.get(1);
+        assert!(s.fresh.contains(4));
+        (s.sent.useful(&Read::at(1, 10, true)), s.fresh.contains(3), s.shadow.awaits(20))
+    }
+
+    #[test]
+    fn a_stream_back_from_idle_forgets_what_it_sent_and_read() {
+        assert_eq!(after_pause(0), (true, true, true));
+        assert_eq!(after_pause(IDLE_READS - 1), (true, true, true), "not idle yet");
+        assert_eq!(after_pause(IDLE_READS), (false, false, false), "idle: a hit now is no prefetch's doing");
+    }
+}
