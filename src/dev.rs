@@ -14,6 +14,7 @@ use augur_proto::meta::VolumeSpec;
 use augur_proto::msg::{RequestBody, ResponseBody};
 use augur_proto::tls::{CA_CERT_FILE, init_ca, issue};
 use augur_proto::{ErrorCode, Role, RpcClient, TlsIdentity};
+use augur_storage_node::config::INJECT_LATENCY_MS_MAX;
 use augur_storage_node::{Node, NodeConfig};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,7 @@ pub struct DevArgs {
     /// Tests and benchmarks only: the storage nodes delay every block read and write by this
     /// many ms (at most 10000), standing in for the distance to remote storage.
     #[arg(long, default_value_t = 0, value_name = "MS",
-          value_parser = clap::value_parser!(u64).range(..=10_000))]
+          value_parser = clap::value_parser!(u64).range(..=INJECT_LATENCY_MS_MAX))]
     inject_latency_ms: u64,
     #[command(flatten)]
     tuning: MountTuning,

@@ -66,16 +66,25 @@ fn addr_of(r: &Replica) -> Option<SocketAddr> {
 impl BlockClient {
     /// Opens `volume` by name: learns its parameters and placement.
     pub async fn open(meta: Arc<MetaClient>, rpc: Arc<RpcClient>, volume: &str) -> Result<Self, BlockError> {
-        let info = sharding(&meta, volume).await?;
-        let client = Self {
+        let (info, shards) = sharding(&meta, volume).await?;
+        Ok(Self::with_placement(meta, rpc, info, shards))
+    }
+
+    /// A client of `volume` routing by `shards` (what the meta group said).
+    fn with_placement(
+        meta: Arc<MetaClient>,
+        rpc: Arc<RpcClient>,
+        volume: VolumeInfo,
+        shards: Vec<ShardPlacement>,
+    ) -> Self {
+        Self {
             meta,
             rpc,
-            volume: info.0,
-            placement: RwLock::new(info.1.into_iter().map(|p| (p.shard, p)).collect()),
+            volume,
+            placement: RwLock::new(shards.into_iter().map(|p| (p.shard, p)).collect()),
             suspects: std::sync::Mutex::new(HashMap::new()),
             deadline: BLOCK_OP_DEADLINE,
-        };
-        Ok(client)
+        }
     }
 
     /// Fetches the placement again (after a node refused our epoch).
@@ -356,14 +365,7 @@ mod tests {
             hints: VolumeHints::default(),
             inodes: 0,
         };
-        BlockClient {
-            meta: Arc::new(MetaClient::new(rpc.clone(), Vec::new())),
-            rpc,
-            volume,
-            placement: RwLock::new(placed.into_iter().map(|p| (p.shard, p)).collect()),
-            suspects: std::sync::Mutex::new(HashMap::new()),
-            deadline: BLOCK_OP_DEADLINE,
-        }
+        BlockClient::with_placement(Arc::new(MetaClient::new(rpc.clone(), Vec::new())), rpc, volume, placed)
     }
 
     #[tokio::test]

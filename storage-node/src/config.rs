@@ -82,6 +82,8 @@ impl Default for NodeConfig {
 
 /// Largest memory cache a node accepts: a typo with extra zeros should not OOM the host.
 const CACHE_BYTES_CEILING: u64 = 1 << 40;
+/// The most `inject_latency_ms` may be (tests and benchmarks only).
+pub const INJECT_LATENCY_MS_MAX: u64 = 10_000;
 
 impl NodeConfig {
     /// Reads a TOML config file; unknown keys and bad values are errors naming them.
@@ -100,8 +102,11 @@ impl NodeConfig {
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             return invalid(format!("heartbeat-ms {} is not between 100 and 60000", self.heartbeat_ms));
         }
-        if self.inject_latency_ms > 10_000 {
-            return invalid(format!("inject-latency-ms {} exceeds 10000", self.inject_latency_ms));
+        if self.inject_latency_ms > INJECT_LATENCY_MS_MAX {
+            return invalid(format!(
+                "inject-latency-ms {} exceeds {INJECT_LATENCY_MS_MAX}",
+                self.inject_latency_ms
+            ));
         }
         if self.data_dir.is_none() {
             return invalid("data-dir is required (flag --data-dir or key data-dir)".into());
