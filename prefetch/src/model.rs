@@ -252,7 +252,8 @@ pub struct ModelKnobs {
     /// credits.
     pub fetch_ratio: f32,
     /// The most credits saved up (blocks): the largest burst of fetches ahead of reads, and how
-    /// far over `fetch_ratio` a stretch of reads can go.
+    /// far over `fetch_ratio` a stretch of reads can go. The real budget reaches it only after
+    /// `bucket` / `select::SAVE_PER_READ` block reads (`select::Credits::growing`).
     pub bucket: usize,
     /// Also pass on the fallback's predictions after the model's own (the budget pays for them
     /// while credits last).
@@ -428,7 +429,7 @@ impl ModelPredictor {
             fallback,
             knobs,
             streams: PerStream::default(),
-            credits: Credits::new(knobs.bucket as f32),
+            credits: Credits::growing(knobs.bucket as f32),
             clock: 0,
             scratch: Vec::new(),
             picks: Vec::new(),
@@ -509,7 +510,7 @@ impl Predictor for ModelPredictor {
         s.last_at = self.clock;
         s.fresh.push(block);
         s.reads += 1;
-        self.credits.earn(self.knobs.fetch_ratio);
+        self.credits.earn_read(self.knobs.fetch_ratio);
         let now = clock_us(r);
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);

@@ -34,23 +34,56 @@ pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
 pub const UNTIMED_STEP_US: u64 = 100;
 
+/// The most credits the model's real budget may hold, per block read so far (at least
+/// `START_CREDITS`, at most its `bucket`): savings grow with the reads that earned them, so a
+/// short stretch of reads after a long one cannot spend far more than it earns. Over a window of
+/// N block reads after R, fetches exceed N by at most max(`START_CREDITS`, R/100) − (1 −
+/// `fetch_ratio`) N: none for N ≥ 267 when R ≤ 7/3 N (as for `--tail-frac 0.3`).
+pub const SAVE_PER_READ: f32 = 0.01;
+
 /// A fetch budget (a shadow's, or the model's real one over all streams): credits earned per
-/// block read (and given back for blocks that cost no fetch), saved up to its cap (the
-/// `bucket` knob, `BUCKET_BLOCKS` by default), `START_CREDITS` at first; one credit per fetch.
+/// block read (and given back for blocks that cost no fetch), saved up to its limit, one credit
+/// per fetch. A fixed budget (`new`, shadows) saves up to its cap (the `bucket` knob,
+/// `BUCKET_BLOCKS` by default); a growing one (`growing`, the model's real budget) up to
+/// `SAVE_PER_READ` per block read so far, between `START_CREDITS` and the cap. Both start with
+/// `START_CREDITS` (at most the limit).
 #[derive(Clone, Copy, Debug)]
 pub struct Credits {
     have: f32,
-    /// The most saved up.
+    /// The most it will ever save up.
     cap: f32,
+    /// How much the limit grows per block read (0: fixed at `cap`).
+    per_read: f32,
+    /// Block reads so far (counted only when `per_read` > 0).
+    reads: u32,
 }
 
 impl Credits {
-    /// `START_CREDITS` (at most `cap`), saving up to `cap`.
+    /// A fixed budget saving up to `cap`.
     pub fn new(cap: f32) -> Self {
-        Self { have: START_CREDITS.min(cap), cap }
+        Self { have: START_CREDITS.min(cap), cap, per_read: 0.0, reads: 0 }
     }
+    /// A budget whose savings grow with the reads (`SAVE_PER_READ`), up to `cap`.
+    pub fn growing(cap: f32) -> Self {
+        Self { have: START_CREDITS.min(cap), cap, per_read: SAVE_PER_READ, reads: 0 }
+    }
+    /// The most it saves up now.
+    fn limit(&self) -> f32 {
+        if self.per_read == 0.0 {
+            return self.cap;
+        }
+        (self.reads as f32 * self.per_read).max(START_CREDITS).min(self.cap)
+    }
+    /// A block read earns `n` credits.
+    pub fn earn_read(&mut self, n: f32) {
+        if self.per_read > 0.0 {
+            self.reads = self.reads.saturating_add(1);
+        }
+        self.earn(n);
+    }
+    /// Credits given back (or earned), up to the limit.
     pub fn earn(&mut self, n: f32) {
-        self.have = (self.have + n).min(self.cap);
+        self.have = (self.have + n).min(self.limit());
     }
     /// Pays for one fetch, if there is a credit.
     pub fn spend(&mut self) -> bool {
@@ -123,7 +156,7 @@ impl Shadow {
     /// The stream read a block: credits, scores, judges.
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
-        self.credits.earn(judge.fetch_ratio);
+        self.credits.earn_read(judge.fetch_ratio);
         if let Some((named_at, _)) = self.pending.remove(&seen.block)
             && seen.useful
         {
@@ -348,7 +381,8 @@ mod tests {
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
-        let mut s = Shadow { credits: Credits { have: 0.0, cap: BUCKET_BLOCKS }, ..Shadow::default() };
+        let mut s =
+            Shadow { credits: Credits { have: 0.0, ..Credits::new(BUCKET_BLOCKS) }, ..Shadow::default() };
         let j = JUDGE;
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);
@@ -439,5 +473,47 @@ mod tests {
         assert!(s.contains(1) && s.contains(2));
         s.insert(10_000);
         assert!(!s.contains(2) && s.contains(1), "2 was the oldest live entry");
+    }
+
+    /// Spends every credit it can on each of `n` reads; the blocks paid for.
+    fn spend_over(c: &mut Credits, n: usize, ratio: f32) -> usize {
+        let mut paid = 0;
+        for _ in 0..n {
+            c.earn_read(ratio);
+            while c.spend() {
+                paid += 1;
+            }
+        }
+        paid
+    }
+
+    #[test]
+    fn a_growing_budget_saves_only_a_share_of_the_reads_so_far() {
+        // A quiet stretch of R reads that spend nothing, then a window of N reads that spend all
+        // they can, R = 7/3 N as with `--tail-frac 0.3`.
+        for n in [300usize, 1000, 3000, 20_000] {
+            let mut growing = Credits::growing(BUCKET_BLOCKS);
+            let mut fixed = Credits::new(BUCKET_BLOCKS);
+            for _ in 0..n * 7 / 3 {
+                growing.earn_read(0.97);
+                fixed.earn_read(0.97);
+            }
+            let paid = spend_over(&mut growing, n, 0.97);
+            assert!(paid <= n, "window of {n} reads: {paid} paid for");
+            let cap = (n * 7 / 3) as f32 * SAVE_PER_READ;
+            assert!(paid as f32 >= 0.97 * n as f32 + cap.clamp(START_CREDITS, BUCKET_BLOCKS) - 2.0);
+            if n < 6000 {
+                assert!(spend_over(&mut fixed, n, 0.97) > n, "a fixed bucket of 192 runs over in {n} reads");
+            }
+        }
+        // It starts with `START_CREDITS` and never saves less, so a new engine can get ahead.
+        let mut c = Credits::growing(BUCKET_BLOCKS);
+        assert_eq!(spend_over(&mut c, 1, 0.0), 8);
+        // Given-back credits do not count as reads.
+        let mut c = Credits::growing(BUCKET_BLOCKS);
+        for _ in 0..10_000 {
+            c.earn(1.0);
+        }
+        assert_eq!(c.limit(), START_CREDITS);
     }
 }
