@@ -38,7 +38,10 @@ pub const UNTIMED_STEP_US: u64 = 100;
 /// `START_CREDITS`, at most its `bucket`): savings grow with the reads that earned them, so a
 /// short stretch of reads after a long one cannot spend far more than it earns. Over a window of
 /// N block reads after R, fetches exceed N by at most max(`START_CREDITS`, R/100) − (1 −
-/// `fetch_ratio`) N: none for N ≥ 267 when R ≤ 7/3 N (as for `--tail-frac 0.3`).
+/// `fetch_ratio`) N, plus credits paid before the window and given back in it (on a mount,
+/// `Predictor::not_fetched`; never in the replay): none for N ≥ 267 when R ≤ 3 N (as for
+/// `--tail-frac 0.3` when reads are spread evenly). Shadows keep a fixed bucket, so early on
+/// they may credit a candidate with a burst the real budget cannot pay for yet.
 pub const SAVE_PER_READ: f32 = 0.01;
 
 /// A fetch budget (a shadow's, or the model's real one over all streams): credits earned per

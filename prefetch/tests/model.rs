@@ -53,7 +53,8 @@ fn fetch(p: &mut dyn Predictor, stream: u64, out: &[u64], fetched: &mut HashSet<
 }
 
 fn same_as_fallback(model: Option<Model>) {
-    // A fetch budget that never binds.
+    // A fetch budget that does not bind here: 64 credits per read, at most `START_CREDITS`
+    // saved this early (`Credits::growing`), more than linux-ra names anew at any read below.
     let loose = ModelKnobs { fetch_ratio: 64.0, ..ModelKnobs::default() };
     let mut with = ModelPredictor::new(model.clone(), ModelKnobs { fallback: "linux-ra", ..loose }).unwrap();
     // The default budget: some of what the fallback says, within the credits.
@@ -67,8 +68,8 @@ fn same_as_fallback(model: Option<Model>) {
         with.on_read(&Read::at(0, b, false), &mut x);
         alone.on_read(&Read::at(0, b, false), &mut y);
         budgeted.on_read(&Read::at(0, b, false), &mut z);
-        // Without a model, `model` passes on its fallback's answer, and a budget that never
-        // binds pays for every block of it not fetched already.
+        // Without a model, `model` passes on its fallback's answer, and a budget that does not
+        // bind pays for every block of it not fetched already.
         assert_eq!(x, y, "read {b}");
         let new = x.iter().filter(|b| !fetched_with.contains(*b)).count();
         assert_eq!(fetch(&mut with, 0, &x, &mut fetched_with), new, "read {b}");
