@@ -41,8 +41,8 @@ pub struct EvalArgs {
     #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
     model: PathBuf,
     /// Knobs of the `model` predictor, `name=value,...` (threshold, min_p, budget_blocks,
-    /// unsure_below, accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, fill, trust; `fetch_us`
-    /// defaults to `--latency-ms`). Repeat the flag to run the model once per set, side by side
+    /// unsure_below, accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill,
+    /// trust; `fetch_us` defaults to `--latency-ms`). Repeat the flag to run the model once per set, side by side
     /// (validation sweeps); each then reports as `model[KNOBS]`.
     #[arg(long = "model-knobs")]
     model_knobs: Vec<String>,

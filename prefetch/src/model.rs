@@ -255,6 +255,9 @@ pub struct ModelKnobs {
     /// far over `fetch_ratio` a stretch of reads can go. The real budget reaches it only after
     /// `bucket` / `select::SAVE_PER_READ` block reads (`select::Credits::growing`).
     pub bucket: usize,
+    /// The most credits a shadow saves up (`select::Shadow`, `Judge::bucket`): the largest
+    /// burst a candidate is judged as if it could fetch.
+    pub shadow_bucket: usize,
     /// Also pass on the fallback's predictions after the model's own (the budget pays for them
     /// while credits last).
     pub fill: bool,
@@ -279,6 +282,7 @@ impl Default for ModelKnobs {
             fetch_us: 1000.0,
             fetch_ratio: 0.97,
             bucket: crate::select::BUCKET_BLOCKS as usize,
+            shadow_bucket: crate::select::SHADOW_BUCKET_BLOCKS as usize,
             fill: true,
             trust: 1.0,
         }
@@ -287,14 +291,15 @@ impl Default for ModelKnobs {
 
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
-    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `bucket`, `fill`, `trust`).
+    /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `bucket`, `shadow_bucket`, `fill`,
+    /// `trust`).
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::default().with(text)
     }
 
     /// How choices are judged (`select::Shadow`).
     pub fn judge(&self) -> Judge {
-        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio, bucket: self.bucket as f32 }
+        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio, bucket: self.shadow_bucket as f32 }
     }
 
     /// Parses `name=value,...` over these knobs.
@@ -331,11 +336,12 @@ impl ModelKnobs {
                         .find(|h| *h == value)
                         .ok_or_else(|| bad(&format!("not auto or one of {}", heuristics_listed())))?;
                 }
-                "bucket" => {
-                    k.bucket = value.parse().map_err(|e| bad(&e))?;
-                    if !(1..=65536).contains(&k.bucket) {
+                "bucket" | "shadow_bucket" => {
+                    let v: usize = value.parse().map_err(|e| bad(&e))?;
+                    if !(1..=65536).contains(&v) {
                         return Err(bad(&"must be 1..=65536"));
                     }
+                    *if name == "bucket" { &mut k.bucket } else { &mut k.shadow_bucket } = v;
                 }
                 "budget_blocks" => {
                     k.budget_blocks = value.parse().map_err(|e| bad(&e))?;
@@ -346,7 +352,7 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, fill, trust)"
+                         accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill, trust)"
                     ));
                 }
             }
@@ -505,7 +511,7 @@ impl Predictor for ModelPredictor {
             s.shadow.expire_all();
         }
         if s.reads == 0 {
-            s.shadow = Shadow::new(self.knobs.bucket as f32);
+            s.shadow = Shadow::new(self.knobs.judge().bucket);
         }
         s.last_at = self.clock;
         s.fresh.push(block);

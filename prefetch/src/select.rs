@@ -26,9 +26,11 @@ pub const PENDING_MAX: usize = 256;
 pub const OUTCOMES: usize = 64;
 /// Reads over which a shadow's score halves.
 pub const HALF_LIFE_READS: f32 = 256.0;
-/// Most fetch credits a shadow (or the model's real budget) saves up by default: its largest
-/// burst (`ModelKnobs::bucket`).
-pub const BUCKET_BLOCKS: f32 = 192.0;
+/// Most fetch credits the model's real budget saves up by default (`ModelKnobs::bucket`): its
+/// largest burst, reached only after `BUCKET_BLOCKS` / `SAVE_PER_READ` block reads.
+pub const BUCKET_BLOCKS: f32 = 1024.0;
+/// Most fetch credits a shadow saves up by default (`ModelKnobs::shadow_bucket`).
+pub const SHADOW_BUCKET_BLOCKS: f32 = 192.0;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
@@ -46,8 +48,8 @@ pub const SAVE_PER_READ: f32 = 0.01;
 
 /// A fetch budget (a shadow's, or the model's real one over all streams): credits earned per
 /// block read (and given back for blocks that cost no fetch), saved up to its limit, one credit
-/// per fetch. A fixed budget (`new`, shadows) saves up to its cap (the `bucket` knob,
-/// `BUCKET_BLOCKS` by default); a growing one (`growing`, the model's real budget) up to
+/// per fetch. A fixed budget (`new`, shadows) saves up to its cap (the `shadow_bucket` knob,
+/// `SHADOW_BUCKET_BLOCKS` by default); a growing one (`growing`, the model's real budget) up to
 /// `SAVE_PER_READ` per block read so far, between `START_CREDITS` and the cap. Both start with
 /// `START_CREDITS` (at most the limit).
 #[derive(Clone, Copy, Debug)]
@@ -151,7 +153,7 @@ impl Shadow {
 
 impl Default for Shadow {
     fn default() -> Self {
-        Self::new(BUCKET_BLOCKS)
+        Self::new(SHADOW_BUCKET_BLOCKS)
     }
 }
 
@@ -380,12 +382,14 @@ impl Predictor for Selector {
 mod tests {
     use super::*;
 
-    const JUDGE: Judge = Judge { fetch_us: 1000.0, fetch_ratio: 1.0, bucket: BUCKET_BLOCKS };
+    const JUDGE: Judge = Judge { fetch_us: 1000.0, fetch_ratio: 1.0, bucket: SHADOW_BUCKET_BLOCKS };
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
-        let mut s =
-            Shadow { credits: Credits { have: 0.0, ..Credits::new(BUCKET_BLOCKS) }, ..Shadow::default() };
+        let mut s = Shadow {
+            credits: Credits { have: 0.0, ..Credits::new(SHADOW_BUCKET_BLOCKS) },
+            ..Shadow::default()
+        };
         let j = JUDGE;
         let seen = |block, now_us, reads| Seen { block, now_us, reads, useful: true };
         s.on_read(&seen(10, 0, 1), &j);
@@ -506,7 +510,10 @@ mod tests {
             let cap = (n * 7 / 3) as f32 * SAVE_PER_READ;
             assert!(paid as f32 >= 0.97 * n as f32 + cap.clamp(START_CREDITS, BUCKET_BLOCKS) - 2.0);
             if n < 6000 {
-                assert!(spend_over(&mut fixed, n, 0.97) > n, "a fixed bucket of 192 runs over in {n} reads");
+                assert!(
+                    spend_over(&mut fixed, n, 0.97) > n,
+                    "a fixed bucket of BUCKET_BLOCKS runs over in {n} reads"
+                );
             }
         }
         // It starts with `START_CREDITS` and never saves less, so a new engine can get ahead.
