@@ -138,6 +138,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 scores.push(Score { predictor: label.clone(), ..replay(&trace, &mut *p, &cfg) });
             }
         }
+        for i in 0..scores.len() {
+            if scores[i].model_decided.is_some() {
+                scores[i].verdict = augur_prefetch::replay::verdict(&scores, &scores[i]);
+            }
+        }
         let report = TraceReport {
             trace: trace.name.clone(),
             requests: trace.accesses.len(),
@@ -194,6 +199,15 @@ fn table(r: &TraceReport, a: &EvalArgs) -> String {
                 "  {}: the network decided on {:.1}% of scored reads, its fallback on the rest\n",
                 s.predictor,
                 d * 100.0
+            );
+        }
+        if let Some(v) = &s.verdict {
+            out += &format!(
+                "  {}: {:.3}x {}, the fastest SPEC heuristic with over-fetch <= 1.0: {}\n",
+                s.predictor,
+                v.ratio,
+                v.best,
+                if v.wins { "a win" } else { "not a win" }
             );
         }
     }

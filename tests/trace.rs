@@ -118,9 +118,25 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     assert!(decided > 0.0 && decided <= 1.0, "{m}");
     let next1 = v[0]["scores"].as_array().unwrap().iter().find(|s| s["predictor"] == "next-1").cloned();
     assert!(next1.is_some_and(|s| s.get("model_decided").is_none()));
+    // SPEC §7's verdict on `model`, against the set's fastest within over-fetch 1.0.
+    let scores = v[0]["scores"].as_array().unwrap();
+    let lat = |s: &serde_json::Value| s["mean_latency_us"].as_f64().unwrap();
+    let best = scores
+        .iter()
+        .filter(|s| augur_prefetch::predict::HEURISTICS.contains(&s["predictor"].as_str().unwrap()))
+        .filter(|s| s["over_fetch"].as_f64().unwrap() <= 1.0)
+        .min_by(|a, b| lat(a).total_cmp(&lat(b)))
+        .unwrap();
+    let verdict = &m["verdict"];
+    assert_eq!(verdict["best"], best["predictor"], "{m}");
+    assert!((verdict["ratio"].as_f64().unwrap() - lat(&m) / lat(best)).abs() < 1e-9, "{m}");
+    let wins = m["over_fetch"].as_f64().unwrap() <= 1.0 && lat(&m) < lat(best);
+    assert_eq!(verdict["wins"], wins, "{m}");
+    let mut others = scores.iter().filter(|s| s["predictor"] != "model");
+    assert!(others.all(|s| s.get("verdict").is_none()), "only `model` is judged");
 
-    // Without a model, `model` is its fallback (here linux-ra, with a fetch budget that never
-    // binds): it prefetches what linux-ra does, less what it sent or read recently.
+    // Without a model, `model` is its fallback (here linux-ra, with a generous fetch budget):
+    // it prefetches what linux-ra does, less what it sent or read recently.
     let args = ["--predictors", "model", "--model", "/nonexistent/m.onnx", "--json"];
     let knobs = ["--model-knobs", "fallback=linux-ra,fetch_ratio=64"];
     let (ok, out, err) = augur(&[&["trace", "eval", &cp][..], &args, &knobs].concat());

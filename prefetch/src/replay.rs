@@ -69,6 +69,36 @@ pub struct Score {
     /// decided the rest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_decided: Option<f64>,
+    /// `model` only: how it stands against SPEC §7's heuristic set ([`verdict`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+}
+
+/// A predictor against SPEC §7's heuristic set on one trace.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verdict {
+    /// The fastest of SPEC §7's set (`predict::HEURISTICS`, `none` included) with over-fetch
+    /// at most 1.0.
+    pub best: String,
+    /// Mean read latency ÷ that heuristic's.
+    pub ratio: f64,
+    /// SPEC §7's win: faster than every heuristic of the set with over-fetch at most 1.0,
+    /// at over-fetch at most 1.0 itself.
+    pub wins: bool,
+}
+
+/// How `s` stands against the heuristics of SPEC §7's set among `scores` (None if `scores`
+/// holds none of them within over-fetch 1.0).
+pub fn verdict(scores: &[Score], s: &Score) -> Option<Verdict> {
+    let best = scores
+        .iter()
+        .filter(|h| crate::predict::HEURISTICS.contains(&h.predictor.as_str()) && h.over_fetch <= 1.0)
+        .min_by(|a, b| a.mean_latency_us.total_cmp(&b.mean_latency_us))?;
+    Some(Verdict {
+        best: best.predictor.clone(),
+        ratio: if best.mean_latency_us > 0.0 { s.mean_latency_us / best.mean_latency_us } else { 1.0 },
+        wins: s.over_fetch <= 1.0 && s.mean_latency_us < best.mean_latency_us,
+    })
 }
 
 type Key = (u64, u64);
@@ -282,6 +312,32 @@ fn finish(s: &mut Score, mut lat: Vec<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_win_is_faster_than_every_set_heuristic_within_budget_at_no_more_itself() {
+        let sc = |p: &str, us: f64, of: f64| Score {
+            predictor: p.into(),
+            mean_latency_us: us,
+            over_fetch: of,
+            ..Score::default()
+        };
+        let scores = vec![
+            sc("none", 1000.0, 0.0),
+            sc("next-2", 400.0, 0.99),
+            // Faster, but over the budget: not what a win is measured against.
+            sc("next-8", 300.0, 1.5),
+            // Not in SPEC §7's set.
+            sc("history", 200.0, 0.5),
+        ];
+        let v = verdict(&scores, &sc("model", 380.0, 0.9)).unwrap();
+        assert_eq!(v.best, "next-2");
+        assert!(v.wins && (v.ratio - 0.95).abs() < 1e-9, "{v:?}");
+        assert!(!verdict(&scores, &sc("model", 380.0, 1.01)).unwrap().wins, "over budget itself");
+        assert!(!verdict(&scores, &sc("model", 400.0, 0.5)).unwrap().wins, "a tie is no win");
+        let v = verdict(&scores[..1], &sc("model", 1001.0, 0.2)).unwrap();
+        assert!(v.best == "none" && !v.wins, "where nothing helps, slower than none loses");
+        assert_eq!(verdict(&scores[2..], &sc("model", 1.0, 0.0)), None);
+    }
     use crate::predict::by_name;
     use crate::trace::Access;
 
