@@ -138,8 +138,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 scores.push(Score { predictor: label.clone(), ..replay(&trace, &mut *p, &cfg) });
             }
         }
+        // Every predictor that is not a heuristic itself (`model`, `auto`) is judged.
         for i in 0..scores.len() {
-            if scores[i].model_decided.is_some() {
+            if !all_heuristics().any(|h| h == scores[i].predictor) {
                 scores[i].verdict = augur_prefetch::replay::verdict(&scores, &scores[i]);
             }
         }

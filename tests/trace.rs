@@ -132,8 +132,8 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     assert!((verdict["ratio"].as_f64().unwrap() - lat(&m) / lat(best)).abs() < 1e-9, "{m}");
     let wins = m["over_fetch"].as_f64().unwrap() <= 1.0 && lat(&m) < lat(best);
     assert_eq!(verdict["wins"], wins, "{m}");
-    let mut others = scores.iter().filter(|s| s["predictor"] != "model");
-    assert!(others.all(|s| s.get("verdict").is_none()), "only `model` is judged");
+    let mut heuristics = scores.iter().filter(|s| s["predictor"] != "model");
+    assert!(heuristics.all(|s| s.get("verdict").is_none()), "heuristics are not judged");
 
     // Without a model, `model` is its fallback (here linux-ra, with a generous fetch budget):
     // it prefetches what linux-ra does, less what it sent or read recently.
