@@ -511,7 +511,7 @@ impl Predictor for ModelPredictor {
             s.shadow.expire_all();
         }
         if s.reads == 0 {
-            s.shadow = Shadow::new(self.knobs.judge().bucket);
+            s.shadow = Shadow::new(self.knobs.shadow_bucket as f32);
         }
         s.last_at = self.clock;
         s.fresh.push(block);

@@ -69,7 +69,8 @@ pub struct Score {
     /// decided the rest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_decided: Option<f64>,
-    /// `model` only: how it stands against SPEC §7's heuristic set ([`verdict`]).
+    /// Predictors that are not heuristics (`model`, `auto`) only, as `augur trace eval` sets it:
+    /// how it stands against SPEC §7's heuristic set ([`verdict`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
 }
@@ -312,6 +313,8 @@ fn finish(s: &mut Score, mut lat: Vec<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::predict::by_name;
+    use crate::trace::Access;
 
     #[test]
     fn a_win_is_faster_than_every_set_heuristic_within_budget_at_no_more_itself() {
@@ -338,8 +341,6 @@ mod tests {
         assert!(v.best == "none" && !v.wins, "where nothing helps, slower than none loses");
         assert_eq!(verdict(&scores[2..], &sc("model", 1.0, 0.0)), None);
     }
-    use crate::predict::by_name;
-    use crate::trace::Access;
 
     fn sequential(n: u64) -> Trace {
         let accesses = (0..n)

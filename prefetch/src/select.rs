@@ -57,31 +57,31 @@ pub struct Credits {
     have: f32,
     /// The most it will ever save up.
     cap: f32,
-    /// How much the limit grows per block read (0: fixed at `cap`).
-    per_read: f32,
-    /// Block reads so far (counted only when `per_read` > 0).
+    /// Whether the limit grows with the reads (`SAVE_PER_READ`) rather than staying at `cap`.
+    grows: bool,
+    /// Block reads so far (counted only when it `grows`).
     reads: u32,
 }
 
 impl Credits {
     /// A fixed budget saving up to `cap`.
     pub fn new(cap: f32) -> Self {
-        Self { have: START_CREDITS.min(cap), cap, per_read: 0.0, reads: 0 }
+        Self { have: START_CREDITS.min(cap), cap, grows: false, reads: 0 }
     }
     /// A budget whose savings grow with the reads (`SAVE_PER_READ`), up to `cap`.
     pub fn growing(cap: f32) -> Self {
-        Self { have: START_CREDITS.min(cap), cap, per_read: SAVE_PER_READ, reads: 0 }
+        Self { have: START_CREDITS.min(cap), cap, grows: true, reads: 0 }
     }
     /// The most it saves up now.
     fn limit(&self) -> f32 {
-        if self.per_read == 0.0 {
+        if !self.grows {
             return self.cap;
         }
-        (self.reads as f32 * self.per_read).max(START_CREDITS).min(self.cap)
+        (self.reads as f32 * SAVE_PER_READ).max(START_CREDITS).min(self.cap)
     }
     /// A block read earns `n` credits.
     pub fn earn_read(&mut self, n: f32) {
-        if self.per_read > 0.0 {
+        if self.grows {
             self.reads = self.reads.saturating_add(1);
         }
         self.earn(n);
