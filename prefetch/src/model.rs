@@ -262,9 +262,12 @@ pub struct ModelKnobs {
     /// while credits last).
     pub fill: bool,
     /// The model decides only while its shadow score is at least this times the fallback's
-    /// (the fetch time each would have hidden recently, see `select::Shadow`). A fallback of one
-    /// heuristic is not judged (score 0): against it only `unsure_below` and `accuracy_floor` count.
+    /// (the fetch time each would have hidden recently, see `select::Shadow`), and its shadow's
+    /// `net` (less `waste_cost`) is not below 0. A fallback of one heuristic is not judged
+    /// (score 0): against it only `unsure_below` and `accuracy_floor` count.
     pub trust: f32,
+    /// What a prefetch never read costs a candidate's score, in fetches (`Judge::waste_cost`).
+    pub waste_cost: f32,
 }
 
 impl Default for ModelKnobs {
@@ -285,6 +288,7 @@ impl Default for ModelKnobs {
             shadow_bucket: crate::select::SHADOW_BUCKET_BLOCKS as usize,
             fill: true,
             trust: 1.0,
+            waste_cost: crate::select::WASTE_COST,
         }
     }
 }
@@ -292,14 +296,19 @@ impl Default for ModelKnobs {
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
     /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `bucket`, `shadow_bucket`, `fill`,
-    /// `trust`).
+    /// `trust`, `waste_cost`).
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::default().with(text)
     }
 
     /// How choices are judged (`select::Shadow`).
     pub fn judge(&self) -> Judge {
-        Judge { fetch_us: self.fetch_us, fetch_ratio: self.fetch_ratio, bucket: self.shadow_bucket as f32 }
+        Judge {
+            fetch_us: self.fetch_us,
+            fetch_ratio: self.fetch_ratio,
+            bucket: self.shadow_bucket as f32,
+            waste_cost: self.waste_cost,
+        }
     }
 
     /// Parses `name=value,...` over these knobs.
@@ -322,6 +331,7 @@ impl ModelKnobs {
                 "fetch_ratio" => k.fetch_ratio = number()?,
                 "fetch_us" => k.fetch_us = number()?,
                 "trust" => k.trust = number()?,
+                "waste_cost" => k.waste_cost = number()?,
                 "fill" => {
                     k.fill = match value {
                         "1" | "true" => true,
@@ -508,7 +518,7 @@ impl Predictor for ModelPredictor {
         if s.reads > 0 && self.clock - s.last_at > IDLE_READS {
             s.sent = Sent::default();
             s.fresh = RecentReads::default();
-            s.shadow.expire_all();
+            s.shadow.expire_all(&self.knobs.judge());
         }
         if s.reads == 0 {
             s.shadow = Shadow::new(self.knobs.shadow_bucket as f32);
@@ -526,6 +536,7 @@ impl Predictor for ModelPredictor {
         // step, which keeps its state and its shadow current, waits for `catch_up`.
         let may_decide = self.runner.is_some()
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
+            && s.shadow.net() >= 0.0
             && s.shadow.score() >= self.knobs.trust * fallback_score;
         let from = out.len();
         if !may_decide {
