@@ -186,6 +186,43 @@ fn eval_runs_the_shipped_model_and_falls_back_without_one() {
     }
 }
 
+/// SPEC §7: where no predictor can help, the model must at least not be slower than `none`.
+/// A trace with no structure at all (8 KiB reads at uniformly random places in 8 GiB, 500 µs
+/// apart): the model learns that nothing it could fetch is worth the cache space, and fetches
+/// (nearly) nothing rather than doubling the traffic for reads it cannot foresee.
+#[test]
+fn eval_model_fetches_nothing_on_a_trace_with_no_structure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("uniform.csv");
+    let mut text = String::from("timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id\n");
+    let mut z: u64 = 7;
+    for i in 0..20_000u64 {
+        // SplitMix64: no pattern in the offsets or their deltas.
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut x = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let offset = (x % (1 << 20)) * 8192;
+        text.push_str(&format!("{},R,{offset},8192,0\n", i * 500));
+    }
+    std::fs::write(&path, text).unwrap();
+    let model = format!("{}/models/prefetch.onnx", env!("CARGO_MANIFEST_DIR"));
+    let trace = path.to_str().unwrap();
+    let args =
+        ["trace", "eval", trace, "--predictors", "model", "--model", &model, "--tail-frac", "0.3", "--json"];
+    let (ok, out, err) = augur(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let scores = v[0]["scores"].as_array().unwrap();
+    let get = |n: &str| scores.iter().find(|s| s["predictor"] == n).cloned().unwrap();
+    let (m, none, next1) = (get("model"), get("none"), get("next-1"));
+    let lat = |s: &serde_json::Value| s["mean_latency_us"].as_f64().unwrap();
+    let over_fetch = |s: &serde_json::Value| s["over_fetch"].as_f64().unwrap();
+    assert!(over_fetch(&next1) > 0.9, "a heuristic fetches by chance here: {next1}");
+    assert!(over_fetch(&m) < 0.02, "{m}");
+    assert!(lat(&m) <= lat(&none), "{m}\n{none}");
+}
+
 #[test]
 fn bench_predictor_times_the_model_beside_every_heuristic() {
     let cp = excerpt("cloudphysics_excerpt.csv.gz");
