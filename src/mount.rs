@@ -62,7 +62,8 @@ pub struct MountTuning {
     /// The prefetch engine's ONNX model (`prefetch.json` beside it). Files whose
     /// `user.augur.prefetch` is `auto` (the default) are prefetched by it; if it is missing or
     /// corrupt the client says so in its log and prefetches with the heuristic predictor
-    /// (`auto`: per file, the heuristic that lately would have hidden the most fetch time).
+    /// (`auto`: per file, the heuristic that lately would have hidden the most fetch time, of
+    /// those whose wasted fetches cost less; none when nothing can be foreseen).
     #[arg(long, env = "AUGUR_MODEL", default_value = "models/prefetch.onnx")]
     pub model: PathBuf,
 }

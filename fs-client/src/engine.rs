@@ -74,7 +74,8 @@ pub struct Engine {
 type HandedBack = Arc<Mutex<Vec<(u64, u64)>>>;
 
 /// Loads the model for the engine: `None` (with the reason logged) runs the heuristic fallback
-/// (`auto`: per file, the heuristic that would have hidden the most fetch time lately).
+/// (`auto`: per file, the heuristic that would have hidden the most fetch time lately, of those
+/// whose wasted fetches cost less; none when nothing can be foreseen).
 pub fn load_model(path: Option<&Path>) -> Option<Model> {
     let Some(path) = path else {
         info!("prefetch: no model configured; prefetching with the heuristic predictor (auto)");

@@ -17,7 +17,8 @@
 //! (`select::Shadow`) whoever decides. When the best probability is below `unsure_below`, the
 //! measured accuracy of its recent choices on this stream (used / judged) falls below
 //! `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
-//! fallback (`auto`: the best heuristic for the stream) decides. The answer is passed on best
+//! fallback (`auto`: the best heuristic for the stream, of those that hide more fetch time than
+//! their waste costs, or nothing) decides. The answer is passed on best
 //! first; one fetch budget over all streams pays for what of it is really fetched: the caller
 //! skips what is cached or in flight, at no cost, and asks the budget (`Predictor::pays`) for
 //! each of the rest, so no credit goes on a block that needs no fetch.
@@ -241,8 +242,9 @@ pub struct ModelKnobs {
     pub unsure_below: f32,
     /// Below this measured accuracy (used / issued) of recent predictions, the fallback decides.
     pub accuracy_floor: f32,
-    /// What decides when the model does not: one of `predict::all_heuristics`, or `auto` (per stream, the
-    /// heuristic whose shadow scores best, see `select`).
+    /// What decides when the model does not: one of `predict::all_heuristics`, or `auto` (per
+    /// stream, the heuristic whose shadow scores best of those whose waste costs less than they
+    /// hide, else nothing; see `select`).
     pub fallback: &'static str,
     /// The fetch latency the client sees (µs): a prefetch named this long before its read hid a
     /// whole miss, when choices are judged (`select::Shadow`).
@@ -262,11 +264,13 @@ pub struct ModelKnobs {
     /// while credits last).
     pub fill: bool,
     /// The model decides only while its shadow score is at least this times the fallback's
-    /// (the fetch time each would have hidden recently, see `select::Shadow`), and its shadow's
-    /// `net` (less `waste_cost`) is not below 0. A fallback of one heuristic is not judged
-    /// (score 0): against it only `unsure_below` and `accuracy_floor` count.
+    /// (the fetch time each would have hidden recently, see `select::Shadow`). A fallback of one
+    /// heuristic is not judged (score 0): against it only `unsure_below` and `accuracy_floor`
+    /// count.
     pub trust: f32,
-    /// What a prefetch never read costs a candidate's score, in fetches (`Judge::waste_cost`).
+    /// What a prefetch never read costs a candidate of `auto`, in fetches (`Judge::waste_cost`):
+    /// `auto` passes on only candidates whose `select::Shadow::net` is not below 0. The network
+    /// needs `accuracy_floor` (5%), far above what its waste costs, so its `net` is not checked.
     pub waste_cost: f32,
 }
 
@@ -362,7 +366,8 @@ impl ModelKnobs {
                 _ => {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
-                         accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill, trust)"
+                         accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill, trust, \
+                         waste_cost)"
                     ));
                 }
             }
@@ -536,7 +541,6 @@ impl Predictor for ModelPredictor {
         // step, which keeps its state and its shadow current, waits for `catch_up`.
         let may_decide = self.runner.is_some()
             && s.shadow.accuracy() >= self.knobs.accuracy_floor
-            && s.shadow.net() >= 0.0
             && s.shadow.score() >= self.knobs.trust * fallback_score;
         let from = out.len();
         if !may_decide {
