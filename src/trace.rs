@@ -42,8 +42,9 @@ pub struct EvalArgs {
     model: PathBuf,
     /// Knobs of the `model` predictor, `name=value,...` (threshold, min_p, budget_blocks,
     /// unsure_below, accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill,
-    /// trust, waste_cost; `fetch_us` defaults to `--latency-ms`). Repeat the flag to run the model once per
-    /// set, side by side (validation sweeps); each then reports as `model[KNOBS]`.
+    /// trust, waste_cost; `fetch_us` defaults to `--latency-ms`). Repeat the flag to run the
+    /// model once per set, side by side (validation sweeps); each then reports as
+    /// `model[KNOBS]`.
     #[arg(long = "model-knobs")]
     model_knobs: Vec<String>,
     /// Use only this first share of each trace (before `--tail-frac`): with `--head-frac 0.7

@@ -18,10 +18,10 @@
 //! measured accuracy of its recent choices on this stream (used / judged) falls below
 //! `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
 //! fallback (`auto`: the best heuristic for the stream, of those that hide more fetch time than
-//! their waste costs, or nothing) decides. The answer is passed on best
-//! first; one fetch budget over all streams pays for what of it is really fetched: the caller
-//! skips what is cached or in flight, at no cost, and asks the budget (`Predictor::pays`) for
-//! each of the rest, so no credit goes on a block that needs no fetch.
+//! their waste costs, or nothing) decides. The answer is passed on best first; one fetch budget
+//! over all streams pays for what of it is really fetched: the caller skips what is cached or in
+//! flight, at no cost, and asks the budget (`Predictor::pays`) for each of the rest, so no credit
+//! goes on a block that needs no fetch.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
