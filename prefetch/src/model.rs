@@ -523,7 +523,7 @@ impl Predictor for ModelPredictor {
         if s.reads > 0 && self.clock - s.last_at > IDLE_READS {
             s.sent = Sent::default();
             s.fresh = RecentReads::default();
-            s.shadow.expire_all(&self.knobs.judge());
+            s.shadow.expire_all();
         }
         if s.reads == 0 {
             s.shadow = Shadow::new(self.knobs.shadow_bucket as f32);

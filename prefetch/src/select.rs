@@ -119,8 +119,8 @@ pub struct Judge {
     pub fetch_ratio: f32,
     /// Most credits saved up (the largest burst).
     pub bucket: f32,
-    /// What a named block that was never read costs, in fetches (charged to [`Shadow::net`],
-    /// not to its score): the reads a useless prefetch slows down by pushing cached blocks out.
+    /// What a named block that was never read costs, in fetches (in [`Shadow::net`], not in its
+    /// score): the reads a useless prefetch slows down by pushing cached blocks out.
     /// A candidate whose `net` is below 0 did worse than fetching nothing, and `auto` does not
     /// pass it on.
     pub waste_cost: f32,
@@ -147,8 +147,8 @@ pub struct Shadow {
     pending: HashMap<u64, (u64, u64)>,
     order: VecDeque<(u64, u64)>,
     score: f32,
-    /// `score` less `Judge::waste_cost` for every block judged wasted, decayed alike.
-    net: f32,
+    /// Blocks judged wasted, decayed like `score` (see [`Shadow::net`]).
+    wasted: f32,
     outcomes: VecDeque<bool>,
 }
 
@@ -160,7 +160,7 @@ impl Shadow {
             pending: HashMap::default(),
             order: VecDeque::new(),
             score: 0.0,
-            net: 0.0,
+            wasted: 0.0,
             outcomes: VecDeque::new(),
         }
     }
@@ -176,15 +176,13 @@ impl Shadow {
     /// The stream read a block: credits, scores, judges.
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
-        self.net *= DECAY;
+        self.wasted *= DECAY;
         self.credits.earn_read(judge.fetch_ratio);
         if let Some((named_at, _)) = self.pending.remove(&seen.block)
             && seen.useful
         {
             let lead = seen.now_us.saturating_sub(named_at) as f32;
-            let hidden = if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
-            self.score += hidden;
-            self.net += hidden;
+            self.score += if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
             self.judge(true);
         }
         while let Some(&(b, at_read)) = self.order.front() {
@@ -196,16 +194,14 @@ impl Shadow {
             if self.pending.get(&b).is_some_and(|&(_, r)| r == at_read) {
                 self.pending.remove(&b);
                 self.judge(false);
-                self.net -= judge.waste_cost;
             }
         }
     }
 
     /// Judges every block still awaited as not used (the stream went idle; see
     /// `model::IDLE_READS`).
-    pub fn expire_all(&mut self, judge: &Judge) {
+    pub fn expire_all(&mut self) {
         for _ in 0..self.pending.len() {
-            self.net -= judge.waste_cost;
             self.judge(false);
         }
         self.pending.clear();
@@ -213,6 +209,9 @@ impl Shadow {
     }
 
     fn judge(&mut self, used: bool) {
+        if !used {
+            self.wasted += 1.0;
+        }
         self.outcomes.push_back(used);
         if self.outcomes.len() > OUTCOMES {
             self.outcomes.pop_front();
@@ -244,10 +243,10 @@ impl Shadow {
         self.score
     }
 
-    /// The score less what its wasted blocks cost (`Judge::waste_cost`): below 0, fetching
-    /// nothing would have done better.
-    pub fn net(&self) -> f32 {
-        self.net
+    /// The score less what its wasted blocks cost at `waste_cost` each (`Judge::waste_cost`):
+    /// below 0, fetching nothing would have done better.
+    pub fn net(&self, waste_cost: f32) -> f32 {
+        self.score - waste_cost * self.wasted
     }
 
     /// Used / judged over the last `OUTCOMES` judged blocks (1.0 until half of those are known).
@@ -388,7 +387,7 @@ impl Selector {
         }
         // The best score among candidates that hide more than they waste; none of them: pass
         // nothing on (fetching nothing does best).
-        let worth = |sh: &Shadow| sh.net() >= 0.0;
+        let worth = |sh: &Shadow| sh.net(self.judge.waste_cost) >= 0.0;
         let mut best = worth(&s.shadows[s.best]).then_some(s.best);
         for (i, sh) in s.shadows.iter().enumerate() {
             if worth(sh) && best.is_none_or(|b| sh.score() > s.shadows[b].score()) {
