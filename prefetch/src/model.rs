@@ -30,7 +30,9 @@ use tract_onnx::prelude::*;
 
 use crate::features::{self, RecentReads, SEQ_LEN, Step, StreamFeatures, token_delta};
 use crate::predict::{PerStream, Predictor, Read};
-use crate::select::{Credits, Judge, Seen, Selector, Sent, Shadow, clock_us};
+use crate::select::{
+    Credits, Idle, Judge, OUTCOMES, Pooled, Seen, Selector, Sent, Shadow, YOUNG_READS, clock_us,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -386,8 +388,12 @@ struct ModelStream {
     sent: Sent,
     /// The stream's reads since it was last idle: read recently, so cached or in flight.
     fresh: RecentReads,
-    /// The predictor's read count at this stream's last read.
+    /// `Idle::clock` at this stream's last read.
     last_at: u64,
+    /// `Group::index` of its file type.
+    group: usize,
+    /// The highest block it read.
+    highest: u64,
     /// The model's own choices, judged as if fetched, also while the fallback decides, so the
     /// model can take over again.
     shadow: Shadow,
@@ -412,8 +418,13 @@ pub struct ModelPredictor {
     /// Real fetch credits (see `ModelKnobs::fetch_ratio`), shared by the model and the fallback
     /// over every stream, so the budget holds however many streams there are.
     credits: Credits,
-    /// Reads seen, over every stream.
-    clock: u64,
+    /// Reads over every stream, and which streams went idle.
+    idle: Idle,
+    /// Per file type group: the network's shadows on young streams (their first `YOUNG_READS`
+    /// reads, and at going idle then). Until a stream's own shadow has judged `OUTCOMES` / 2
+    /// blocks, the network decides there only if this pool's accuracy is at least
+    /// `accuracy_floor`: a short stream (a small file) would never be judged on its own.
+    young: [Pooled; crate::filetype::Group::ALL.len()],
     scratch: Vec<u64>,
     picks: Vec<u64>,
     probs: Vec<f32>,
@@ -436,6 +447,21 @@ struct Pending {
 }
 
 impl ModelPredictor {
+    /// A stream gone idle (`IDLE_READS`; a file closed, a volume gone quiet): what it sent and
+    /// read then will be gone from the cache when it is back, so a hit on it then is no
+    /// prefetch's doing, and the network may choose it again; what its shadow awaits is judged
+    /// unused.
+    fn expire_idle(&mut self) {
+        while let Some((stream, at)) = self.idle.next_expired() {
+            let Some(s) = self.streams.peek(stream).filter(|s| s.last_at == at) else { continue };
+            s.sent = Sent::default();
+            s.fresh = RecentReads::default();
+            let wasted = s.shadow.expire(s.highest);
+            if s.reads <= YOUNG_READS {
+                self.young[s.group].add_wasted(wasted);
+            }
+        }
+    }
     /// With `model` None (missing or corrupt file), every read goes to the fallback. Fails on a
     /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already), or
     /// if tract cannot make a runner for the model.
@@ -451,7 +477,8 @@ impl ModelPredictor {
             knobs,
             streams: PerStream::default(),
             credits: Credits::growing(knobs.bucket as f32),
-            clock: 0,
+            idle: Idle::default(),
+            young: Default::default(),
             scratch: Vec::new(),
             picks: Vec::new(),
             probs: Vec::new(),
@@ -515,33 +542,37 @@ impl Predictor for ModelPredictor {
         self.scratch.clear();
         let useful = self.streams.get(r.stream).sent.useful(r);
         let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
-        self.clock += 1;
+        let at = self.idle.read(r.stream);
+        self.expire_idle();
         let s = self.streams.get(r.stream);
-        // Back after a long pause (a file opened again, a volume woken up): what it sent and
-        // read then is long gone from the cache, so a hit on it now is no prefetch's doing, and
-        // the network may choose it again.
-        if s.reads > 0 && self.clock - s.last_at > IDLE_READS {
-            s.sent = Sent::default();
-            s.fresh = RecentReads::default();
-            s.shadow.expire_all();
-        }
         if s.reads == 0 {
             s.shadow = Shadow::new(self.knobs.shadow_bucket as f32);
+            s.group = r.group.index();
         }
-        s.last_at = self.clock;
+        s.last_at = at;
+        s.highest = s.highest.max(block);
         s.fresh.push(block);
         s.reads += 1;
         self.credits.earn_read(self.knobs.fetch_ratio);
         let now = clock_us(r);
+        let before = s.shadow.tally().decayed();
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
+        if s.reads <= YOUNG_READS {
+            self.young[s.group].add(s.shadow.tally(), before);
+        }
+        let young = &self.young[s.group];
+        let trusted = if s.shadow.judged() < OUTCOMES / 2 {
+            young.accuracy() >= self.knobs.accuracy_floor
+        } else {
+            s.shadow.accuracy() >= self.knobs.accuracy_floor
+        };
         let step = s.features.push(block, r.t_us, r.timed, r.request_blocks, r.group);
         let step = Pending { step, read: *r, reads: s.reads };
         // Whatever the network says, it cannot decide this read (inaccurate or behind its
         // fallback lately, or no model): the fallback's answer goes out now, and the network's
         // step, which keeps its state and its shadow current, waits for `catch_up`.
-        let may_decide = self.runner.is_some()
-            && s.shadow.accuracy() >= self.knobs.accuracy_floor
-            && s.shadow.score() >= self.knobs.trust * fallback_score;
+        let may_decide =
+            self.runner.is_some() && trusted && s.shadow.score() >= self.knobs.trust * fallback_score;
         let from = out.len();
         if !may_decide {
             self.fell_back += 1;
@@ -591,7 +622,7 @@ pub const FALLBACK: &str = "auto";
 
 /// Reads of other streams after which a stream counts as idle: its memory of blocks sent and
 /// read is dropped (they are long evicted), and what its shadow still awaits is judged unused.
-pub const IDLE_READS: u64 = 64;
+pub use crate::select::IDLE_READS;
 
 /// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
 /// knobs; the rest as [`crate::predict::by_name`].

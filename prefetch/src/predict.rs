@@ -136,6 +136,11 @@ impl<S: Default> PerStream<S> {
         }
         self.map.entry(stream).or_default()
     }
+
+    /// A stream's state, if it is kept (never adds one).
+    pub(crate) fn peek(&mut self, stream: u64) -> Option<&mut S> {
+        self.map.get_mut(&stream)
+    }
 }
 
 pub struct NoPrefetch;

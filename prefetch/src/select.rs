@@ -38,6 +38,15 @@ pub const SHADOW_BUCKET_BLOCKS: f32 = 192.0;
 /// time and every block they fetch pushes a cached one out: they end slightly slower than
 /// fetching nothing, at twice the traffic.
 pub const WASTE_COST: f32 = 0.005;
+/// Reads of other streams after which a stream counts as idle: what its shadows still await
+/// is judged unused (a finished file's last guesses were wasted), and the model forgets what
+/// it sent and read (see `model::IDLE_READS`).
+pub const IDLE_READS: u64 = 64;
+/// A stream is young for its first `JUDGE_AFTER_READS` reads: none of its guesses can have
+/// been judged wasted yet, so `auto` gates it by what its shadows' candidates hid and wasted
+/// on other streams of its file type while they were young (their first `YOUNG_READS` reads,
+/// and at going idle then).
+pub const YOUNG_READS: u64 = 2 * JUDGE_AFTER_READS;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
 /// Time one request stands for on an untimed trace (µs), as the replay's default `iat_us`.
@@ -149,6 +158,8 @@ pub struct Shadow {
     score: f32,
     /// Blocks judged wasted, decayed like `score` (see [`Shadow::net`]).
     wasted: f32,
+    /// Blocks judged used, decayed like `score`.
+    used: f32,
     outcomes: VecDeque<bool>,
 }
 
@@ -161,6 +172,7 @@ impl Shadow {
             order: VecDeque::new(),
             score: 0.0,
             wasted: 0.0,
+            used: 0.0,
             outcomes: VecDeque::new(),
         }
     }
@@ -177,6 +189,7 @@ impl Shadow {
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
         self.wasted *= DECAY;
+        self.used *= DECAY;
         self.credits.earn_read(judge.fetch_ratio);
         if let Some((named_at, _)) = self.pending.remove(&seen.block)
             && seen.useful
@@ -198,18 +211,24 @@ impl Shadow {
         }
     }
 
-    /// Judges every block still awaited as not used (the stream went idle; see
-    /// `model::IDLE_READS`).
-    pub fn expire_all(&mut self) {
-        for _ in 0..self.pending.len() {
+    /// The stream went idle (`IDLE_READS`): judges the blocks still awaited up to `highest`,
+    /// the highest block it read, as not used, and forgets the rest unjudged (past the last
+    /// block a stream read may be past the end of its file, where nothing is fetched). Returns
+    /// how many were judged.
+    pub fn expire(&mut self, highest: u64) -> f32 {
+        let n = self.pending.keys().filter(|&&b| b <= highest).count();
+        for _ in 0..n {
             self.judge(false);
         }
         self.pending.clear();
         self.order.clear();
+        n as f32
     }
 
     fn judge(&mut self, used: bool) {
-        if !used {
+        if used {
+            self.used += 1.0;
+        } else {
             self.wasted += 1.0;
         }
         self.outcomes.push_back(used);
@@ -247,6 +266,16 @@ impl Shadow {
     /// below 0, fetching nothing would have done better.
     pub fn net(&self, waste_cost: f32) -> f32 {
         self.score - waste_cost * self.wasted
+    }
+
+    /// Its score and blocks judged wasted and used, for pooling ([`Pooled::add`]).
+    pub fn tally(&self) -> Pooled {
+        Pooled { score: self.score, wasted: self.wasted, used: self.used }
+    }
+
+    /// Blocks judged so far, up to `OUTCOMES`.
+    pub fn judged(&self) -> usize {
+        self.outcomes.len()
     }
 
     /// Used / judged over the last `OUTCOMES` judged blocks (1.0 until half of those are known).
@@ -318,7 +347,85 @@ pub struct Selector {
     /// every stream of the group, decayed like a shadow's score. A new stream starts with the
     /// group's best candidate rather than the first one.
     groups: [Vec<f32>; crate::filetype::Group::ALL.len()],
-    before: Vec<f32>,
+    /// Per file type group, per candidate: the fetch time its shadows hid and the blocks they
+    /// wasted on young streams (`YOUNG_READS`), each decayed like a shadow's score. A young
+    /// stream is gated by these (`Shadow::net` of the pool), not by its own shadows.
+    young: [Vec<Pooled>; crate::filetype::Group::ALL.len()],
+    idle: Idle,
+    before: Vec<Pooled>,
+}
+
+/// One predictor's shadow score and judged blocks, pooled over streams: each stream's gains
+/// since its last read are added, and the pool decays like a shadow's score.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pooled {
+    score: f32,
+    wasted: f32,
+    used: f32,
+}
+
+impl Pooled {
+    /// Adds what a shadow gained since `before` (its [`Shadow::tally`] then, decayed by one
+    /// read: `before.decayed()`); decays the pool by one read first.
+    pub fn add(&mut self, now: Pooled, before: Pooled) {
+        self.score = self.score * DECAY + (now.score - before.score);
+        self.wasted = self.wasted * DECAY + (now.wasted - before.wasted);
+        self.used = self.used * DECAY + (now.used - before.used);
+    }
+
+    /// Adds blocks judged wasted at going idle (no read, no decay).
+    pub fn add_wasted(&mut self, blocks: f32) {
+        self.wasted += blocks;
+    }
+
+    /// A tally one read later, with nothing gained.
+    pub fn decayed(self) -> Pooled {
+        Pooled { score: self.score * DECAY, wasted: self.wasted * DECAY, used: self.used * DECAY }
+    }
+
+    /// As [`Shadow::net`].
+    pub fn net(&self, waste_cost: f32) -> f32 {
+        self.score - waste_cost * self.wasted
+    }
+
+    /// Used / judged (1.0 until `OUTCOMES` / 2 blocks' worth are judged, as
+    /// [`Shadow::accuracy`]).
+    pub fn accuracy(&self) -> f32 {
+        let judged = self.used + self.wasted;
+        if judged < (OUTCOMES / 2) as f32 { 1.0 } else { self.used / judged }
+    }
+}
+
+/// Finds streams gone idle: no read in the last `IDLE_READS` reads over every stream.
+#[derive(Debug, Default)]
+pub struct Idle {
+    clock: u64,
+    /// (stream, `clock` at its read) for the last `IDLE_READS` + 1 reads.
+    last: VecDeque<(u64, u64)>,
+}
+
+impl Idle {
+    /// Counts a read of `stream`; returns the clock at it (1 for the first read).
+    pub fn read(&mut self, stream: u64) -> u64 {
+        self.clock += 1;
+        self.last.push_back((stream, self.clock));
+        self.clock
+    }
+
+    /// Reads over every stream so far.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// The next read that left the window: (stream, clock at it). The stream went idle if that
+    /// was its last read.
+    pub fn next_expired(&mut self) -> Option<(u64, u64)> {
+        let &(stream, at) = self.last.front()?;
+        (at + IDLE_READS < self.clock).then(|| {
+            self.last.pop_front();
+            (stream, at)
+        })
+    }
 }
 
 #[derive(Default)]
@@ -329,6 +436,12 @@ struct SelectStream {
     sent: Sent,
     reads: u64,
     best: usize,
+    /// `Group::index` of its file type.
+    group: usize,
+    /// `Idle::clock` at its last read.
+    last_at: u64,
+    /// The highest block it read.
+    highest: u64,
 }
 
 /// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches, and `history`).
@@ -352,6 +465,8 @@ impl Selector {
             judge,
             name: name.to_string(),
             groups: std::array::from_fn(|_| vec![0.0; names.len()]),
+            young: std::array::from_fn(|_| vec![Pooled::default(); names.len()]),
+            idle: Idle::default(),
             before: Vec::with_capacity(names.len()),
         })
     }
@@ -366,31 +481,47 @@ impl Selector {
             out.extend_from_slice(&self.answers[0]);
             return 0.0;
         }
+        let now = self.idle.read(r.stream);
+        self.expire_idle();
         let s = self.streams.get(r.stream);
         let group = &mut self.groups[r.group.index()];
         if s.reads == 0 {
             s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
             let best = group.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
             s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
+            s.group = r.group.index();
         }
         s.reads += 1;
+        s.last_at = now;
+        s.highest = s.highest.max(r.block);
         s.recent.push(r.block);
         let seen = Seen { block: r.block, now_us: clock_us(r), reads: s.reads, useful };
         self.before.clear();
-        self.before.extend(s.shadows.iter().map(|sh| sh.score() * DECAY));
+        self.before.extend(s.shadows.iter().map(|sh| sh.tally().decayed()));
         for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
             sh.on_read(&seen, &self.judge);
             sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b) || r.in_request_after(b));
         }
         for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
-            *pooled = *pooled * DECAY + (sh.score() - before);
+            *pooled = *pooled * DECAY + (sh.score() - before.score);
         }
-        // The best score among candidates that hide more than they waste; none of them: pass
-        // nothing on (fetching nothing does best).
-        let worth = |sh: &Shadow| sh.net(self.judge.waste_cost) >= 0.0;
-        let mut best = worth(&s.shadows[s.best]).then_some(s.best);
+        let young = &mut self.young[s.group];
+        if s.reads <= YOUNG_READS {
+            for ((pooled, sh), before) in young.iter_mut().zip(&s.shadows).zip(&self.before) {
+                pooled.add(sh.tally(), *before);
+            }
+        }
+        // The best score among candidates that hide more than they waste (on a young stream:
+        // on the young streams of its file type); none of them: pass nothing on (fetching
+        // nothing does best).
+        let cost = self.judge.waste_cost;
+        let is_young = s.reads <= JUDGE_AFTER_READS;
+        let worth = |i: usize| {
+            if is_young { young[i].net(cost) >= 0.0 } else { s.shadows[i].net(cost) >= 0.0 }
+        };
+        let mut best = worth(s.best).then_some(s.best);
         for (i, sh) in s.shadows.iter().enumerate() {
-            if worth(sh) && best.is_none_or(|b| sh.score() > s.shadows[b].score()) {
+            if worth(i) && best.is_none_or(|b| sh.score() > s.shadows[b].score()) {
                 best = Some(i);
             }
         }
@@ -400,6 +531,23 @@ impl Selector {
         s.best = best;
         out.extend_from_slice(&self.answers[best]);
         s.shadows[best].score()
+    }
+}
+
+impl Selector {
+    /// Judges what the shadows of streams gone idle (no read in the last `IDLE_READS`) still
+    /// await as wasted; a young stream's waste goes to its file type's young pool.
+    fn expire_idle(&mut self) {
+        while let Some((stream, at)) = self.idle.next_expired() {
+            let Some(s) = self.streams.peek(stream).filter(|s| s.last_at == at) else { continue };
+            let young = &mut self.young[s.group];
+            for (pooled, sh) in young.iter_mut().zip(&mut s.shadows) {
+                let wasted = sh.expire(s.highest);
+                if s.reads <= YOUNG_READS {
+                    pooled.add_wasted(wasted);
+                }
+            }
+        }
     }
 }
 
@@ -517,6 +665,38 @@ mod tests {
         // hidden each time, which is worth its waste.
         let (blocks, score) = passed_on(fetchers(), 2000, 10);
         assert!(blocks >= 900 && score > 0.0, "{blocks} blocks, score {score}");
+    }
+
+    /// Blocks `selector` passes on over the last half of `files` short streams of 16 reads each,
+    /// read one after another; `block(file, i)` is read `i` of a file.
+    fn passed_on_short(mut selector: Selector, files: u64, block: impl Fn(u64, u64) -> u64) -> usize {
+        let mut blocks = 0;
+        for f in 0..files {
+            for i in 0..16 {
+                let mut out = Vec::new();
+                let t_us = (f * 16 + i) * 1000;
+                selector.select(
+                    &Read { t_us, timed: true, ..Read::at(f, block(f, i), false) },
+                    true,
+                    &mut out,
+                );
+                if f >= files / 2 {
+                    blocks += out.len();
+                }
+            }
+        }
+        blocks
+    }
+
+    #[test]
+    fn young_streams_are_gated_by_what_young_streams_of_their_type_wasted() {
+        let fetchers = || Selector::among("fetchers", &["next-1", "next-2"], JUDGE).unwrap();
+        // Small files read at random places: no stream lives long enough to judge its own
+        // guesses, but the ones gone idle show they are wasted; later files get nothing.
+        assert_eq!(passed_on_short(fetchers(), 400, |f, i| scattered(f * 16 + i, 0)), 0);
+        // The same candidates on small files read from start to end are passed on: the
+        // blocks guessed past a file's last read (maybe past its end) are not counted wasted.
+        assert!(passed_on_short(fetchers(), 400, |f, i| f * 1000 + i) >= 200 * 16);
     }
 
     #[test]
