@@ -15,8 +15,8 @@
 //! is at least `min_p`, until their probabilities add up to `threshold` (expected useful blocks)
 //! or `budget_blocks` blocks are chosen. Its choices are judged as if fetched
 //! (`select::Shadow`) whoever decides. When the best probability is below `unsure_below`, the
-//! measured accuracy of its recent choices on this stream (used / judged) falls below
-//! `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
+//! measured accuracy of its recent choices on this stream (used / judged; on a stream too young
+//! to have judged 32, on the young streams of its file type) falls below `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
 //! fallback (`auto`: the best heuristic for the stream, of those that hide more fetch time than
 //! their waste costs, or nothing) decides. The answer is passed on best first; one fetch budget
 //! over all streams pays for what of it is really fetched: the caller skips what is cached or in

@@ -335,7 +335,8 @@ impl Sent {
 
 /// Runs several predictors side by side and passes on, per stream, the answer of the one whose
 /// [`Shadow`] scores best (ties keep the current choice) among those whose [`Shadow::net`] is
-/// not below 0; when every one wastes more than it hides, nothing. (With a single candidate
+/// not below 0 (on a young stream, `YOUNG_READS`: whose net pooled over the young streams of
+/// its file type is); when every one wastes more than it hides, nothing. (With a single candidate
 /// it passes that one's answer on unjudged.)
 pub struct Selector {
     candidates: Vec<Box<dyn Predictor>>,
