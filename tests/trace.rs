@@ -206,7 +206,7 @@ fn eval_model_fetches_nothing_on_a_trace_with_no_structure() {
 /// is almost never read; the model learns that from the files gone idle and wastes (nearly)
 /// nothing on the new ones (what it does fetch is for the hot stream, most of it used).
 #[test]
-fn eval_model_fetches_nothing_for_short_streams_with_no_structure() {
+fn eval_model_wastes_little_on_short_streams_with_no_structure() {
     let mut z: u64 = 11;
     let rows = (0..20_000u64)
         .map(|i| {

@@ -1,7 +1,7 @@
 """Writes a generated block trace of many short streams (models/README.md item 33).
 
 Half the reads come from one long stream (object 0) with Zipf-like popularity over 20 000
-blocks (its hot blocks fit a 5% cache), half from 4 000 short streams (objects 1..4000, 8
+64 KiB blocks (its hot blocks fit a 5% cache), half from 4 000 short streams (objects 1..4000, 8
 reads each, 4 open at a time) at random 8 KiB offsets in 256 MiB objects; about 64 000 reads,
 100-900 us apart. Usage: python gen_short_streams.py OUT.csv.gz
 """

@@ -15,8 +15,9 @@
 //! is at least `min_p`, until their probabilities add up to `threshold` (expected useful blocks)
 //! or `budget_blocks` blocks are chosen. Its choices are judged as if fetched
 //! (`select::Shadow`) whoever decides. When the best probability is below `unsure_below`, the
-//! measured accuracy of its recent choices on this stream (used / judged; on a stream too young
-//! to have judged 32, on the young streams of its file type) falls below `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
+//! measured accuracy of its recent choices on this stream (used / judged; until 32 are judged,
+//! of its young guesses on every stream of the file type, `select::Pooled`) falls below
+//! `accuracy_floor`, or its shadow hid less fetch time lately than `trust` × the fallback's, the
 //! fallback (`auto`: the best heuristic for the stream, of those that hide more fetch time than
 //! their waste costs, or nothing) decides. The answer is passed on best first; one fetch budget
 //! over all streams pays for what of it is really fetched: the caller skips what is cached or in
@@ -420,10 +421,10 @@ pub struct ModelPredictor {
     credits: Credits,
     /// Reads over every stream, and which streams went idle.
     idle: Idle,
-    /// Per file type group: the network's shadows on young streams (their first `YOUNG_READS`
-    /// reads, and at going idle then). Until a stream's own shadow has judged `OUTCOMES` / 2
-    /// blocks, the network decides there only if this pool's accuracy is at least
-    /// `accuracy_floor`: a short stream (a small file) would never be judged on its own.
+    /// Per file type group: the network's young guesses on every stream of the group
+    /// (`select::Pooled`). Until a stream's own shadow has judged `OUTCOMES` / 2 blocks, the
+    /// network decides there only if this pool's accuracy is at least `accuracy_floor`: a
+    /// short stream (a small file) would never be judged on its own.
     young: [Pooled; crate::filetype::Group::ALL.len()],
     scratch: Vec<u64>,
     picks: Vec<u64>,
@@ -447,21 +448,6 @@ struct Pending {
 }
 
 impl ModelPredictor {
-    /// A stream gone idle (`IDLE_READS`; a file closed, a volume gone quiet): what it sent and
-    /// read then will be gone from the cache when it is back, so a hit on it then is no
-    /// prefetch's doing, and the network may choose it again; what its shadow awaits is judged
-    /// unused.
-    fn expire_idle(&mut self) {
-        while let Some((stream, at)) = self.idle.next_expired() {
-            let Some(s) = self.streams.peek(stream).filter(|s| s.last_at == at) else { continue };
-            s.sent = Sent::default();
-            s.fresh = RecentReads::default();
-            let wasted = s.shadow.expire(s.highest);
-            if s.reads <= YOUNG_READS {
-                self.young[s.group].add_wasted(wasted);
-            }
-        }
-    }
     /// With `model` None (missing or corrupt file), every read goes to the fallback. Fails on a
     /// `knobs.fallback` that names no heuristic (`ModelKnobs::parse` checks that already), or
     /// if tract cannot make a runner for the model.
@@ -477,7 +463,7 @@ impl ModelPredictor {
             knobs,
             streams: PerStream::default(),
             credits: Credits::growing(knobs.bucket as f32),
-            idle: Idle::default(),
+            idle: Idle::new(IDLE_READS),
             young: Default::default(),
             scratch: Vec::new(),
             picks: Vec::new(),
@@ -540,10 +526,23 @@ impl Predictor for ModelPredictor {
         let block = r.block;
         // The fallback sees every read, so its state is current when it is needed.
         self.scratch.clear();
+        let at = self.idle.read(r.stream);
+        let young = &mut self.young;
+        self.idle.sweep(
+            &mut self.streams,
+            |s| s.last_at,
+            |s| {
+                // Gone idle (a file closed, a volume gone quiet): what it sent and read will be
+                // gone from the cache when it is back, so a hit on it then is no prefetch's doing,
+                // and the network may choose it again; what its shadow awaits was wasted.
+                s.sent = Sent::default();
+                s.fresh = RecentReads::default();
+                s.shadow.expire(s.highest);
+                young[s.group].add(s.shadow.take_young(), false);
+            },
+        );
         let useful = self.streams.get(r.stream).sent.useful(r);
         let fallback_score = self.fallback.select(r, useful, &mut self.scratch);
-        let at = self.idle.read(r.stream);
-        self.expire_idle();
         let s = self.streams.get(r.stream);
         if s.reads == 0 {
             s.shadow = Shadow::new(self.knobs.shadow_bucket as f32);
@@ -555,11 +554,8 @@ impl Predictor for ModelPredictor {
         s.reads += 1;
         self.credits.earn_read(self.knobs.fetch_ratio);
         let now = clock_us(r);
-        let before = s.shadow.tally().decayed();
         s.shadow.on_read(&Seen { block, now_us: now, reads: s.reads, useful }, &self.knobs.judge());
-        if s.reads <= YOUNG_READS {
-            self.young[s.group].add(s.shadow.tally(), before);
-        }
+        self.young[s.group].add(s.shadow.take_young(), s.reads <= YOUNG_READS);
         let young = &self.young[s.group];
         let trusted = if s.shadow.judged() < OUTCOMES / 2 {
             young.accuracy() >= self.knobs.accuracy_floor

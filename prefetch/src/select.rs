@@ -38,14 +38,19 @@ pub const SHADOW_BUCKET_BLOCKS: f32 = 192.0;
 /// time and every block they fetch pushes a cached one out: they end slightly slower than
 /// fetching nothing, at twice the traffic.
 pub const WASTE_COST: f32 = 0.005;
-/// Reads of other streams after which a stream counts as idle: what its shadows still await
-/// is judged unused (a finished file's last guesses were wasted), and the model forgets what
-/// it sent and read (see `model::IDLE_READS`).
+/// Reads of other streams after which the model counts a stream as idle: it forgets what it
+/// sent and read, and its network shadow judges what it still awaits ([`Shadow::expire`]; see
+/// `model::IDLE_READS`). With more streams than this reading in turn, each is idle between
+/// its reads.
 pub const IDLE_READS: u64 = 64;
-/// A stream is young for its first `JUDGE_AFTER_READS` reads: none of its guesses can have
-/// been judged wasted yet, so `auto` gates it by what its shadows' candidates hid and wasted
-/// on other streams of its file type while they were young (their first `YOUNG_READS` reads,
-/// and at going idle then).
+/// Reads of other streams after which `auto` counts a young stream as finished (a small file
+/// read and closed) and its shadows judge what they still await ([`Shadow::expire`]). Longer
+/// than `IDLE_READS`, so that up to this many files read in turn are not taken as finished.
+pub const DEAD_READS: u64 = 1024;
+/// A stream's guesses named in its first `JUDGE_AFTER_READS` reads are its young guesses: they
+/// are judged by read `YOUNG_READS` (or when it goes idle), and pooled per file type
+/// ([`Pooled`]). Until its own guesses can have been judged wasted (its first
+/// `JUDGE_AFTER_READS` reads), a stream is gated by that pool.
 pub const YOUNG_READS: u64 = 2 * JUDGE_AFTER_READS;
 /// Fetch credits a stream starts with, so a new stream can get ahead of its reads at once.
 pub const START_CREDITS: f32 = 8.0;
@@ -158,8 +163,9 @@ pub struct Shadow {
     score: f32,
     /// Blocks judged wasted, decayed like `score` (see [`Shadow::net`]).
     wasted: f32,
-    /// Blocks judged used, decayed like `score`.
-    used: f32,
+    /// Judgments of young guesses (named in the stream's first `JUDGE_AFTER_READS` reads) not
+    /// yet taken for pooling ([`Shadow::take_young`]).
+    young: Pooled,
     outcomes: VecDeque<bool>,
 }
 
@@ -172,7 +178,7 @@ impl Shadow {
             order: VecDeque::new(),
             score: 0.0,
             wasted: 0.0,
-            used: 0.0,
+            young: Pooled::default(),
             outcomes: VecDeque::new(),
         }
     }
@@ -189,14 +195,17 @@ impl Shadow {
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
         self.score *= DECAY;
         self.wasted *= DECAY;
-        self.used *= DECAY;
         self.credits.earn_read(judge.fetch_ratio);
-        if let Some((named_at, _)) = self.pending.remove(&seen.block)
+        if let Some((named_at, at_read)) = self.pending.remove(&seen.block)
             && seen.useful
         {
             let lead = seen.now_us.saturating_sub(named_at) as f32;
-            self.score += if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
-            self.judge(true);
+            let gain = if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
+            self.score += gain;
+            self.judge(true, at_read);
+            if at_read <= JUDGE_AFTER_READS {
+                self.young.score += gain;
+            }
         }
         while let Some(&(b, at_read)) = self.order.front() {
             if self.order.len() <= PENDING_MAX && at_read + JUDGE_AFTER_READS > seen.reads {
@@ -206,30 +215,32 @@ impl Shadow {
             // Still waiting under this naming (not used, not named again since): wasted.
             if self.pending.get(&b).is_some_and(|&(_, r)| r == at_read) {
                 self.pending.remove(&b);
-                self.judge(false);
+                self.judge(false, at_read);
             }
         }
     }
 
-    /// The stream went idle (`IDLE_READS`): judges the blocks still awaited up to `highest`,
-    /// the highest block it read, as not used, and forgets the rest unjudged (past the last
-    /// block a stream read may be past the end of its file, where nothing is fetched). Returns
-    /// how many were judged.
-    pub fn expire(&mut self, highest: u64) -> f32 {
-        let n = self.pending.keys().filter(|&&b| b <= highest).count();
-        for _ in 0..n {
-            self.judge(false);
+    /// The stream went idle (`IDLE_READS`, `DEAD_READS`): judges the blocks still awaited up
+    /// to `highest`, the highest block it read, as not used, and forgets the rest unjudged
+    /// (past the last block a stream read may be past the end of its file, where nothing is
+    /// fetched).
+    pub fn expire(&mut self, highest: u64) {
+        let named: Vec<u64> =
+            self.pending.iter().filter(|&(&b, _)| b <= highest).map(|(_, &(_, at_read))| at_read).collect();
+        for at_read in named {
+            self.judge(false, at_read);
         }
         self.pending.clear();
         self.order.clear();
-        n as f32
     }
 
-    fn judge(&mut self, used: bool) {
-        if used {
-            self.used += 1.0;
-        } else {
+    /// Judges a block named at the stream's read `at_read`.
+    fn judge(&mut self, used: bool, at_read: u64) {
+        if !used {
             self.wasted += 1.0;
+        }
+        if at_read <= JUDGE_AFTER_READS {
+            *if used { &mut self.young.used } else { &mut self.young.wasted } += 1.0;
         }
         self.outcomes.push_back(used);
         if self.outcomes.len() > OUTCOMES {
@@ -268,9 +279,9 @@ impl Shadow {
         self.score - waste_cost * self.wasted
     }
 
-    /// Its score and blocks judged wasted and used, for pooling ([`Pooled::add`]).
-    pub fn tally(&self) -> Pooled {
-        Pooled { score: self.score, wasted: self.wasted, used: self.used }
+    /// What its young guesses earned and were judged since the last call (for [`Pooled`]).
+    pub fn take_young(&mut self) -> Pooled {
+        std::mem::take(&mut self.young)
     }
 
     /// Blocks judged so far, up to `OUTCOMES`.
@@ -335,8 +346,9 @@ impl Sent {
 
 /// Runs several predictors side by side and passes on, per stream, the answer of the one whose
 /// [`Shadow`] scores best (ties keep the current choice) among those whose [`Shadow::net`] is
-/// not below 0 (on a young stream, `YOUNG_READS`: whose net pooled over the young streams of
-/// its file type is); when every one wastes more than it hides, nothing. (With a single candidate
+/// not below 0 (in a stream's first `JUDGE_AFTER_READS` reads: whose net pooled over the young
+/// guesses of its file type's streams is, [`Pooled`]); when every one wastes more than it
+/// hides, nothing. (With a single candidate
 /// it passes that one's answer on unjudged.)
 pub struct Selector {
     candidates: Vec<Box<dyn Predictor>>,
@@ -348,16 +360,18 @@ pub struct Selector {
     /// every stream of the group, decayed like a shadow's score. A new stream starts with the
     /// group's best candidate rather than the first one.
     groups: [Vec<f32>; crate::filetype::Group::ALL.len()],
-    /// Per file type group, per candidate: the fetch time its shadows hid and the blocks they
-    /// wasted on young streams (`YOUNG_READS`), each decayed like a shadow's score. A young
-    /// stream is gated by these (`Shadow::net` of the pool), not by its own shadows.
+    /// Per file type group, per candidate: its shadows' young guesses on every stream of the
+    /// group ([`Pooled`]). A stream in its first `JUDGE_AFTER_READS` reads is gated by these,
+    /// not by its own shadows.
     young: [Vec<Pooled>; crate::filetype::Group::ALL.len()],
+    /// Finds young streams gone quiet for `DEAD_READS` reads.
     idle: Idle,
-    before: Vec<Pooled>,
+    before: Vec<f32>,
 }
 
-/// One predictor's shadow score and judged blocks, pooled over streams: each stream's gains
-/// since its last read are added, and the pool decays like a shadow's score.
+/// One predictor's young guesses (named in a stream's first `JUDGE_AFTER_READS` reads; see
+/// `YOUNG_READS`), pooled over the streams of a file type: the fetch time they hid, and how
+/// many were judged used and wasted. Decays like a shadow's score, per read of a young stream.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pooled {
     score: f32,
@@ -366,22 +380,13 @@ pub struct Pooled {
 }
 
 impl Pooled {
-    /// Adds what a shadow gained since `before` (its [`Shadow::tally`] then, decayed by one
-    /// read: `before.decayed()`); decays the pool by one read first.
-    pub fn add(&mut self, now: Pooled, before: Pooled) {
-        self.score = self.score * DECAY + (now.score - before.score);
-        self.wasted = self.wasted * DECAY + (now.wasted - before.wasted);
-        self.used = self.used * DECAY + (now.used - before.used);
-    }
-
-    /// Adds blocks judged wasted at going idle (no read, no decay).
-    pub fn add_wasted(&mut self, blocks: f32) {
-        self.wasted += blocks;
-    }
-
-    /// A tally one read later, with nothing gained.
-    pub fn decayed(self) -> Pooled {
-        Pooled { score: self.score * DECAY, wasted: self.wasted * DECAY, used: self.used * DECAY }
+    /// Adds `more` ([`Shadow::take_young`]); `read` (a young stream's read, `YOUNG_READS`)
+    /// decays the pool by one read first.
+    pub fn add(&mut self, more: Pooled, read: bool) {
+        let decay = if read { DECAY } else { 1.0 };
+        self.score = self.score * decay + more.score;
+        self.wasted = self.wasted * decay + more.wasted;
+        self.used = self.used * decay + more.used;
     }
 
     /// As [`Shadow::net`].
@@ -389,23 +394,28 @@ impl Pooled {
         self.score - waste_cost * self.wasted
     }
 
-    /// Used / judged (1.0 until `OUTCOMES` / 2 blocks' worth are judged, as
-    /// [`Shadow::accuracy`]).
+    /// Used / judged, of the decayed totals (1.0 until `OUTCOMES` / 2 blocks' worth are
+    /// judged).
     pub fn accuracy(&self) -> f32 {
         let judged = self.used + self.wasted;
         if judged < (OUTCOMES / 2) as f32 { 1.0 } else { self.used / judged }
     }
 }
 
-/// Finds streams gone idle: no read in the last `IDLE_READS` reads over every stream.
-#[derive(Debug, Default)]
+/// Finds streams gone idle: no read in the last `window` reads over every stream.
+#[derive(Debug)]
 pub struct Idle {
+    window: u64,
     clock: u64,
-    /// (stream, `clock` at its read) for the last `IDLE_READS` + 1 reads.
+    /// (stream, `clock` at its read) for the last `window` + 1 reads.
     last: VecDeque<(u64, u64)>,
 }
 
 impl Idle {
+    pub fn new(window: u64) -> Self {
+        Self { window, clock: 0, last: VecDeque::new() }
+    }
+
     /// Counts a read of `stream`; returns the clock at it (1 for the first read).
     pub fn read(&mut self, stream: u64) -> u64 {
         self.clock += 1;
@@ -418,14 +428,23 @@ impl Idle {
         self.clock
     }
 
-    /// The next read that left the window: (stream, clock at it). The stream went idle if that
-    /// was its last read.
-    pub fn next_expired(&mut self) -> Option<(u64, u64)> {
-        let &(stream, at) = self.last.front()?;
-        (at + IDLE_READS < self.clock).then(|| {
+    /// Calls `expire` on each stream of `streams` gone idle since the last call: its last read
+    /// (`last_at`, the clock then) has just left the window.
+    pub(crate) fn sweep<S: Default>(
+        &mut self,
+        streams: &mut PerStream<S>,
+        last_at: impl Fn(&S) -> u64,
+        mut expire: impl FnMut(&mut S),
+    ) {
+        while let Some(&(stream, at)) = self.last.front() {
+            if at + self.window >= self.clock {
+                break;
+            }
             self.last.pop_front();
-            (stream, at)
-        })
+            if let Some(s) = streams.peek(stream).filter(|s| last_at(s) == at) {
+                expire(s);
+            }
+        }
     }
 }
 
@@ -467,7 +486,7 @@ impl Selector {
             name: name.to_string(),
             groups: std::array::from_fn(|_| vec![0.0; names.len()]),
             young: std::array::from_fn(|_| vec![Pooled::default(); names.len()]),
-            idle: Idle::default(),
+            idle: Idle::new(DEAD_READS),
             before: Vec::with_capacity(names.len()),
         })
     }
@@ -483,34 +502,45 @@ impl Selector {
             return 0.0;
         }
         let now = self.idle.read(r.stream);
-        self.expire_idle();
+        let young = &mut self.young;
+        self.idle.sweep(
+            &mut self.streams,
+            |s| s.last_at,
+            |s| {
+                // A young stream finished: its young guesses still awaited were wasted.
+                if s.reads <= YOUNG_READS {
+                    for (pooled, sh) in young[s.group].iter_mut().zip(&mut s.shadows) {
+                        sh.expire(s.highest);
+                        pooled.add(sh.take_young(), false);
+                    }
+                }
+            },
+        );
         let s = self.streams.get(r.stream);
-        let group = &mut self.groups[r.group.index()];
         if s.reads == 0 {
             s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
-            let best = group.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
-            s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
             s.group = r.group.index();
+            let best = self.groups[s.group].iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
+            s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
         }
+        let group = &mut self.groups[s.group];
         s.reads += 1;
         s.last_at = now;
         s.highest = s.highest.max(r.block);
         s.recent.push(r.block);
         let seen = Seen { block: r.block, now_us: clock_us(r), reads: s.reads, useful };
         self.before.clear();
-        self.before.extend(s.shadows.iter().map(|sh| sh.tally().decayed()));
+        self.before.extend(s.shadows.iter().map(|sh| sh.score() * DECAY));
         for (sh, a) in s.shadows.iter_mut().zip(&self.answers) {
             sh.on_read(&seen, &self.judge);
             sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b) || r.in_request_after(b));
         }
         for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
-            *pooled = *pooled * DECAY + (sh.score() - before.score);
+            *pooled = *pooled * DECAY + (sh.score() - before);
         }
         let young = &mut self.young[s.group];
-        if s.reads <= YOUNG_READS {
-            for ((pooled, sh), before) in young.iter_mut().zip(&s.shadows).zip(&self.before) {
-                pooled.add(sh.tally(), *before);
-            }
+        for (pooled, sh) in young.iter_mut().zip(&mut s.shadows) {
+            pooled.add(sh.take_young(), s.reads <= YOUNG_READS);
         }
         // The best score among candidates that hide more than they waste (on a young stream:
         // on the young streams of its file type); none of them: pass nothing on (fetching
@@ -532,23 +562,6 @@ impl Selector {
         s.best = best;
         out.extend_from_slice(&self.answers[best]);
         s.shadows[best].score()
-    }
-}
-
-impl Selector {
-    /// Judges what the shadows of streams gone idle (no read in the last `IDLE_READS`) still
-    /// await as wasted; a young stream's waste goes to its file type's young pool.
-    fn expire_idle(&mut self) {
-        while let Some((stream, at)) = self.idle.next_expired() {
-            let Some(s) = self.streams.peek(stream).filter(|s| s.last_at == at) else { continue };
-            let young = &mut self.young[s.group];
-            for (pooled, sh) in young.iter_mut().zip(&mut s.shadows) {
-                let wasted = sh.expire(s.highest);
-                if s.reads <= YOUNG_READS {
-                    pooled.add_wasted(wasted);
-                }
-            }
-        }
     }
 }
 
@@ -670,7 +683,7 @@ mod tests {
 
     /// Blocks `selector` passes on over the last half of `files` short streams of 16 reads each,
     /// read one after another; `block(file, i)` is read `i` of a file.
-    fn passed_on_short(mut selector: Selector, files: u64, block: impl Fn(u64, u64) -> u64) -> usize {
+    fn passed_on_short(selector: &mut Selector, files: u64, block: impl Fn(u64, u64) -> u64) -> usize {
         let mut blocks = 0;
         for f in 0..files {
             for i in 0..16 {
@@ -691,13 +704,35 @@ mod tests {
 
     #[test]
     fn young_streams_are_gated_by_what_young_streams_of_their_type_wasted() {
+        use crate::filetype::Group;
         let fetchers = || Selector::among("fetchers", &["next-1", "next-2"], JUDGE).unwrap();
         // Small files read at random places: no stream lives long enough to judge its own
-        // guesses, but the ones gone idle show they are wasted; later files get nothing.
-        assert_eq!(passed_on_short(fetchers(), 400, |f, i| scattered(f * 16 + i, 0)), 0);
-        // The same candidates on small files read from start to end are passed on: the
-        // blocks guessed past a file's last read (maybe past its end) are not counted wasted.
-        assert!(passed_on_short(fetchers(), 400, |f, i| f * 1000 + i) >= 200 * 16);
+        // guesses, but the ones gone quiet show they were wasted; later files get nothing.
+        let mut gated = fetchers();
+        assert_eq!(passed_on_short(&mut gated, 400, |f, i| scattered(f * 16 + i, 0)), 0);
+        // What small files of another type wasted says nothing of images.
+        let image = Read { group: Group::Image, t_us: 1 << 40, timed: true, ..Read::at(1 << 20, 7, false) };
+        let mut out = Vec::new();
+        gated.select(&image, true, &mut out);
+        assert!(!out.is_empty(), "a new image file is not gated by other files' waste");
+        // Small files read from start to end keep fetching.
+        assert!(passed_on_short(&mut fetchers(), 400, |f, i| f * 1000 + i) >= 200 * 16);
+    }
+
+    #[test]
+    fn a_stream_gone_quiet_wastes_only_what_it_awaited_below_its_highest_read() {
+        let mut s = Shadow::default();
+        let seen = |block, reads| Seen { block, now_us: 0, reads, useful: true };
+        s.on_read(&seen(10, 1), &JUDGE);
+        s.offer(&[5, 20], 0, 1, |_| false);
+        s.on_read(&seen(11, 2), &JUDGE);
+        // Block 5 (below the highest read, 11) was wasted; 20 may lie past the file's end.
+        s.expire(11);
+        assert_eq!(s.outcomes, [false]);
+        assert!(!s.awaits(20));
+        let young = s.take_young();
+        assert_eq!((young.used, young.wasted), (0.0, 1.0));
+        assert_eq!(s.take_young().wasted, 0.0, "taken once");
     }
 
     #[test]
