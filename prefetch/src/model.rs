@@ -617,7 +617,8 @@ impl Predictor for ModelPredictor {
 pub const FALLBACK: &str = "auto";
 
 /// Reads of other streams after which a stream counts as idle: its memory of blocks sent and
-/// read is dropped (they are long evicted), and what its shadow still awaits is judged unused.
+/// read is dropped (they are long evicted), and what its shadow still awaits up to the highest
+/// block it read is judged unused (`select::Shadow::expire`).
 pub use crate::select::IDLE_READS;
 
 /// Any predictor by name: `model` runs `model` (or, without one, its fallback) with the default
