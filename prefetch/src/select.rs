@@ -160,9 +160,9 @@ pub struct Shadow {
     /// Named block → (time named, read index when named).
     pending: HashMap<u64, (u64, u64)>,
     order: VecDeque<(u64, u64)>,
-    score: f32,
-    /// Blocks judged wasted, decayed like `score` (see [`Shadow::net`]).
-    wasted: f32,
+    /// Fetch time hidden and blocks judged used and wasted, decayed per read (`HALF_LIFE_READS`;
+    /// see [`Shadow::score`], [`Shadow::net`]).
+    recent: Pooled,
     /// Judgments of young guesses (named in the stream's first `JUDGE_AFTER_READS` reads) not
     /// yet taken for pooling ([`Shadow::take_young`]).
     young: Pooled,
@@ -176,8 +176,7 @@ impl Shadow {
             credits: Credits::new(bucket),
             pending: HashMap::default(),
             order: VecDeque::new(),
-            score: 0.0,
-            wasted: 0.0,
+            recent: Pooled::default(),
             young: Pooled::default(),
             outcomes: VecDeque::new(),
         }
@@ -193,15 +192,14 @@ impl Default for Shadow {
 impl Shadow {
     /// The stream read a block: credits, scores, judges.
     pub fn on_read(&mut self, seen: &Seen, judge: &Judge) {
-        self.score *= DECAY;
-        self.wasted *= DECAY;
+        self.recent.decay();
         self.credits.earn_read(judge.fetch_ratio);
         if let Some((named_at, at_read)) = self.pending.remove(&seen.block)
             && seen.useful
         {
             let lead = seen.now_us.saturating_sub(named_at) as f32;
             let gain = if judge.fetch_us > 0.0 { (lead / judge.fetch_us).min(1.0) } else { 1.0 };
-            self.score += gain;
+            self.recent.score += gain;
             self.judge(true, at_read);
             if at_read <= JUDGE_AFTER_READS {
                 self.young.score += gain;
@@ -225,22 +223,20 @@ impl Shadow {
     /// (past the last block a stream read may be past the end of its file, where nothing is
     /// fetched).
     pub fn expire(&mut self, highest: u64) {
-        let named: Vec<u64> =
-            self.pending.iter().filter(|&(&b, _)| b <= highest).map(|(_, &(_, at_read))| at_read).collect();
-        for at_read in named {
+        let mut pending = std::mem::take(&mut self.pending);
+        for (_, &(_, at_read)) in pending.iter().filter(|&(&b, _)| b <= highest) {
             self.judge(false, at_read);
         }
-        self.pending.clear();
+        pending.clear();
+        self.pending = pending;
         self.order.clear();
     }
 
     /// Judges a block named at the stream's read `at_read`.
     fn judge(&mut self, used: bool, at_read: u64) {
-        if !used {
-            self.wasted += 1.0;
-        }
+        self.recent.count(used);
         if at_read <= JUDGE_AFTER_READS {
-            *if used { &mut self.young.used } else { &mut self.young.wasted } += 1.0;
+            self.young.count(used);
         }
         self.outcomes.push_back(used);
         if self.outcomes.len() > OUTCOMES {
@@ -270,13 +266,13 @@ impl Shadow {
 
     /// Fetch time this predictor would have hidden, per read, recently (decayed).
     pub fn score(&self) -> f32 {
-        self.score
+        self.recent.score
     }
 
     /// The score less what its wasted blocks cost at `waste_cost` each (`Judge::waste_cost`):
     /// below 0, fetching nothing would have done better.
     pub fn net(&self, waste_cost: f32) -> f32 {
-        self.score - waste_cost * self.wasted
+        self.recent.net(waste_cost)
     }
 
     /// What its young guesses earned and were judged since the last call (for [`Pooled`]).
@@ -348,8 +344,7 @@ impl Sent {
 /// [`Shadow`] scores best (ties keep the current choice) among those whose [`Shadow::net`] is
 /// not below 0 (in a stream's first `JUDGE_AFTER_READS` reads: whose net pooled over the young
 /// guesses of its file type's streams is, [`Pooled`]); when every one wastes more than it
-/// hides, nothing. (With a single candidate
-/// it passes that one's answer on unjudged.)
+/// hides, nothing. (With a single candidate it passes that one's answer on unjudged.)
 pub struct Selector {
     candidates: Vec<Box<dyn Predictor>>,
     answers: Vec<Vec<u64>>,
@@ -383,13 +378,28 @@ impl Pooled {
     /// Adds `more` ([`Shadow::take_young`]); `read` (a young stream's read, `YOUNG_READS`)
     /// decays the pool by one read first.
     pub fn add(&mut self, more: Pooled, read: bool) {
-        let decay = if read { DECAY } else { 1.0 };
-        self.score = self.score * decay + more.score;
-        self.wasted = self.wasted * decay + more.wasted;
-        self.used = self.used * decay + more.used;
+        if read {
+            self.decay();
+        }
+        self.score += more.score;
+        self.wasted += more.wasted;
+        self.used += more.used;
     }
 
-    /// As [`Shadow::net`].
+    /// One read older.
+    fn decay(&mut self) {
+        self.score *= DECAY;
+        self.wasted *= DECAY;
+        self.used *= DECAY;
+    }
+
+    /// Counts a judged block.
+    fn count(&mut self, used: bool) {
+        *if used { &mut self.used } else { &mut self.wasted } += 1.0;
+    }
+
+    /// The fetch time hidden less what the wasted blocks cost at `waste_cost` each: below 0,
+    /// fetching nothing would have done better.
     pub fn net(&self, waste_cost: f32) -> f32 {
         self.score - waste_cost * self.wasted
     }
@@ -420,11 +430,6 @@ impl Idle {
     pub fn read(&mut self, stream: u64) -> u64 {
         self.clock += 1;
         self.last.push_back((stream, self.clock));
-        self.clock
-    }
-
-    /// Reads over every stream so far.
-    pub fn clock(&self) -> u64 {
         self.clock
     }
 
