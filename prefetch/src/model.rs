@@ -389,7 +389,7 @@ struct ModelStream {
     sent: Sent,
     /// The stream's reads since it was last idle: read recently, so cached or in flight.
     fresh: RecentReads,
-    /// `Idle::clock` at this stream's last read.
+    /// What `Idle::read` returned at this stream's last read.
     last_at: u64,
     /// `Group::index` of its file type.
     group: usize,

@@ -463,7 +463,7 @@ struct SelectStream {
     best: usize,
     /// `Group::index` of its file type.
     group: usize,
-    /// `Idle::clock` at its last read.
+    /// What `Idle::read` returned at its last read.
     last_at: u64,
     /// The highest block it read.
     highest: u64,
