@@ -42,7 +42,8 @@ pub struct EvalArgs {
     model: PathBuf,
     /// Knobs of the `model` predictor, `name=value,...` (threshold, min_p, budget_blocks,
     /// unsure_below, accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill,
-    /// trust, waste_cost; `fetch_us` defaults to `--latency-ms`). Repeat the flag to run the
+    /// trust, waste_cost, cache_blocks; `fetch_us` defaults to `--latency-ms`, `cache_blocks` to
+    /// the replay's cache, `--cache-frac` of each trace's footprint). Repeat the flag to run the
     /// model once per set, side by side (validation sweeps); each then reports as
     /// `model[KNOBS]`.
     #[arg(long = "model-knobs")]
@@ -80,18 +81,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         bail!("--latency-ms {} must be between 0 and 60000", args.latency_ms);
     }
     let latency_us = (args.latency_ms * 1000.0).round() as u64;
-    // The predictors are told the fetch latency, as a client measures it.
+    // The predictors are told the fetch latency, as a client measures it, and (per trace, below)
+    // the cache size, as a client knows its own.
     let base = ModelKnobs { fetch_us: latency_us as f32, ..ModelKnobs::default() };
-    // The model's runs: (reported name, knobs).
-    let knob_sets: Vec<(String, ModelKnobs)> = if args.model_knobs.is_empty() {
-        vec![("model".into(), base)]
+    // The model's runs: (reported name, knob text over the base).
+    let knob_sets: Vec<(String, &str)> = if args.model_knobs.is_empty() {
+        vec![("model".into(), "")]
     } else {
-        args.model_knobs
-            .iter()
-            .map(|k| base.with(k).map(|knobs| (format!("model[{k}]"), knobs)))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?
+        args.model_knobs.iter().map(|k| (format!("model[{k}]"), k.as_str())).collect()
     };
+    // Refuse bad knobs before any work.
+    for (_, k) in &knob_sets {
+        base.with(k).map_err(anyhow::Error::msg)?;
+    }
     let mut names: Vec<String> = all_heuristics().map(String::from).collect();
     for p in &args.predictors {
         if !names.contains(p) {
@@ -106,7 +108,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         match augur_prefetch::model::Model::load(&args.model) {
             Ok(m) => Some(m),
             Err(e) => {
-                let fallbacks: Vec<&str> = knob_sets.iter().map(|(_, k)| k.fallback).collect();
+                let fallbacks: Vec<&str> =
+                    knob_sets.iter().map(|(_, k)| base.with(k).expect("checked above").fallback).collect();
                 eprintln!("augur: {e}; the model predictor runs as its fallback ({})", fallbacks.join(", "));
                 None
             }
@@ -128,6 +131,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let keep = (args.head_frac * trace.accesses.len() as f64).round() as usize;
         trace.accesses.truncate(keep.max(1));
         let mut scores: Vec<Score> = Vec::new();
+        let cache_blocks = (cfg.cache_frac * trace.footprint(cfg.block_bytes) as f64).round() as usize;
+        let base = ModelKnobs { cache_blocks, ..base };
         for n in &names {
             if n != "model" {
                 let mut p = predictor_with(n, None, base).expect("checked above");
@@ -135,7 +140,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                 continue;
             }
             for (label, knobs) in &knob_sets {
-                let mut p = predictor_with(n, model.as_ref(), *knobs).expect("checked above");
+                let knobs = base.with(knobs).expect("checked above");
+                let mut p = predictor_with(n, model.as_ref(), knobs).expect("checked above");
                 scores.push(Score { predictor: label.clone(), ..replay(&trace, &mut *p, &cfg) });
             }
         }

@@ -345,7 +345,10 @@ impl Inner {
 
     /// Loads the model named in the options (or logs why not) and starts the prefetch engine.
     pub fn start_engine(self: &Arc<Self>) {
-        let knobs = augur_prefetch::model::ModelKnobs::default();
+        // `auto` judges its candidates in a cache of this mount's size (0 with no cache: by
+        // their shadows).
+        let cache_blocks = (self.opts.cache_bytes / self.block_bytes.max(1)) as usize;
+        let knobs = augur_prefetch::model::ModelKnobs { cache_blocks, ..Default::default() };
         let model = crate::engine::load_model(self.opts.model.as_deref());
         let had_model = model.is_some();
         let mut started = crate::engine::Engine::start(Arc::downgrade(self), model, knobs);

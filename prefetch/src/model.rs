@@ -275,6 +275,11 @@ pub struct ModelKnobs {
     /// `auto` passes on only candidates whose `select::Shadow::net` is not below 0. The network
     /// needs `accuracy_floor` (5%), far above what its waste costs, so its `net` is not checked.
     pub waste_cost: f32,
+    /// Blocks the client's cache holds, which `auto` judges its candidates in
+    /// (`select::Judge::cache_blocks`, `select::Ghost`; at most `select::GHOST_BLOCKS_MAX`);
+    /// 0: ranked by their shadows instead. A mount passes its cache, `augur trace eval` the
+    /// replay's.
+    pub cache_blocks: usize,
 }
 
 impl Default for ModelKnobs {
@@ -296,6 +301,7 @@ impl Default for ModelKnobs {
             fill: true,
             trust: 1.0,
             waste_cost: crate::select::WASTE_COST,
+            cache_blocks: crate::select::CACHE_BLOCKS,
         }
     }
 }
@@ -303,7 +309,7 @@ impl Default for ModelKnobs {
 impl ModelKnobs {
     /// Parses `name=value,...` over the defaults (`threshold`, `min_p`, `budget_blocks`,
     /// `unsure_below`, `accuracy_floor`, `fallback`, `fetch_us`, `fetch_ratio`, `bucket`, `shadow_bucket`, `fill`,
-    /// `trust`, `waste_cost`).
+    /// `trust`, `waste_cost`, `cache_blocks`).
     pub fn parse(text: &str) -> Result<Self, String> {
         Self::default().with(text)
     }
@@ -315,6 +321,7 @@ impl ModelKnobs {
             fetch_ratio: self.fetch_ratio,
             bucket: self.shadow_bucket as f32,
             waste_cost: self.waste_cost,
+            cache_blocks: self.cache_blocks,
         }
     }
 
@@ -339,6 +346,9 @@ impl ModelKnobs {
                 "fetch_us" => k.fetch_us = number()?,
                 "trust" => k.trust = number()?,
                 "waste_cost" => k.waste_cost = number()?,
+                "cache_blocks" => {
+                    k.cache_blocks = value.parse().map_err(|e| bad(&e))?;
+                }
                 "fill" => {
                     k.fill = match value {
                         "1" | "true" => true,
@@ -370,7 +380,7 @@ impl ModelKnobs {
                     return Err(format!(
                         "unknown model knob {name:?} (known: threshold, min_p, budget_blocks, unsure_below, \
                          accuracy_floor, fallback, fetch_us, fetch_ratio, bucket, shadow_bucket, fill, trust, \
-                         waste_cost)"
+                         waste_cost, cache_blocks)"
                     ));
                 }
             }

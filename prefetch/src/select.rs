@@ -10,6 +10,13 @@
 //! `HALF_LIFE_READS` reads of the stream, so they follow phase changes. A block unread after
 //! `JUDGE_AFTER_READS` reads counts as wasted; used / (used + wasted) over the last
 //! `OUTCOMES` judged blocks is the shadow's accuracy.
+//!
+//! Shadows gate: `auto` passes on only candidates that hide more than their waste costs
+//! ([`Shadow::net`]). Among those it ranks by [`Ghost`]s when it knows the client's cache size
+//! (`Judge::cache_blocks`): per candidate, one simulated cache that every stream's reads go
+//! through with that candidate's prefetches, scoring per stream the fetch time hidden. A
+//! shadow cannot see the cache, so it misjudges what a prefetch pushes out and what is read
+//! after its horizon; a ghost sees both (models/README item 34).
 
 use std::collections::VecDeque;
 
@@ -138,6 +145,10 @@ pub struct Judge {
     /// A candidate whose `net` is below 0 did worse than fetching nothing, and `auto` does not
     /// pass it on.
     pub waste_cost: f32,
+    /// Blocks the client's cache holds: when not 0, `auto` ranks its candidates by what they
+    /// would have hidden in a cache of this size ([`Ghost`]) rather than by their shadows'
+    /// scores (which still gate them, [`Shadow::net`]).
+    pub cache_blocks: usize,
 }
 
 /// One read as shadows see it.
@@ -362,6 +373,108 @@ pub struct Selector {
     /// Finds young streams gone quiet for `DEAD_READS` reads.
     idle: Idle,
     before: Vec<f32>,
+    /// Per candidate, when `Judge::cache_blocks` is not 0 (and there is more than one).
+    ghosts: Vec<Ghost>,
+}
+
+/// One candidate's answers fetched into a simulated LRU cache of the client's size
+/// (`Judge::cache_blocks`), as if every stream had chosen it; every stream's reads go through
+/// it. A read of a block it holds hides the whole fetch, or the part that has passed if the
+/// block is still in flight (`ready_at`); a miss waits a whole fetch and brings the block in.
+/// It spends its own fetch budget (`Credits`, as a shadow's) on blocks it lacks, so it is
+/// judged under the budget the real fetches get. Unlike a [`Shadow`], it sees what a prefetch
+/// pushes out (a wasted block costs the cached one it evicted) and credits a prefetch read long
+/// after it was named, while still cached (a shadow stops waiting after `JUDGE_AFTER_READS`):
+/// on MQSim's trace the shadows credited next-2 with 160 µs per block read where it hid 232,
+/// and next-8 with 153 where it hid 144 (models/README item 32). Prefetches are cached (at the
+/// MRU end) when named, not when they land.
+#[derive(Debug)]
+pub struct Ghost {
+    cap: usize,
+    next: u64,
+    /// (stream, block) → (LRU stamp, time its data is there).
+    map: HashMap<(u64, u64), (u64, u64)>,
+    /// (key, stamp) in LRU order; entries whose stamp is not the key's current one are stale.
+    order: VecDeque<((u64, u64), u64)>,
+    credits: Credits,
+}
+
+/// Most blocks a ghost cache simulates (`Judge::cache_blocks` is capped to this): 4 GiB of
+/// 64 KiB blocks. A ghost takes about 90 bytes per block (its map, and its LRU order with
+/// stale entries up to twice the blocks), so `auto`'s nine candidates take about 800 bytes per
+/// block of the client's cache: 3 MiB for `CACHE_BLOCKS`, 50 MiB at this limit.
+pub const GHOST_BLOCKS_MAX: usize = 1 << 16;
+/// The cache size candidates are judged in when nobody says (`ModelKnobs::cache_blocks`): the
+/// client's default block cache, 256 MiB of 64 KiB blocks. A mount passes its own
+/// (`--cache-mib` over the volume's block size), `augur trace eval` the replay's.
+pub const CACHE_BLOCKS: usize = 4096;
+
+impl Ghost {
+    pub fn new(cap: usize, bucket: f32) -> Self {
+        Self {
+            cap: cap.clamp(1, GHOST_BLOCKS_MAX),
+            next: 0,
+            map: HashMap::default(),
+            order: VecDeque::new(),
+            credits: Credits::new(bucket),
+        }
+    }
+
+    fn stamp(&mut self, k: (u64, u64)) -> u64 {
+        self.next += 1;
+        self.order.push_back((k, self.next));
+        if self.order.len() > 2 * self.cap + 64 {
+            let map = &self.map;
+            let next = self.next;
+            self.order.retain(|&(k, s)| s == next || map.get(&k).is_some_and(|e| e.0 == s));
+        }
+        self.next
+    }
+
+    fn insert(&mut self, k: (u64, u64), ready_at: u64) {
+        while self.map.len() >= self.cap {
+            let Some((old, s)) = self.order.pop_front() else { break };
+            if self.map.get(&old).is_some_and(|e| e.0 == s) {
+                self.map.remove(&old);
+            }
+        }
+        let s = self.stamp(k);
+        self.map.insert(k, (s, ready_at));
+    }
+
+    /// A read at `now` (µs): the share of a fetch it did not wait for (1 for a hit, 0 for a
+    /// miss, which it fetches).
+    pub fn read(&mut self, k: (u64, u64), now: u64, judge: &Judge) -> f32 {
+        self.credits.earn_read(judge.fetch_ratio);
+        let fetch_us = judge.fetch_us.max(1.0);
+        if let Some(&(_, ready_at)) = self.map.get(&k) {
+            let s = self.stamp(k);
+            self.map.insert(k, (s, ready_at));
+            return 1.0 - (ready_at.saturating_sub(now) as f32 / fetch_us).min(1.0);
+        }
+        self.insert(k, now + fetch_us as u64);
+        0.0
+    }
+
+    /// Fetches what the candidate named and the cache lacks, while its credits last.
+    pub fn offer(
+        &mut self,
+        stream: u64,
+        blocks: &[u64],
+        now: u64,
+        judge: &Judge,
+        skip: impl Fn(u64) -> bool,
+    ) {
+        for &b in blocks {
+            if skip(b) || self.map.contains_key(&(stream, b)) {
+                continue;
+            }
+            if !self.credits.spend() {
+                break;
+            }
+            self.insert((stream, b), now + judge.fetch_us as u64);
+        }
+    }
 }
 
 /// One predictor's young guesses (named in a stream's first `JUDGE_AFTER_READS` reads; see
@@ -467,6 +580,9 @@ struct SelectStream {
     last_at: u64,
     /// The highest block it read.
     highest: u64,
+    /// Per candidate: the fetch share its [`Ghost`] hid on this stream's reads, decayed like a
+    /// shadow's score (`HALF_LIFE_READS`); what `auto` ranks by when there are ghosts.
+    ghost: Vec<f32>,
 }
 
 /// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches, and `history`).
@@ -493,6 +609,11 @@ impl Selector {
             young: std::array::from_fn(|_| vec![Pooled::default(); names.len()]),
             idle: Idle::new(DEAD_READS),
             before: Vec::with_capacity(names.len()),
+            ghosts: if judge.cache_blocks == 0 || names.len() < 2 {
+                Vec::new()
+            } else {
+                names.iter().map(|_| Ghost::new(judge.cache_blocks, judge.bucket)).collect()
+            },
         })
     }
 
@@ -524,6 +645,7 @@ impl Selector {
         let s = self.streams.get(r.stream);
         if s.reads == 0 {
             s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
+            s.ghost = vec![0.0; self.ghosts.len()];
             s.group = r.group.index();
             let best = self.groups[s.group].iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
             s.best = best.filter(|b| *b.1 > 0.0).map_or(0, |b| b.0);
@@ -540,6 +662,10 @@ impl Selector {
             sh.on_read(&seen, &self.judge);
             sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b) || r.in_request_after(b));
         }
+        for ((g, score), a) in self.ghosts.iter_mut().zip(&mut s.ghost).zip(&self.answers) {
+            *score = *score * DECAY + g.read((r.stream, r.block), seen.now_us, &self.judge);
+            g.offer(r.stream, a, seen.now_us, &self.judge, |b| r.in_request_after(b));
+        }
         for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
             *pooled = *pooled * DECAY + (sh.score() - before);
         }
@@ -547,9 +673,9 @@ impl Selector {
         for (pooled, sh) in young.iter_mut().zip(&mut s.shadows) {
             pooled.add(sh.take_young(), s.reads <= YOUNG_READS);
         }
-        // The best score among candidates that hide more than they waste (on a young stream:
-        // on the young streams of its file type); none of them: pass nothing on (fetching
-        // nothing does best).
+        // The best score (its ghost's, if there are ghosts) among candidates that hide more
+        // than they waste (on a young stream: on the young streams of its file type); none of
+        // them: pass nothing on (fetching nothing does best).
         let cost = self.judge.waste_cost;
         let is_young = s.reads <= JUDGE_AFTER_READS;
         let worth = |i: usize| {
@@ -557,7 +683,10 @@ impl Selector {
         };
         let mut best = worth(s.best).then_some(s.best);
         for (i, sh) in s.shadows.iter().enumerate() {
-            if worth(i) && best.is_none_or(|b| sh.score() > s.shadows[b].score()) {
+            let better = |b: usize| {
+                if s.ghost.is_empty() { sh.score() > s.shadows[b].score() } else { s.ghost[i] > s.ghost[b] }
+            };
+            if worth(i) && best.is_none_or(better) {
                 best = Some(i);
             }
         }
@@ -589,8 +718,13 @@ impl Predictor for Selector {
 mod tests {
     use super::*;
 
-    const JUDGE: Judge =
-        Judge { fetch_us: 1000.0, fetch_ratio: 1.0, bucket: SHADOW_BUCKET_BLOCKS, waste_cost: WASTE_COST };
+    const JUDGE: Judge = Judge {
+        fetch_us: 1000.0,
+        fetch_ratio: 1.0,
+        bucket: SHADOW_BUCKET_BLOCKS,
+        waste_cost: WASTE_COST,
+        cache_blocks: 0,
+    };
 
     #[test]
     fn a_shadow_scores_the_lead_it_would_have_hidden() {
@@ -638,6 +772,57 @@ mod tests {
         );
         assert_eq!(out, (400..408).collect::<Vec<_>>());
         assert!(Selector::new("oracle", JUDGE).is_err());
+    }
+
+    #[test]
+    fn a_ghost_is_an_lru_cache_that_hides_what_has_landed() {
+        let mut g = Ghost::new(2, 100.0);
+        let j = JUDGE;
+        assert_eq!(g.read((1, 10), 0, &j), 0.0, "a miss fetches");
+        assert_eq!(g.read((1, 10), 500, &j), 0.5, "in flight: half the fetch waited");
+        assert_eq!(g.read((1, 10), 2000, &j), 1.0, "landed");
+        g.read((1, 11), 2000, &j);
+        g.read((1, 10), 3000, &j);
+        g.read((1, 12), 3000, &j);
+        assert!(g.map.contains_key(&(1, 10)) && !g.map.contains_key(&(1, 11)), "11 was the least recent");
+        for i in 0..1000 {
+            g.read((1, i % 3), 4000 + i, &j);
+            assert!(g.map.len() <= 2 && g.order.len() <= 2 * 2 + 64 + 1, "stale LRU entries are compacted");
+        }
+    }
+
+    #[test]
+    fn a_ghost_fetches_only_what_its_budget_pays_for_and_it_lacks() {
+        let mut g = Ghost::new(100, 4.0);
+        g.offer(2, &[1, 2, 3, 4, 5, 6], 0, &JUDGE, |b| b == 2);
+        assert_eq!(g.map.len(), 4, "four credits: 1, 3, 4, 5 (2 is skipped)");
+        assert!(!g.map.contains_key(&(2, 2)) && !g.map.contains_key(&(2, 6)));
+        g.read((2, 1), 100, &JUDGE);
+        g.offer(2, &[1, 3, 6, 7], 100, &JUDGE, |_| false);
+        assert!(g.map.contains_key(&(2, 6)) && !g.map.contains_key(&(2, 7)), "one credit earned, spent on 6");
+    }
+
+    /// Which of next-2 and next-8 `auto` passes on for a sequential stream read every 200 µs
+    /// (fetches take 1000 µs), judging in a cache of `cache_blocks` blocks (0: by shadows).
+    fn sequential_choice(cache_blocks: usize) -> usize {
+        let names = ["next-2", "next-8"];
+        let mut auto = Selector::among("auto", &names, Judge { cache_blocks, ..JUDGE }).unwrap();
+        let mut out = Vec::new();
+        for b in 0..400u64 {
+            out = select(&mut auto, Read::at(7, b, false), b * 200);
+        }
+        let s = auto.streams.get(7);
+        assert_eq!(out, (400..400 + [2, 8][s.best]).collect::<Vec<_>>(), "ghosts {:?}", s.ghost);
+        s.best
+    }
+
+    #[test]
+    fn ghosts_rank_by_what_the_cache_keeps_where_shadows_cannot_see_it() {
+        // Shadows credit the deeper look-ahead; in a 4-block cache its blocks are pushed out
+        // before they are read, and the shallow one hides more.
+        assert_eq!(sequential_choice(0), 1, "shadows: next-8");
+        assert_eq!(sequential_choice(4), 0, "ghosts in 4 blocks: next-2");
+        assert_eq!(sequential_choice(64), 1, "ghosts in 64 blocks: next-8");
     }
 
     /// Block of read `i` of a stream in no order (SplitMix64's finalizer spreads them over 2^40
