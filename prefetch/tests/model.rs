@@ -160,11 +160,13 @@ fn knobs_parse_and_bad_ones_are_named() {
         ("bucket=0", "1..=65536"),
         ("fallback=model", "not auto or one of none, next-1"),
         ("speed=9", "unknown model knob"),
+        ("cache_blocks=-3", "cache_blocks"),
     ] {
         let e = ModelKnobs::parse(bad).unwrap_err();
         assert!(e.contains(want), "{bad}: {e}");
     }
     assert_eq!(ModelKnobs::parse("fallback=history").unwrap().fallback, "history");
+    assert_eq!(ModelKnobs::parse("cache_blocks=0").unwrap().cache_blocks, 0, "0: no ghosts");
 }
 
 #[test]
