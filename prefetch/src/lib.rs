@@ -4,6 +4,7 @@
 
 pub mod features;
 pub mod filetype;
+mod lru;
 pub mod model;
 pub mod predict;
 pub mod replay;

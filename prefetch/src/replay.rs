@@ -13,12 +13,13 @@
 //!   requests is scored.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 
 use foldhash::HashMap;
 
 use serde::Serialize;
 
+use crate::lru::{Key, Lru};
 use crate::predict::{Predictor, Read};
 use crate::trace::{Op, Trace, blocks_of};
 
@@ -102,62 +103,9 @@ pub fn verdict(scores: &[Score], s: &Score) -> Option<Verdict> {
     })
 }
 
-type Key = (u64, u64);
-
 /// a / b, 0 when b is 0.
 fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
-}
-
-struct Entry {
-    seq: u64,
-    /// Brought in by a prefetch and not read yet.
-    prefetched_unused: bool,
-    /// When its data is there (a demand miss in progress until then).
-    ready_at: u64,
-}
-
-/// LRU over (stream, block) with ages in a BTreeMap (O(log n) per touch).
-struct Lru {
-    cap: usize,
-    next_seq: u64,
-    map: HashMap<Key, Entry>,
-    order: BTreeMap<u64, Key>,
-}
-
-impl Lru {
-    fn new(cap: usize) -> Self {
-        Self { cap: cap.max(1), next_seq: 0, map: HashMap::default(), order: BTreeMap::new() }
-    }
-
-    fn touch(&mut self, k: Key) -> Option<&mut Entry> {
-        let seq = self.next_seq;
-        let e = self.map.get_mut(&k)?;
-        self.order.remove(&e.seq);
-        e.seq = seq;
-        self.order.insert(seq, k);
-        self.next_seq += 1;
-        self.map.get_mut(&k)
-    }
-
-    /// Inserts at the MRU end; returns whether an unused prefetched block was evicted.
-    fn insert(&mut self, k: Key, prefetched_unused: bool, ready_at: u64) -> bool {
-        if self.touch(k).is_some() {
-            return false;
-        }
-        let mut wasted = false;
-        if self.map.len() >= self.cap
-            && let Some((_, victim)) = self.order.pop_first()
-            && let Some(v) = self.map.remove(&victim)
-        {
-            wasted = v.prefetched_unused;
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.map.insert(k, Entry { seq, prefetched_unused, ready_at });
-        self.order.insert(seq, k);
-        wasted
-    }
 }
 
 /// Replays `trace` through `predictor` under `cfg`.

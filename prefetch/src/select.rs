@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use foldhash::HashMap;
 
 use crate::features::RecentReads;
+use crate::lru::Lru;
 use crate::predict::{PerStream, Predictor, Read};
 
 /// Reads after which a named block that was not read counts as wasted.
@@ -390,18 +391,14 @@ pub struct Selector {
 /// MRU end) when named, not when they land.
 #[derive(Debug)]
 pub struct Ghost {
-    cap: usize,
-    next: u64,
-    /// (stream, block) → (LRU stamp, time its data is there).
-    map: HashMap<(u64, u64), (u64, u64)>,
-    /// (key, stamp) in LRU order; entries whose stamp is not the key's current one are stale.
-    order: VecDeque<((u64, u64), u64)>,
+    /// Blocks are cached as not prefetched: a ghost scores hidden time, not waste.
+    cache: Lru,
     credits: Credits,
 }
 
 /// Most blocks a ghost cache simulates (`Judge::cache_blocks` is capped to this): 4 GiB of
-/// 64 KiB blocks. A ghost takes about 90 bytes per block (its map, and its LRU order with
-/// stale entries up to twice the blocks), so `auto`'s nine candidates take about 800 bytes per
+/// 64 KiB blocks. A ghost takes about 90 bytes per block (the map of its `lru::Lru`, and
+/// its queue of ages with stale ones up to twice the blocks), so `auto`'s nine candidates take about 800 bytes per
 /// block of the client's cache: 3 MiB for `CACHE_BLOCKS`, 50 MiB at this limit.
 pub const GHOST_BLOCKS_MAX: usize = 1 << 16;
 /// The cache size candidates are judged in when nobody says (`ModelKnobs::cache_blocks`): the
@@ -411,35 +408,7 @@ pub const CACHE_BLOCKS: usize = 4096;
 
 impl Ghost {
     pub fn new(cap: usize, bucket: f32) -> Self {
-        Self {
-            cap: cap.clamp(1, GHOST_BLOCKS_MAX),
-            next: 0,
-            map: HashMap::default(),
-            order: VecDeque::new(),
-            credits: Credits::new(bucket),
-        }
-    }
-
-    fn stamp(&mut self, k: (u64, u64)) -> u64 {
-        self.next += 1;
-        self.order.push_back((k, self.next));
-        if self.order.len() > 2 * self.cap + 64 {
-            let map = &self.map;
-            let next = self.next;
-            self.order.retain(|&(k, s)| s == next || map.get(&k).is_some_and(|e| e.0 == s));
-        }
-        self.next
-    }
-
-    fn insert(&mut self, k: (u64, u64), ready_at: u64) {
-        while self.map.len() >= self.cap {
-            let Some((old, s)) = self.order.pop_front() else { break };
-            if self.map.get(&old).is_some_and(|e| e.0 == s) {
-                self.map.remove(&old);
-            }
-        }
-        let s = self.stamp(k);
-        self.map.insert(k, (s, ready_at));
+        Self { cache: Lru::new(cap.clamp(1, GHOST_BLOCKS_MAX)), credits: Credits::new(bucket) }
     }
 
     /// A read at `now` (µs): the share of a fetch it did not wait for (1 for a hit, 0 for a
@@ -447,12 +416,10 @@ impl Ghost {
     pub fn read(&mut self, k: (u64, u64), now: u64, judge: &Judge) -> f32 {
         self.credits.earn_read(judge.fetch_ratio);
         let fetch_us = judge.fetch_us.max(1.0);
-        if let Some(&(_, ready_at)) = self.map.get(&k) {
-            let s = self.stamp(k);
-            self.map.insert(k, (s, ready_at));
-            return 1.0 - (ready_at.saturating_sub(now) as f32 / fetch_us).min(1.0);
+        if let Some(e) = self.cache.touch(k) {
+            return 1.0 - (e.ready_at.saturating_sub(now) as f32 / fetch_us).min(1.0);
         }
-        self.insert(k, now + fetch_us as u64);
+        self.cache.insert(k, false, now + fetch_us as u64);
         0.0
     }
 
@@ -466,13 +433,13 @@ impl Ghost {
         skip: impl Fn(u64) -> bool,
     ) {
         for &b in blocks {
-            if skip(b) || self.map.contains_key(&(stream, b)) {
+            if skip(b) || self.cache.map.contains_key(&(stream, b)) {
                 continue;
             }
             if !self.credits.spend() {
                 break;
             }
-            self.insert((stream, b), now + judge.fetch_us as u64);
+            self.cache.insert((stream, b), false, now + judge.fetch_us as u64);
         }
     }
 }
@@ -784,10 +751,16 @@ mod tests {
         g.read((1, 11), 2000, &j);
         g.read((1, 10), 3000, &j);
         g.read((1, 12), 3000, &j);
-        assert!(g.map.contains_key(&(1, 10)) && !g.map.contains_key(&(1, 11)), "11 was the least recent");
+        assert!(
+            g.cache.map.contains_key(&(1, 10)) && !g.cache.map.contains_key(&(1, 11)),
+            "11 was the least recent"
+        );
         for i in 0..1000 {
             g.read((1, i % 3), 4000 + i, &j);
-            assert!(g.map.len() <= 2 && g.order.len() <= 2 * 2 + 64 + 1, "stale LRU entries are compacted");
+            assert!(
+                g.cache.map.len() <= 2 && g.cache.order.len() <= 2 * 2 + 64 + 1,
+                "stale LRU entries are compacted"
+            );
         }
     }
 
@@ -795,11 +768,14 @@ mod tests {
     fn a_ghost_fetches_only_what_its_budget_pays_for_and_it_lacks() {
         let mut g = Ghost::new(100, 4.0);
         g.offer(2, &[1, 2, 3, 4, 5, 6], 0, &JUDGE, |b| b == 2);
-        assert_eq!(g.map.len(), 4, "four credits: 1, 3, 4, 5 (2 is skipped)");
-        assert!(!g.map.contains_key(&(2, 2)) && !g.map.contains_key(&(2, 6)));
+        assert_eq!(g.cache.map.len(), 4, "four credits: 1, 3, 4, 5 (2 is skipped)");
+        assert!(!g.cache.map.contains_key(&(2, 2)) && !g.cache.map.contains_key(&(2, 6)));
         g.read((2, 1), 100, &JUDGE);
         g.offer(2, &[1, 3, 6, 7], 100, &JUDGE, |_| false);
-        assert!(g.map.contains_key(&(2, 6)) && !g.map.contains_key(&(2, 7)), "one credit earned, spent on 6");
+        assert!(
+            g.cache.map.contains_key(&(2, 6)) && !g.cache.map.contains_key(&(2, 7)),
+            "one credit earned, spent on 6"
+        );
     }
 
     /// Which of next-2 and next-8 `auto` passes on for a sequential stream read every 200 µs
