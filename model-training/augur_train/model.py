@@ -31,11 +31,15 @@ class DeltaLSTM(nn.Module):
 
 
 class StepModel(nn.Module):
-    """One LSTM step of a trained `DeltaLSTM`, laid out for a fast runtime: token [B],
-    x [B, F + H] (the step's features, then the state h), c [B, H] -> probs [B, V], h, c.
-    The embedding is folded into a per-token table of gate inputs, and the rest of the gates
-    come from one matrix product, so tract runs few, larger operations. Equal to `DeltaLSTM`
-    run over the same steps from a zero state."""
+    """One LSTM step of a trained `DeltaLSTM`, laid out for a fast runtime: x [B, V + F + H] (the
+    token one-hot, the step's features, then the state h), c [B, H] -> probs [B, V], h, c.
+
+    The step is one ONNX `LSTM` node (tract runs it as one matrix product and one fused cell
+    kernel) whose input weights hold everything: the embedding and both biases folded into a
+    per-token column block (the one-hot picks one column, so it adds that token's gate inputs),
+    the feature weights, and the recurrent weights (h arrives inside x; the node's own
+    recurrent weights are zero and its initial h is zero). Equal to `DeltaLSTM` run over the
+    same steps from a zero state."""
 
     def __init__(self, m: DeltaLSTM):
         super().__init__()
@@ -43,13 +47,18 @@ class StepModel(nn.Module):
         lstm, e = m.lstm, m.embed.embedding_dim
         w_ih = lstm.weight_ih_l0.detach()  # [4H, E + F]
         table = m.embed.weight.detach() @ w_ih[:, :e].t() + lstm.bias_ih_l0.detach() + lstm.bias_hh_l0.detach()
-        self.table = nn.Parameter(table.clone(), requires_grad=False)  # [V, 4H]
-        w = torch.cat([w_ih[:, e:], lstm.weight_hh_l0.detach()], dim=1)  # [4H, F + H]
-        self.w = nn.Parameter(w.t().contiguous().clone(), requires_grad=False)  # [F + H, 4H]
+        w = torch.cat([table.t(), w_ih[:, e:], lstm.weight_hh_l0.detach()], dim=1)  # [4H, V + F + H]
+        self.hidden = m.hidden
+        self.cell = nn.LSTM(w.shape[1], m.hidden)
+        with torch.no_grad():
+            self.cell.weight_ih_l0.copy_(w)
+            self.cell.weight_hh_l0.zero_()
+            self.cell.bias_ih_l0.zero_()
+            self.cell.bias_hh_l0.zero_()
+        self.cell.requires_grad_(False)
 
-    def forward(self, token, x, c):
-        gates = self.table[token] + x @ self.w
-        i, f, g, o = gates.chunk(4, dim=-1)  # PyTorch's gate order
-        c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h2 = torch.sigmoid(o) * torch.tanh(c2)
-        return torch.sigmoid(self.head(h2)), h2, c2
+    def forward(self, x, c):
+        h0 = torch.zeros((1, x.shape[0], self.hidden), dtype=x.dtype)
+        _, (h, c2) = self.cell(x.unsqueeze(0), (h0, c.unsqueeze(0)))
+        h, c2 = h.squeeze(0), c2.squeeze(0)
+        return torch.sigmoid(self.head(h)), h, c2

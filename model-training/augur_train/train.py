@@ -8,11 +8,12 @@ next-read accuracy on the last 30% of those traces and on the held-out traces (b
 "+1 block" baseline), and writes to --out:
 
 - `prefetch.onnx`: opset 17, one LSTM step for `LANES` state lanes of a stream (constant sequence
-  length 1): inputs `token` int64 [L], `x` float32 [L, F + H] (the step's features, then the
-  state h), `c` float32 [L, H]; outputs `probs` float32 [L, V], `h_out`, `c_out`. The runtime keeps the state per stream;
-  training windows start from a zero state and are S/2+1..S steps long, and the runtime
-  restarts one of a stream's two states every S/2 steps and reads the older one, so serving sees
-  exactly the history lengths training saw;
+  length 1), a single ONNX `LSTM` node plus the head: inputs `x` float32 [L, V + F + H] (the
+  token one-hot, the step's features, then the state h) and `c` float32 [L, H]; outputs `probs`
+  float32 [L, V], `h_out`, `c_out`. The runtime keeps the state per stream; training windows
+  start from a zero state and are S - S/L + 1..S steps long, and the runtime restarts each lane's
+  state every S steps and reads the oldest, so serving sees exactly the history lengths training
+  saw;
 - `prefetch.json`: vocabulary and feature config (as `augur trace features` wrote it) plus the
   metrics;
 - `prefetch.parity.json`: inputs and the probabilities PyTorch and onnxruntime gave for them
@@ -110,44 +111,53 @@ def train(
     return model
 
 
-def step_run(session, tokens: np.ndarray, feats: np.ndarray, hidden: int) -> np.ndarray:
-    """Runs the exported step graph over one window (both lanes the same) from a zero state."""
+def step_input(token: int, feats: np.ndarray, h: np.ndarray, vocab: int) -> np.ndarray:
+    """The step graph's `x` for every lane: the token one-hot, the step's features, the lane's h."""
+    onehot = np.zeros((h.shape[0], vocab), dtype=np.float32)
+    onehot[:, token] = 1.0
+    return np.concatenate([onehot, np.repeat(feats[None, :], h.shape[0], axis=0).astype(np.float32), h], axis=1)
+
+
+def step_run(session, tokens: np.ndarray, feats: np.ndarray, hidden: int, vocab: int) -> np.ndarray:
+    """Runs the exported step graph over one window (every lane the same) from a zero state."""
     h = np.zeros((LANES, hidden), dtype=np.float32)
     c = np.zeros((LANES, hidden), dtype=np.float32)
     probs = None
     for j in range(tokens.shape[0]):
-        x = np.concatenate([np.repeat(feats[j : j + 1], LANES, axis=0).astype(np.float32), h], axis=1)
-        probs, h, c = session.run(
-            ["probs", "h_out", "c_out"],
-            {"token": np.full((LANES,), tokens[j], dtype=np.int64), "x": x, "c": c},
-        )
+        probs, h, c = session.run(["probs", "h_out", "c_out"], {"x": step_input(int(tokens[j]), feats[j], h, vocab), "c": c})
     return probs[0]
 
 
-def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, metrics: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_step_graph(model: DeltaLSTM, config: dict, onnx_path: Path) -> None:
+    """Exports one step of `model` (`StepModel`) as the ONNX graph the runtime serves."""
     model.eval()
     step = StepModel(model).eval()
-    f, hidden = len(config["features"]), model.hidden
+    f, hidden, vocab = len(config["features"]), model.hidden, config["vocab"]
     args = (
-        torch.zeros((LANES,), dtype=torch.int64),
-        torch.zeros((LANES, f + hidden), dtype=torch.float32),
+        torch.zeros((LANES, vocab + f + hidden), dtype=torch.float32),
         torch.zeros((LANES, hidden), dtype=torch.float32),
     )
-    onnx_path = out / "prefetch.onnx"
     torch.onnx.export(
         step,
         args,
         str(onnx_path),
-        input_names=["token", "x", "c"],
+        input_names=["x", "c"],
         output_names=["probs", "h_out", "c_out"],
         opset_version=17,
         dynamo=False,
     )
     import onnx
-    import onnxruntime as ort
 
     onnx.checker.check_model(onnx.load(str(onnx_path)))
+
+
+def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, metrics: dict) -> None:
+    import onnxruntime as ort
+
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "prefetch.onnx"
+    write_step_graph(model, config, onnx_path)
+    hidden, vocab = model.hidden, config["vocab"]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     picks = rng.choice(len(sample), size=min(PARITY_CASES, len(sample)), replace=False) if len(sample) else []
@@ -157,7 +167,7 @@ def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, met
         x = sample.features[i : i + 1]
         with torch.no_grad():
             expected = model(torch.from_numpy(t), torch.from_numpy(x)).numpy()[0]
-        got = step_run(session, t[0], x[0], hidden)
+        got = step_run(session, t[0], x[0], hidden, vocab)
         diff = float(np.abs(expected - got).max())
         if diff > PARITY_TOLERANCE:
             raise RuntimeError(f"onnxruntime (step graph) disagrees with PyTorch (window) by {diff} (> {PARITY_TOLERANCE})")
@@ -167,7 +177,7 @@ def export(model: DeltaLSTM, config: dict, sample: data.TraceSet, out: Path, met
     model_config.update({
         "hidden": hidden,
         "lanes": LANES,
-        "inputs": ["token", "x", "c"],
+        "inputs": ["x", "c"],
         "outputs": ["probs", "h_out", "c_out"],
         "opset": 17,
         "metrics": metrics,

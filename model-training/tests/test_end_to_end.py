@@ -73,12 +73,12 @@ def test_train_evaluate_export_and_parity(features_dir: Path, tmp_path: Path):
     session = ort.InferenceSession(str(out / "prefetch.onnx"), providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs()}
     lanes, hidden = train.LANES, cfg["hidden"]
-    assert shapes == {"token": [lanes], "x": [lanes, FEATS + hidden], "c": [lanes, hidden]}, \
+    assert shapes == {"x": [lanes, VOCAB + FEATS + hidden], "c": [lanes, hidden]}, \
         "constant shapes: one step per run"
     for case in parity["cases"]:
         # The step graph over the window from a zero state gives the window model's answer.
         got = train.step_run(session, np.array(case["tokens"], dtype=np.int64),
-                             np.array(case["features"], dtype=np.float32), hidden)
+                             np.array(case["features"], dtype=np.float32), hidden, VOCAB)
         assert np.abs(got - np.array(case["probs"])).max() < 1e-5
         assert ((got >= 0) & (got <= 1)).all()
 

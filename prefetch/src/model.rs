@@ -1,8 +1,11 @@
 //! The `model` predictor: the ONNX network trained in `model-training/`, run with tract-onnx.
 //!
 //! The exported graph is one LSTM step with constant shapes (`LANES` state lanes, sequence
-//! length 1): inputs `token` [LANES], `x` = the step's features then the state h [LANES, F + H],
-//! `c` [LANES, H]; outputs `probs` [LANES, V], `h_out`, `c_out`. State is kept per stream: its
+//! length 1): inputs `x` = the token one-hot, the step's features, then the state h
+//! [LANES, V + F + H], and `c` [LANES, H]; outputs `probs` [LANES, V], `h_out`, `c_out`. It is a
+//! single ONNX `LSTM` node (the embedding, biases and recurrent weights folded into its input
+//! weights) plus the head, which tract runs as two matrix products, its fused LSTM cell kernel and
+//! a sigmoid: per-node overhead, not arithmetic, is most of a step's cost (models/README item 38). State is kept per stream: its
 //! features (`features::StreamFeatures`) and `LANES` LSTM states, each restarted every `SEQ_LEN`
 //! steps, `SEQ_LEN / LANES` steps apart; the oldest answers, so the model looks back
 //! `SEQ_LEN - SEQ_LEN / LANES + 1 ..= SEQ_LEN` steps, exactly the window lengths it was trained
@@ -44,6 +47,9 @@ pub enum ModelError {
 }
 
 type Plan = Arc<TypedRunnableModel>;
+
+/// Delta tokens: the width of the token one-hot in the step graph's `x` and of `probs`.
+const VOCAB: usize = features::VOCAB as usize;
 
 /// State lanes one run of the step graph serves per stream (see the module doc).
 pub const LANES: usize = 1;
@@ -90,6 +96,21 @@ impl Model {
                 });
             }
         }
+        let strings = |key: &str| -> Vec<String> {
+            cfg[key]
+                .as_array()
+                .map_or(vec![], |a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        };
+        if strings("inputs") != ["x", "c"] {
+            return Err(ModelError::Mismatch {
+                path: p.clone(),
+                what: format!(
+                    "its graph takes inputs {:?}; this build serves the step graph with inputs [\"x\", \"c\"] \
+                     (re-export it with model-training/augur_train)",
+                    strings("inputs")
+                ),
+            });
+        }
         let names: Vec<&str> =
             cfg["features"].as_array().map_or(vec![], |a| a.iter().filter_map(|v| v.as_str()).collect());
         if names != features::FEATURES {
@@ -112,11 +133,9 @@ impl Model {
         let plan = tract_onnx::onnx()
             .model_for_path(onnx)
             .map_err(file_err)?
-            .with_input_fact(0, i64::fact([LANES]).into())
+            .with_input_fact(0, f32::fact([LANES, VOCAB + nf + hidden]).into())
             .map_err(file_err)?
-            .with_input_fact(1, f32::fact([LANES, nf + hidden]).into())
-            .map_err(file_err)?
-            .with_input_fact(2, f32::fact([LANES, hidden]).into())
+            .with_input_fact(1, f32::fact([LANES, hidden]).into())
             .map_err(file_err)?
             .into_optimized()
             .map_err(file_err)?
@@ -140,8 +159,7 @@ impl Model {
     pub fn runner(&self) -> TractResult<Runner> {
         let nf = features::FEATURES.len();
         let inputs = [
-            Tensor::zero::<i64>(&[LANES])?,
-            Tensor::zero::<f32>(&[LANES, nf + self.hidden])?,
+            Tensor::zero::<f32>(&[LANES, VOCAB + nf + self.hidden])?,
             Tensor::zero::<f32>(&[LANES, self.hidden])?,
         ];
         Ok(Runner {
@@ -169,8 +187,8 @@ impl Model {
 pub struct Runner {
     state: TypedSimpleState,
     hidden: usize,
-    /// `token`, `x`, `c`: filled in place each step.
-    inputs: [Arc<Tensor>; 3],
+    /// `x`, `c`: filled in place each step.
+    inputs: [Arc<Tensor>; 2],
 }
 
 impl Runner {
@@ -193,13 +211,19 @@ impl Runner {
         let older = (0..LANES).max_by_key(|&l| age(l)).unwrap_or(0);
         // Filled in place: tract drops its references when a run ends (if a failed run kept
         // one, `make_mut` copies the tensor instead of failing every later step).
-        let [token, x, c] = &mut self.inputs;
-        Arc::make_mut(token).try_as_plain_ram_mut()?.as_slice_mut::<i64>()?.fill(step.token);
-        // x = [features | h] per lane.
+        let vocab = VOCAB;
+        let token = usize::try_from(step.token).ok().filter(|&t| t < vocab).ok_or_else(|| {
+            TractError::msg(format!("token {} is outside the vocabulary 0..{vocab}", step.token))
+        })?;
+        let [x, c] = &mut self.inputs;
+        // x = [token one-hot | features | h] per lane.
         let mut xs = Arc::make_mut(x).try_as_plain_ram_mut()?;
-        for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(nf + h).enumerate() {
-            row[..nf].copy_from_slice(&step.features);
-            row[nf..].copy_from_slice(&state.h[lane * h..(lane + 1) * h]);
+        for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(vocab + nf + h).enumerate() {
+            let (onehot, rest) = row.split_at_mut(vocab);
+            onehot.fill(0.0);
+            onehot[token] = 1.0;
+            rest[..nf].copy_from_slice(&step.features);
+            rest[nf..].copy_from_slice(&state.h[lane * h..(lane + 1) * h]);
         }
         Arc::make_mut(c).try_as_plain_ram_mut()?.as_slice_mut::<f32>()?.copy_from_slice(&state.c);
         let out = self.state.run(self.inputs.iter().map(|t| TValue::from_const(t.clone())).collect())?;
@@ -211,7 +235,6 @@ impl Runner {
             h_out.try_as_plain_ram()?.as_slice::<f32>()?,
             c_out.try_as_plain_ram()?.as_slice::<f32>()?,
         );
-        let vocab = features::VOCAB as usize;
         if p.len() != LANES * vocab || h_out.len() != state.h.len() || c_out.len() != state.c.len() {
             return Err(TractError::msg(format!(
                 "the graph gave outputs of {} / {} / {} values, expected {} / {} / {}",

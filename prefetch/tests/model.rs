@@ -112,6 +112,12 @@ fn missing_corrupt_or_mismatched_models_are_named_and_fall_back() {
     let e = Model::load(&corrupt).err().expect("a model whose state does not fit is refused");
     eprintln!("hidden 16: {e}");
     assert!(e.to_string().contains("prefetch.onnx"), "{e}");
+    // A model exported with the earlier input layout (a token id beside x) is named as such.
+    cfg["hidden"] = serde_json::json!(32);
+    cfg["inputs"] = serde_json::json!(["token", "x", "c"]);
+    std::fs::write(corrupt.with_extension("json"), cfg.to_string()).unwrap();
+    let e = Model::load(&corrupt).err().expect("a model of another input layout is refused");
+    assert!(matches!(e, ModelError::Mismatch { .. }) && e.to_string().contains("inputs"), "{e}");
 
     same_as_fallback(None);
 }
