@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -75,6 +76,10 @@ def test_train_evaluate_export_and_parity(features_dir: Path, tmp_path: Path):
     lanes, hidden = train.LANES, cfg["hidden"]
     assert shapes == {"x": [lanes, VOCAB + FEATS + hidden], "c": [lanes, hidden]}, \
         "constant shapes: one step per run"
+    # One LSTM node carries the whole cell (tract runs it as a matrix product and one fused
+    # kernel; a cell spelled out in slices and elementwise ops cost twice as much per step).
+    ops = [n.op_type for n in onnx.load(str(out / "prefetch.onnx")).graph.node]
+    assert ops.count("LSTM") == 1 and not {"Slice", "Split", "Tanh"} & set(ops), ops
     for case in parity["cases"]:
         # The step graph over the window from a zero state gives the window model's answer.
         got = train.step_run(session, np.array(case["tokens"], dtype=np.int64),

@@ -106,7 +106,7 @@ impl Model {
                 path: p.clone(),
                 what: format!(
                     "its graph takes inputs {:?}; this build serves the step graph with inputs [\"x\", \"c\"] \
-                     (re-export it with model-training/augur_train)",
+                     (export it again: `python -m augur_train.train` in model-training/)",
                     strings("inputs")
                 ),
             });
