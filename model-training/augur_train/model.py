@@ -48,7 +48,6 @@ class StepModel(nn.Module):
         w_ih = lstm.weight_ih_l0.detach()  # [4H, E + F]
         table = m.embed.weight.detach() @ w_ih[:, :e].t() + lstm.bias_ih_l0.detach() + lstm.bias_hh_l0.detach()
         w = torch.cat([table.t(), w_ih[:, e:], lstm.weight_hh_l0.detach()], dim=1)  # [4H, V + F + H]
-        self.hidden = m.hidden
         self.cell = nn.LSTM(w.shape[1], m.hidden)
         with torch.no_grad():
             self.cell.weight_ih_l0.copy_(w)
@@ -58,7 +57,7 @@ class StepModel(nn.Module):
         self.cell.requires_grad_(False)
 
     def forward(self, x, c):
-        h0 = torch.zeros((1, x.shape[0], self.hidden), dtype=x.dtype)
+        h0 = torch.zeros((1, x.shape[0], self.cell.hidden_size), dtype=x.dtype)
         _, (h, c2) = self.cell(x.unsqueeze(0), (h0, c.unsqueeze(0)))
         h, c2 = h.squeeze(0), c2.squeeze(0)
         return torch.sigmoid(self.head(h)), h, c2

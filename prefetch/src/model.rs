@@ -4,12 +4,12 @@
 //! length 1): inputs `x` = the token one-hot, the step's features, then the state h
 //! [LANES, V + F + H], and `c` [LANES, H]; outputs `probs` [LANES, V], `h_out`, `c_out`. It is a
 //! single ONNX `LSTM` node (the embedding, biases and recurrent weights folded into its input
-//! weights) plus the head, which tract runs as two matrix products, its fused LSTM cell kernel and
-//! a sigmoid: per-node overhead, not arithmetic, is most of a step's cost (models/README item 38). State is kept per stream: its
-//! features (`features::StreamFeatures`) and `LANES` LSTM states, each restarted every `SEQ_LEN`
-//! steps, `SEQ_LEN / LANES` steps apart; the oldest answers, so the model looks back
-//! `SEQ_LEN - SEQ_LEN / LANES + 1 ..= SEQ_LEN` steps, exactly the window lengths it was trained
-//! on, at one tract run per read. With one lane (the default: a run costs about 60% of a
+//! weights) plus the head, which tract runs as two matrix products, its fused LSTM cell kernel
+//! and a sigmoid: per-node overhead, not arithmetic, is most of a step's cost (models/README
+//! item 38). State is kept per stream: its features (`features::StreamFeatures`) and `LANES`
+//! LSTM states, each restarted every `SEQ_LEN` steps, `SEQ_LEN / LANES` steps apart; the oldest
+//! answers, so the model looks back `SEQ_LEN - SEQ_LEN / LANES + 1 ..= SEQ_LEN` steps, exactly
+//! the window lengths it was trained on, at one tract run per read. With one lane (the default: a run costs about 60% of a
 //! two-lane run) that is 1..=16 steps.
 //!
 //! For each read the network gives, per delta token, the probability that the block that far
@@ -96,10 +96,8 @@ impl Model {
                 });
             }
         }
-        let strings = |key: &str| -> Vec<String> {
-            cfg[key]
-                .as_array()
-                .map_or(vec![], |a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        let strings = |key: &str| -> Vec<&str> {
+            cfg[key].as_array().map_or(vec![], |a| a.iter().filter_map(|v| v.as_str()).collect())
         };
         if strings("inputs") != ["x", "c"] {
             return Err(ModelError::Mismatch {
@@ -111,8 +109,7 @@ impl Model {
                 ),
             });
         }
-        let names: Vec<&str> =
-            cfg["features"].as_array().map_or(vec![], |a| a.iter().filter_map(|v| v.as_str()).collect());
+        let names = strings("features");
         if names != features::FEATURES {
             return Err(ModelError::Mismatch {
                 path: p.clone(),
@@ -211,15 +208,14 @@ impl Runner {
         let older = (0..LANES).max_by_key(|&l| age(l)).unwrap_or(0);
         // Filled in place: tract drops its references when a run ends (if a failed run kept
         // one, `make_mut` copies the tensor instead of failing every later step).
-        let vocab = VOCAB;
-        let token = usize::try_from(step.token).ok().filter(|&t| t < vocab).ok_or_else(|| {
-            TractError::msg(format!("token {} is outside the vocabulary 0..{vocab}", step.token))
+        let token = usize::try_from(step.token).ok().filter(|&t| t < VOCAB).ok_or_else(|| {
+            TractError::msg(format!("token {} is outside the vocabulary 0..{VOCAB}", step.token))
         })?;
         let [x, c] = &mut self.inputs;
         // x = [token one-hot | features | h] per lane.
         let mut xs = Arc::make_mut(x).try_as_plain_ram_mut()?;
-        for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(vocab + nf + h).enumerate() {
-            let (onehot, rest) = row.split_at_mut(vocab);
+        for (lane, row) in xs.as_slice_mut::<f32>()?.chunks_exact_mut(VOCAB + nf + h).enumerate() {
+            let (onehot, rest) = row.split_at_mut(VOCAB);
             onehot.fill(0.0);
             onehot[token] = 1.0;
             rest[..nf].copy_from_slice(&step.features);
@@ -235,19 +231,19 @@ impl Runner {
             h_out.try_as_plain_ram()?.as_slice::<f32>()?,
             c_out.try_as_plain_ram()?.as_slice::<f32>()?,
         );
-        if p.len() != LANES * vocab || h_out.len() != state.h.len() || c_out.len() != state.c.len() {
+        if p.len() != LANES * VOCAB || h_out.len() != state.h.len() || c_out.len() != state.c.len() {
             return Err(TractError::msg(format!(
                 "the graph gave outputs of {} / {} / {} values, expected {} / {} / {}",
                 p.len(),
                 h_out.len(),
                 c_out.len(),
-                LANES * vocab,
+                LANES * VOCAB,
                 state.h.len(),
                 state.c.len()
             )));
         }
         probs.clear();
-        probs.extend_from_slice(&p[older * vocab..(older + 1) * vocab]);
+        probs.extend_from_slice(&p[older * VOCAB..(older + 1) * VOCAB]);
         state.h.copy_from_slice(h_out);
         state.c.copy_from_slice(c_out);
         state.steps += 1;
