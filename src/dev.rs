@@ -187,8 +187,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
     crate::cancel_on_signal(stop.clone())?;
     let meta_list = cluster.meta_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     println!("try:  export AUGUR_META={meta_list} AUGUR_TLS={}", state.join("tls/admin").display());
+    // The user.augur.* attributes are computed, so they are read by name, not listed (a copy
+    // with `cp -a` or `rsync -X` would otherwise try to write the read-only ones).
     println!(
-        "      augur cluster status; augur shards {}; getfattr -d -m - {}/FILE",
+        "      augur cluster status; augur shards {}; getfattr -n user.augur.shards {}/FILE",
         args.volume,
         mountpoint.display()
     );

@@ -127,7 +127,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let mut reports = Vec::new();
     for path in &args.traces {
-        let mut trace = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+        let mut trace = Trace::read(path)?;
+        if !trace.accesses.iter().any(|a| a.op == augur_prefetch::Op::Read) {
+            bail!("{}: no read requests to replay", path.display());
+        }
         let keep = (args.head_frac * trace.accesses.len() as f64).round() as usize;
         trace.accesses.truncate(keep.max(1));
         let mut scores: Vec<Score> = Vec::new();
@@ -242,8 +245,7 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(args: ConvertArgs) -> Result<()> {
-    let trace =
-        Trace::read(&args.input).with_context(|| format!("reading trace {}", args.input.display()))?;
+    let trace = Trace::read(&args.input)?;
     let kept: Vec<_> = trace
         .accesses
         .iter()
@@ -315,7 +317,7 @@ pub fn features(args: FeaturesArgs) -> Result<()> {
         traces: Vec::new(),
     };
     for path in &args.traces {
-        let trace = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+        let trace = Trace::read(path)?;
         let s = f::samples(&trace, args.block_kib << 10, args.stride as usize, args.max_samples);
         let n = s.len();
         let write = |suffix: &str, descr: &str, shape: &[usize], data: Vec<u8>| -> Result<()> {

@@ -13,6 +13,10 @@ use crate::filetype::Group;
 
 /// Largest trace read into memory, in records (a trace is replayed whole).
 pub const TRACE_RECORDS_MAX: usize = 50_000_000;
+/// Largest request a trace may hold, in bytes: the replay walks every block a request covers,
+/// so a corrupt size field must not stand for billions of blocks. Real traces' requests are at
+/// most a few MiB.
+pub const REQUEST_BYTES_MAX: u64 = 1 << 30;
 /// The header every trace file starts with.
 pub const CSV_HEADER: &str = "timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id";
 /// The header of a trace that also carries each request's file type group.
@@ -51,8 +55,8 @@ pub struct Trace {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: line {line}: {what}")]
     Bad { path: String, line: usize, what: String },
     #[error("{path}: more than {TRACE_RECORDS_MAX} records")]
@@ -63,7 +67,7 @@ impl Trace {
     /// Reads a trace in the shared CSV shape, gzip-compressed when the name ends in `.gz`.
     pub fn read(path: &Path) -> Result<Trace, TraceError> {
         let p = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| TraceError::Io { path: p.clone(), source })?;
+        let file = std::fs::File::open(path).map_err(|error| TraceError::Io { path: p.clone(), error })?;
         let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
             Box::new(flate2::read::MultiGzDecoder::new(file))
         } else {
@@ -80,9 +84,9 @@ impl Trace {
         let bad = |line: usize, what: String| TraceError::Bad { path: path.into(), line, what };
         let mut accesses = Vec::new();
         let mut ordinal = true;
-        let mut fields = 5;
+        let mut fields = 0;
         for (i, line) in reader.lines().enumerate() {
-            let line = line.map_err(|source| TraceError::Io { path: path.into(), source })?;
+            let line = line.map_err(|error| TraceError::Io { path: path.into(), error })?;
             let n = i + 1;
             if i == 0 {
                 fields = match line.trim() {
@@ -133,11 +137,32 @@ impl Trace {
                     None => Group::Other,
                 },
             };
+            if a.size > REQUEST_BYTES_MAX {
+                return Err(bad(
+                    n,
+                    format!(
+                        "size_bytes {} is over the largest request accepted ({REQUEST_BYTES_MAX})",
+                        a.size
+                    ),
+                ));
+            }
+            if a.offset.checked_add(a.size).is_none() {
+                return Err(bad(
+                    n,
+                    format!("offset_bytes {} + size_bytes {} is past 2^64", a.offset, a.size),
+                ));
+            }
             ordinal &= a.t_us == accesses.len() as u64;
             if accesses.len() >= TRACE_RECORDS_MAX {
                 return Err(TraceError::TooLarge { path: path.into() });
             }
             accesses.push(a);
+        }
+        if fields == 0 {
+            return Err(bad(
+                1,
+                format!("empty file: expected the header {CSV_HEADER:?} or {CLIENT_CSV_HEADER:?}"),
+            ));
         }
         Ok(Trace { name: name.into(), timed: !ordinal || accesses.is_empty(), files: fields == 6, accesses })
     }
@@ -149,7 +174,7 @@ impl Trace {
 pub fn write_csv(path: &Path, accesses: &[Access], files: bool) -> Result<(), TraceError> {
     use std::io::Write;
     let p = path.display().to_string();
-    let io = |source| TraceError::Io { path: p.clone(), source };
+    let io = |error| TraceError::Io { path: p.clone(), error };
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::write::GzEncoder::new(file, flate2::Compression::default()))
@@ -228,6 +253,14 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("movie"), "{e}");
         let e = error(format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0\n"));
         assert!(e.contains("expected 6 fields"), "{e}");
+        let e = error(String::new());
+        assert!(e.contains("line 1: empty file"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n0,R,18446744073709551615,4096,0\n"));
+        assert!(e.contains("line 2") && e.contains("past 2^64"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n0,R,0,4096,0\n1,R,0,99999999999999,0\n"));
+        assert!(e.contains("line 3") && e.contains("size_bytes 99999999999999"), "{e}");
+        let e = Trace::read(Path::new("/nonexistent/t.csv")).unwrap_err();
+        assert!(std::error::Error::source(&e).is_none(), "the reason is in the message, once: {e}");
     }
 
     #[test]

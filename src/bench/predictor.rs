@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use augur_prefetch::features::StreamFeatures;
 use augur_prefetch::model::{Model, StreamState};
 use augur_prefetch::{Read, Trace, all_heuristics, trace::blocks_of};
@@ -31,7 +31,7 @@ pub struct Row {
 pub const STEP: &str = "model-step";
 
 pub fn run(trace: &Path, model: &Path, accesses: usize, runs: usize) -> Result<Vec<Row>> {
-    let t = Trace::read(trace).with_context(|| format!("reading {}", trace.display()))?;
+    let t = Trace::read(trace)?;
     let reads: Vec<Read> = t
         .accesses
         .iter()

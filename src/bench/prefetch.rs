@@ -126,7 +126,7 @@ impl Report {
 type ReadOp = (usize, u64, usize);
 
 pub async fn run(o: BenchOptions) -> Result<Report> {
-    let trace = Trace::read(&o.trace).with_context(|| format!("reading trace {}", o.trace.display()))?;
+    let trace = Trace::read(&o.trace)?;
     let mut streams: Vec<u64> = Vec::new();
     let mut sizes: Vec<u64> = Vec::new();
     let mut ops: Vec<ReadOp> = Vec::new();
