@@ -58,6 +58,24 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     assert!(!ok && err.contains("--latency-ms"), "{err}");
     let (ok, _, err) = augur(&["trace", "eval", &cp, "--head-frac", "1.5"]);
     assert!(!ok && err.contains("--head-frac"), "{err}");
+    // A corrupt size is an error, not billions of blocks replayed; an overflowing offset too.
+    let header = augur_prefetch::trace::CSV_HEADER;
+    std::fs::write(&bad, format!("{header}\n0,R,0,4096,1\n1,R,0,99999999999999,1\n")).unwrap();
+    let (ok, _, err) = augur(&["trace", "eval", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("bad.csv: line 3: size_bytes 99999999999999"), "{err}");
+    std::fs::write(&bad, format!("{header}\n0,R,18446744073709551615,4096,1\n")).unwrap();
+    let (ok, _, err) = augur(&["trace", "eval", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("line 2") && err.contains("past 2^64"), "{err}");
+    std::fs::write(&bad, "").unwrap();
+    let (ok, _, err) = augur(&["trace", "eval", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("empty file"), "{err}");
+    // Nothing to score is said, and the other traces of the run are still judged.
+    let writes = dir.path().join("writes.csv");
+    std::fs::write(&writes, format!("{header}\n0,W,0,4096,1\n")).unwrap();
+    let (ok, out, err) = augur(&["trace", "eval", writes.to_str().unwrap(), &cp, "--predictors", "auto"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no reads in the scored part: nothing to judge"), "{out}");
+    assert!(out.contains("auto: ") && out.contains("the fastest SPEC heuristic"), "{out}");
 }
 
 /// Reads a .npy header: (descr, shape).
