@@ -17,6 +17,9 @@ pub const TRACE_RECORDS_MAX: usize = 50_000_000;
 /// so a corrupt size field must not stand for billions of blocks. Real traces' requests are at
 /// most a few MiB.
 pub const REQUEST_BYTES_MAX: u64 = 1 << 30;
+/// Largest timestamp accepted, in µs (about 146 000 years): the replay adds fetch latencies to
+/// times, which must not overflow.
+pub const TIMESTAMP_US_MAX: u64 = 1 << 62;
 /// The header every trace file starts with.
 pub const CSV_HEADER: &str = "timestamp_us,op,offset_bytes,size_bytes,volume_or_object_id";
 /// The header of a trace that also carries each request's file type group.
@@ -137,6 +140,9 @@ impl Trace {
                     None => Group::Other,
                 },
             };
+            if a.t_us > TIMESTAMP_US_MAX {
+                return Err(bad(n, format!("timestamp_us {:?} is over {TIMESTAMP_US_MAX}", f[0])));
+            }
             if a.size > REQUEST_BYTES_MAX {
                 return Err(bad(
                     n,
@@ -253,6 +259,8 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("movie"), "{e}");
         let e = error(format!("{CLIENT_CSV_HEADER}\n0,R,0,1,0\n"));
         assert!(e.contains("expected 6 fields"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n1e300,R,0,4096,0\n"));
+        assert!(e.contains("line 2: timestamp_us \"1e300\" is over"), "{e}");
         let e = error(String::new());
         assert!(e.contains("line 1: empty file"), "{e}");
         let e = error(format!("{CSV_HEADER}\n0,R,18446744073709551615,4096,0\n"));
