@@ -27,8 +27,8 @@ pub struct EvalArgs {
     /// Cost of a demand miss and of a prefetch's trip, in ms.
     #[arg(long, default_value_t = 1.0)]
     latency_ms: f64,
-    /// Spacing of requests in untimed traces (ARC), in µs.
-    #[arg(long, default_value_t = 100)]
+    /// Spacing of requests in untimed traces (ARC), in µs (at most 60 s).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000_000))]
     iat_us: u64,
     /// Most prefetched blocks in flight; extra predictions are dropped.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -128,6 +128,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut reports = Vec::new();
     for path in &args.traces {
         let mut trace = Trace::read(path)?;
+        trace.check_blocks(&path.display().to_string(), cfg.block_bytes)?;
         let keep = (args.head_frac * trace.accesses.len() as f64).round() as usize;
         trace.accesses.truncate(keep.max(1));
         let mut scores: Vec<Score> = Vec::new();
@@ -147,7 +148,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         // Every predictor that is not a heuristic itself (`model`, `auto`) is judged.
         for i in 0..scores.len() {
-            if !all_heuristics().any(|h| h == scores[i].predictor) {
+            // Nothing scored (no reads in the scored part): nothing to judge.
+            if scores[i].reads > 0 && !all_heuristics().any(|h| h == scores[i].predictor) {
                 scores[i].verdict = augur_prefetch::replay::verdict(&scores, &scores[i]);
             }
         }
@@ -319,6 +321,7 @@ pub fn features(args: FeaturesArgs) -> Result<()> {
     };
     for path in &args.traces {
         let trace = Trace::read(path)?;
+        trace.check_blocks(&path.display().to_string(), args.block_kib << 10)?;
         let s = f::samples(&trace, args.block_kib << 10, args.stride as usize, args.max_samples);
         let n = s.len();
         let write = |suffix: &str, descr: &str, shape: &[usize], data: Vec<u8>| -> Result<()> {

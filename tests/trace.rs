@@ -65,7 +65,7 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     assert!(!ok && err.contains("bad.csv: line 3: size_bytes 99999999999999"), "{err}");
     std::fs::write(&bad, format!("{header}\n0,R,18446744073709551615,4096,1\n")).unwrap();
     let (ok, _, err) = augur(&["trace", "eval", bad.to_str().unwrap()]);
-    assert!(!ok && err.contains("line 2") && err.contains("past 2^64"), "{err}");
+    assert!(!ok && err.contains("line 2") && err.contains("past byte 2^64 - 1"), "{err}");
     std::fs::write(&bad, "").unwrap();
     let (ok, _, err) = augur(&["trace", "eval", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("empty file"), "{err}");
@@ -74,8 +74,17 @@ fn eval_refuses_bad_input_with_a_clear_error() {
     std::fs::write(&writes, format!("{header}\n0,W,0,4096,1\n")).unwrap();
     let (ok, out, err) = augur(&["trace", "eval", writes.to_str().unwrap(), &cp, "--predictors", "auto"]);
     assert!(ok, "{err}");
-    assert!(out.contains("no reads in the scored part: nothing to judge"), "{out}");
-    assert!(out.contains("auto: ") && out.contains("the fastest SPEC heuristic"), "{out}");
+    let (writes_part, rest) = out.split_once("cloudphysics_excerpt").expect("both traces reported");
+    assert!(writes_part.contains("no reads in the scored part: nothing to judge"), "{out}");
+    assert!(!writes_part.contains("fastest SPEC heuristic"), "nothing judged on no reads: {out}");
+    assert!(rest.contains("auto: ") && rest.contains("the fastest SPEC heuristic"), "{out}");
+    let (ok, out, err) =
+        augur(&["trace", "eval", writes.to_str().unwrap(), "--predictors", "auto", "--json"]);
+    assert!(ok, "{err}");
+    let reports: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(reports[0]["scores"].as_array().unwrap().iter().all(|s| s.get("verdict").is_none()), "{out}");
+    let (ok, _, err) = augur(&["trace", "eval", &cp, "--iat-us", "99999999999"]);
+    assert!(!ok && err.contains("--iat-us"), "{err}");
 }
 
 /// Reads a .npy header: (descr, shape).

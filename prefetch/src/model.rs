@@ -362,7 +362,12 @@ impl ModelKnobs {
                 "unsure_below" => k.unsure_below = number()?,
                 "accuracy_floor" => k.accuracy_floor = number()?,
                 "fetch_ratio" => k.fetch_ratio = number()?,
-                "fetch_us" => k.fetch_us = number()?,
+                "fetch_us" => {
+                    k.fetch_us = number()?;
+                    if k.fetch_us > 60e6 {
+                        return Err(bad(&"must be at most 60000000 (60 s)"));
+                    }
+                }
                 "trust" => k.trust = number()?,
                 "waste_cost" => k.waste_cost = number()?,
                 "cache_blocks" => {

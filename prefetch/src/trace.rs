@@ -14,9 +14,15 @@ use crate::filetype::Group;
 /// Largest trace read into memory, in records (a trace is replayed whole).
 pub const TRACE_RECORDS_MAX: usize = 50_000_000;
 /// Largest request a trace may hold, in bytes: the replay walks every block a request covers,
-/// so a corrupt size field must not stand for billions of blocks. Real traces' requests are at
+/// so a corrupt size field must not stand for millions of blocks. Real traces' requests are at
 /// most a few MiB.
-pub const REQUEST_BYTES_MAX: u64 = 1 << 30;
+pub const REQUEST_BYTES_MAX: u64 = 64 << 20;
+/// Most block touches (each request's blocks, summed) a trace may hold at the block size it is
+/// replayed or featurised at ([`Trace::check_blocks`]): bounds the replay's work and the
+/// footprint's memory whatever the requests' sizes.
+pub const TRACE_BLOCKS_MAX: u64 = 200_000_000;
+/// Longest line read, in bytes (a line of the shared shape is under 100).
+pub const LINE_BYTES_MAX: usize = 4096;
 /// Largest timestamp accepted, in µs (about 146 000 years): the replay adds fetch latencies to
 /// times, which must not overflow.
 pub const TIMESTAMP_US_MAX: u64 = 1 << 62;
@@ -62,8 +68,10 @@ pub enum TraceError {
     Io { path: String, error: std::io::Error },
     #[error("{path}: line {line}: {what}")]
     Bad { path: String, line: usize, what: String },
-    #[error("{path}: more than {TRACE_RECORDS_MAX} records")]
+    #[error("{path}: more than {TRACE_RECORDS_MAX} lines")]
     TooLarge { path: String },
+    #[error("{path}: {touches} block touches at {block_kib} KiB blocks, more than {TRACE_BLOCKS_MAX}")]
+    TooManyBlocks { path: String, touches: u64, block_kib: u64 },
 }
 
 impl Trace {
@@ -88,9 +96,26 @@ impl Trace {
         let mut accesses = Vec::new();
         let mut ordinal = true;
         let mut fields = 0;
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.map_err(|error| TraceError::Io { path: path.into(), error })?;
+        let mut reader = reader;
+        let mut buf = Vec::new();
+        for i in 0.. {
             let n = i + 1;
+            if i > TRACE_RECORDS_MAX {
+                return Err(TraceError::TooLarge { path: path.into() });
+            }
+            buf.clear();
+            let read = (&mut reader)
+                .take(LINE_BYTES_MAX as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|error| TraceError::Io { path: path.into(), error })?;
+            if read == 0 {
+                break;
+            }
+            if buf.len() > LINE_BYTES_MAX {
+                return Err(bad(n, format!("longer than {LINE_BYTES_MAX} bytes")));
+            }
+            let line = std::str::from_utf8(&buf).map_err(|e| bad(n, format!("not UTF-8 text: {e}")))?;
+            let line = line.trim_end_matches(['\n', '\r']);
             if i == 0 {
                 fields = match line.trim() {
                     CSV_HEADER => 5,
@@ -152,16 +177,13 @@ impl Trace {
                     ),
                 ));
             }
-            if a.offset.checked_add(a.size).is_none() {
+            if a.offset.checked_add(a.size.saturating_sub(1)).is_none() {
                 return Err(bad(
                     n,
-                    format!("offset_bytes {} + size_bytes {} is past 2^64", a.offset, a.size),
+                    format!("offset_bytes {} + size_bytes {} ends past byte 2^64 - 1", a.offset, a.size),
                 ));
             }
             ordinal &= a.t_us == accesses.len() as u64;
-            if accesses.len() >= TRACE_RECORDS_MAX {
-                return Err(TraceError::TooLarge { path: path.into() });
-            }
             accesses.push(a);
         }
         if fields == 0 {
@@ -207,6 +229,24 @@ pub fn write_record(w: &mut impl std::io::Write, a: &Access, typed: bool) -> std
 }
 
 impl Trace {
+    /// Fails when the trace touches more than `TRACE_BLOCKS_MAX` blocks at `block_bytes`
+    /// (`path` names it in the error).
+    pub fn check_blocks(&self, path: &str, block_bytes: u64) -> Result<(), TraceError> {
+        let mut touches = 0u64;
+        for a in &self.accesses {
+            let b = blocks_of(a, block_bytes);
+            touches += b.end - b.start;
+            if touches > TRACE_BLOCKS_MAX {
+                return Err(TraceError::TooManyBlocks {
+                    path: path.into(),
+                    touches,
+                    block_kib: block_bytes >> 10,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Distinct (stream, block) pairs the trace touches at `block_bytes`.
     pub fn footprint(&self, block_bytes: u64) -> usize {
         let mut seen = std::collections::HashSet::new();
@@ -222,7 +262,7 @@ impl Trace {
 /// The blocks a request's byte range covers (a zero-length request touches its offset's block).
 pub fn blocks_of(a: &Access, block_bytes: u64) -> std::ops::Range<u64> {
     let first = a.offset / block_bytes;
-    let last = (a.offset + a.size.max(1) - 1) / block_bytes;
+    let last = (a.offset + a.size.saturating_sub(1)) / block_bytes;
     first..last + 1
 }
 
@@ -264,9 +304,35 @@ mod tests {
         let e = error(String::new());
         assert!(e.contains("line 1: empty file"), "{e}");
         let e = error(format!("{CSV_HEADER}\n0,R,18446744073709551615,4096,0\n"));
-        assert!(e.contains("line 2") && e.contains("past 2^64"), "{e}");
+        assert!(e.contains("line 2") && e.contains("past byte 2^64 - 1"), "{e}");
         let e = error(format!("{CSV_HEADER}\n0,R,0,4096,0\n1,R,0,99999999999999,0\n"));
         assert!(e.contains("line 3") && e.contains("size_bytes 99999999999999"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n0,R,0,{},0\n", REQUEST_BYTES_MAX + 1));
+        assert!(e.contains("line 2") && e.contains("largest request"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n{},R,0,1,0\n", TIMESTAMP_US_MAX + 1));
+        assert!(e.contains("line 2: timestamp_us"), "{e}");
+        let e = error(format!("{CSV_HEADER}\n0,R,0,1,{}\n", "7".repeat(LINE_BYTES_MAX)));
+        assert!(e.contains("line 2: longer than"), "{e}");
+        let mut text = format!("{CSV_HEADER}\n0,R,0,1,0\n").into_bytes();
+        text.extend_from_slice(b"1,R,0,\xff,0\n");
+        let e = Trace::parse("t.csv", "t", &text[..]).unwrap_err().to_string();
+        assert!(e.contains("t.csv: line 3: not UTF-8"), "{e}");
+        // At the limits: accepted, and the last byte of the address space is a block of its own.
+        let edge = format!(
+            "{CSV_HEADER}\n{TIMESTAMP_US_MAX},R,0,{REQUEST_BYTES_MAX},0\n0,R,18446744073709551615,1,0\n\
+             0,R,18446744073709551615,0,0\n"
+        );
+        let t = Trace::parse("t.csv", "t", edge.as_bytes()).unwrap();
+        assert_eq!(blocks_of(&t.accesses[1], 4096), blocks_of(&t.accesses[2], 4096));
+        assert_eq!(t.footprint(4096), (REQUEST_BYTES_MAX / 4096) as usize + 1);
+        t.check_blocks("t.csv", 1024).unwrap();
+        // Many requests of the largest size: too much work to replay at 1 KiB blocks.
+        let big = Access { size: REQUEST_BYTES_MAX, ..t.accesses[0] };
+        let per = REQUEST_BYTES_MAX / 1024;
+        let many = Trace { accesses: vec![big; (TRACE_BLOCKS_MAX / per + 1) as usize], ..t };
+        let e = many.check_blocks("t.csv", 1024).unwrap_err().to_string();
+        assert!(e.starts_with("t.csv: ") && e.contains("block touches at 1 KiB blocks"), "{e}");
+        many.check_blocks("t.csv", 64 << 10).unwrap();
         let e = Trace::read(Path::new("/nonexistent/t.csv")).unwrap_err();
         assert!(std::error::Error::source(&e).is_none(), "the reason is in the message, once: {e}");
     }

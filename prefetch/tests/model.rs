@@ -167,6 +167,7 @@ fn knobs_parse_and_bad_ones_are_named() {
         ("fallback=model", "not auto or one of none, next-1"),
         ("speed=9", "unknown model knob"),
         ("cache_blocks=-3", "cache_blocks"),
+        ("fetch_us=1e12", "at most 60000000"),
     ] {
         let e = ModelKnobs::parse(bad).unwrap_err();
         assert!(e.contains(want), "{bad}: {e}");
