@@ -26,14 +26,14 @@ pub struct MountArgs {
 /// Client limits and caching; the defaults suit a workstation.
 #[derive(Args, Clone)]
 pub struct MountTuning {
-    /// Client block cache in MiB (0 turns it off).
-    #[arg(long, default_value_t = 256)]
+    /// Client block cache in MiB (0 turns it off; at most 1 TiB).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
     pub cache_mb: u64,
-    /// Block uploads in flight over all files, in MiB; writers wait beyond it.
-    #[arg(long, default_value_t = 64)]
+    /// Block uploads in flight over all files, in MiB (1 to 65536); writers wait beyond it.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 16))]
     pub write_back_mb: u64,
-    /// Most blocks read ahead of a sequential reader.
-    #[arg(long, default_value_t = 32)]
+    /// Most blocks read ahead of a sequential reader (at most 4096, as a `readahead:N` hint).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=i64::from(augur_proto::meta::READAHEAD_BLOCKS_MAX)))]
     pub readahead_blocks: u32,
     /// Block fetches for prefetching (the engine's and readahead hints') in flight over all
     /// files, which bounds prefetched bytes in flight to N blocks. Blocks named past it wait in
@@ -72,7 +72,7 @@ impl MountTuning {
     pub fn options(&self) -> MountOptions {
         let mut o = MountOptions {
             cache_bytes: self.cache_mb << 20,
-            write_back_bytes: (self.write_back_mb.max(1)) << 20,
+            write_back_bytes: self.write_back_mb << 20,
             readahead_blocks_max: self.readahead_blocks,
             prefetch_in_flight_max: self.prefetch_in_flight as usize,
             attr_ttl: Duration::from_millis(self.attr_ttl_ms),

@@ -254,12 +254,13 @@ impl From<BlockError> for FsError {
     }
 }
 
+/// A stored time as the kernel gets it. Total: a time `SystemTime` cannot hold (seconds near
+/// ±2^63; the meta group refuses nanoseconds of a second or more) reads as the epoch rather than
+/// failing every stat of the inode.
 fn ts(t: Timestamp) -> SystemTime {
-    if t.secs >= 0 {
-        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(u64::from(t.nanos))
-    }
+    let secs = Duration::from_secs(t.secs.unsigned_abs());
+    let whole = if t.secs >= 0 { UNIX_EPOCH.checked_add(secs) } else { UNIX_EPOCH.checked_sub(secs) };
+    whole.and_then(|w| w.checked_add(Duration::from_nanos(u64::from(t.nanos)))).unwrap_or(UNIX_EPOCH)
 }
 
 fn timeset(t: TimeOrNow) -> TimeSet {
@@ -915,7 +916,7 @@ impl Inner {
     }
 
     fn write_budget_total(&self) -> u32 {
-        ((self.opts.write_back_bytes >> 10) as u32).max(1)
+        u32::try_from(self.opts.write_back_bytes >> 10).unwrap_or(u32::MAX).max(1)
     }
 
     async fn write(&self, f: &OpenFile, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1241,8 +1242,8 @@ impl Inner {
         let (mut capacity, mut used) = (0u64, 0u64);
         if let ResponseBody::Cluster(c) = self.meta.call(RequestBody::ClusterStatus).await? {
             for n in c.nodes.iter().filter(|n| n.alive) {
-                capacity += n.capacity_bytes;
-                used += n.used_bytes.min(n.capacity_bytes);
+                capacity = capacity.saturating_add(n.capacity_bytes);
+                used = used.saturating_add(n.used_bytes.min(n.capacity_bytes));
             }
         }
         let r = u64::from(self.blocks.volume.replicas.max(1));
@@ -2016,5 +2017,19 @@ fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_times_convert_without_panicking_at_the_edges() {
+        let at = |secs, nanos| ts(Timestamp { secs, nanos });
+        assert_eq!(at(1, 5), UNIX_EPOCH + Duration::new(1, 5));
+        assert_eq!(at(-1, 500_000_000), UNIX_EPOCH - Duration::from_millis(500));
+        assert_eq!(at(i64::MAX, u32::MAX), UNIX_EPOCH, "beyond SystemTime: the epoch");
+        assert!(at(i64::MIN, 0) < UNIX_EPOCH, "the earliest second SystemTime holds");
     }
 }

@@ -665,7 +665,7 @@ impl Group {
     fn maybe_compact(&mut self) -> Result<(), String> {
         let applied = self.sm.applied();
         let (trunc, _) = self.raw.store().truncated();
-        if applied < trunc + self.config.compact_entries {
+        if applied < trunc.saturating_add(self.config.compact_entries) {
             return Ok(());
         }
         // The state through `applied` must be durable before the log behind it goes.

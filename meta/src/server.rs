@@ -74,6 +74,18 @@ pub struct MetaConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// Largest member id: proposal ids put the member id above 40 bits of a counter
+/// (`group::Group::new_id`), so ids must fit in the 24 left.
+pub const MEMBER_ID_MAX: u64 = (1 << 24) - 1;
+/// Largest `election_ticks` (raft-rs doubles it for its randomised timeout).
+pub const ELECTION_TICKS_MAX: usize = 1000;
+/// Largest `compact_entries`.
+pub const COMPACT_ENTRIES_MAX: u64 = 1_000_000_000;
+/// Largest `node_heartbeat_ms` (as a storage node's own bound).
+pub const NODE_HEARTBEAT_MS_MAX: u64 = 60_000;
+/// Largest `node_dead_after_ms`: an hour.
+pub const NODE_DEAD_AFTER_MS_MAX: u64 = 3_600_000;
+
 impl Default for MetaConfig {
     fn default() -> Self {
         Self {
@@ -118,8 +130,8 @@ impl MetaConfig {
 
     pub fn validate(&self) -> Result<(), MetaError> {
         let invalid = |m: String| Err(MetaError::Invalid(m));
-        if self.id == 0 {
-            return invalid("id must be a non-zero number (--id)".into());
+        if self.id == 0 || self.id > MEMBER_ID_MAX {
+            return invalid(format!("id {} is not between 1 and {MEMBER_ID_MAX} (--id)", self.id));
         }
         if self.data_dir.is_none() {
             return invalid("data-dir is required (--data-dir)".into());
@@ -131,8 +143,8 @@ impl MetaConfig {
             return invalid(format!("peers must list this member (id {}) with its address", self.id));
         }
         for (id, addr) in &self.peers {
-            if *id == 0 {
-                return invalid("peer id 0 is reserved".into());
+            if *id == 0 || *id > MEMBER_ID_MAX {
+                return invalid(format!("peer id {id} is not between 1 and {MEMBER_ID_MAX}"));
             }
             addr.parse::<SocketAddr>()
                 .map_err(|e| MetaError::Invalid(format!("peer {id} address {addr:?}: {e}")))?;
@@ -143,11 +155,28 @@ impl MetaConfig {
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return invalid("election-ticks must exceed heartbeat-ticks, which must be at least 1".into());
         }
-        if self.compact_entries < 10 {
-            return invalid(format!("compact-entries {} is below 10", self.compact_entries));
+        if self.election_ticks > ELECTION_TICKS_MAX {
+            return invalid(format!("election-ticks {} is over {ELECTION_TICKS_MAX}", self.election_ticks));
         }
-        if self.node_dead_after_ms < 2 * self.node_heartbeat_ms || self.node_heartbeat_ms == 0 {
-            return invalid("node-dead-after-ms must be at least twice node-heartbeat-ms (non-zero)".into());
+        if !(10..=COMPACT_ENTRIES_MAX).contains(&self.compact_entries) {
+            return invalid(format!(
+                "compact-entries {} is not between 10 and {COMPACT_ENTRIES_MAX}",
+                self.compact_entries
+            ));
+        }
+        if !(1..=NODE_HEARTBEAT_MS_MAX).contains(&self.node_heartbeat_ms) {
+            return invalid(format!(
+                "node-heartbeat-ms {} is not between 1 and {NODE_HEARTBEAT_MS_MAX}",
+                self.node_heartbeat_ms
+            ));
+        }
+        if self.node_dead_after_ms < 2 * self.node_heartbeat_ms
+            || self.node_dead_after_ms > NODE_DEAD_AFTER_MS_MAX
+        {
+            return invalid(format!(
+                "node-dead-after-ms {} must be at least twice node-heartbeat-ms ({}) and at most {NODE_DEAD_AFTER_MS_MAX}",
+                self.node_dead_after_ms, self.node_heartbeat_ms
+            ));
         }
         Ok(())
     }
@@ -296,5 +325,33 @@ impl MetaServer {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         info!("meta member stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_values_out_of_range_are_named_not_overflowed() {
+        let good = MetaConfig {
+            id: 1,
+            data_dir: Some("/tmp/x".into()),
+            tls_dir: Some("/tmp/t".into()),
+            peers: [(1, "127.0.0.1:7001".to_string())].into_iter().collect(),
+            ..MetaConfig::default()
+        };
+        good.validate().unwrap();
+        let error = |c: MetaConfig| c.validate().unwrap_err().to_string();
+        let e = error(MetaConfig { id: 1 << 24, ..good.clone() });
+        assert!(e.contains("id 16777216 is not between 1 and 16777215"), "{e}");
+        let e = error(MetaConfig { election_ticks: usize::MAX, ..good.clone() });
+        assert!(e.contains("election-ticks"), "{e}");
+        let e = error(MetaConfig { compact_entries: u64::MAX, ..good.clone() });
+        assert!(e.contains("compact-entries 18446744073709551615"), "{e}");
+        let e = error(MetaConfig { node_heartbeat_ms: 1 << 63, ..good.clone() });
+        assert!(e.contains("node-heartbeat-ms 9223372036854775808"), "{e}");
+        let e = error(MetaConfig { node_dead_after_ms: u64::MAX, ..good.clone() });
+        assert!(e.contains("node-dead-after-ms"), "{e}");
     }
 }

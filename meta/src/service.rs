@@ -191,8 +191,9 @@ impl MetaService {
                 format!("{node} is not registered; register first"),
             ));
         }
-        let ops: u64 = loads.iter().map(|l| l.reads + l.writes).sum();
-        let iops = ops * 1000 / (self.heartbeat_interval.as_millis() as u64).max(1);
+        // A node's counters are its own to report, so sums saturate rather than trust them.
+        let ops = loads.iter().fold(0u64, |a, l| a.saturating_add(l.reads.saturating_add(l.writes)));
+        let iops = ops.saturating_mul(1000) / (self.heartbeat_interval.as_millis() as u64).max(1);
         let revived = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let was_dead = live.get(&node).is_some_and(|l| l.last_seen.elapsed() >= self.node_dead_after);
@@ -264,7 +265,9 @@ impl MetaService {
                     .values()
                     .flat_map(|l| l.loads.iter())
                     .filter(|l| l.volume == volume.id && l.shard == p.shard)
-                    .fold((0, 0, 0), |(r, w, m), l| (r + l.reads, w + l.writes, m.max(l.latency_max_us)));
+                    .fold((0u64, 0u64, 0), |(r, w, m), l| {
+                        (r.saturating_add(l.reads), w.saturating_add(l.writes), m.max(l.latency_max_us))
+                    });
                 format!(
                     "{} at {}: {}; last interval {reads} reads, {writes} writes, max latency {lat} us; placed by score over free capacity, performance class, load and replicas held, on distinct nodes{}",
                     p.shard,
@@ -390,6 +393,12 @@ impl Service for MetaService {
             RequestBody::SnapshotChunk { index, offset } => self.receiver.chunk(index, offset),
             RequestBody::MetaStatus => Ok(ResponseBody::MetaStatus(Box::new(self.group.status().await?))),
             RequestBody::AddMember { id, addr } => {
+                if id == 0 || id > crate::server::MEMBER_ID_MAX {
+                    return Err(invalid(format!(
+                        "member id {id} is not between 1 and {}",
+                        crate::server::MEMBER_ID_MAX
+                    )));
+                }
                 addr.parse::<SocketAddr>().map_err(|e| invalid(format!("member address {addr:?}: {e}")))?;
                 self.group.change_member(true, id, addr).await.map(|()| ResponseBody::Done)
             }

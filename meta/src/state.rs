@@ -1029,6 +1029,16 @@ fn check_xattr_name(name: &[u8]) -> Result<(), WireError> {
 }
 
 fn set_attr(i: &mut Inode, set: &SetAttr, now: Timestamp) -> Result<(), WireError> {
+    for t in [set.atime, set.mtime] {
+        if let Some(TimeSet::At(t)) = t
+            && t.nanos >= 1_000_000_000
+        {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("a time's nanoseconds {} are not below 10^9", t.nanos),
+            ));
+        }
+    }
     if let Some(size) = set.size {
         match i.attr.kind {
             FileKind::File => {}
@@ -1405,6 +1415,28 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!((look(&t, "g"), look(&t, "h")), (h.ino, f.ino));
+    }
+
+    #[test]
+    fn set_attr_refuses_a_time_with_a_second_of_nanoseconds_and_changes_nothing() {
+        let mut t = T::new();
+        let f = t.mk(ROOT_INO, "f", FileKind::File).unwrap();
+        let bad = Timestamp { secs: i64::MAX, nanos: u32::MAX };
+        let set = SetAttr { perm: Some(0o600), mtime: Some(TimeSet::At(bad)), ..SetAttr::default() };
+        let e = t.ns(NsOp::SetAttr { ino: f.ino, set }).unwrap_err();
+        assert!(e.code == ErrorCode::InvalidArgument && e.message.contains("nanoseconds"), "{e:?}");
+        assert_eq!(t.attr(f.ino), f, "nothing changed");
+        let far = Timestamp { secs: i64::MAX, nanos: 999_999_999 };
+        t.ns(NsOp::SetAttr {
+            ino: f.ino,
+            set: SetAttr { atime: Some(TimeSet::At(far)), ..SetAttr::default() },
+        })
+        .unwrap();
+        assert_eq!(
+            t.attr(f.ino).atime,
+            far,
+            "any whole second is stored; clients clamp what they cannot show"
+        );
     }
 
     #[test]
