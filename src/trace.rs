@@ -128,7 +128,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut reports = Vec::new();
     for path in &args.traces {
         let mut trace = Trace::read(path)?;
-        trace.check_blocks(&path.display().to_string(), cfg.block_bytes)?;
+        trace.check_blocks(path, cfg.block_bytes)?;
         let keep = (args.head_frac * trace.accesses.len() as f64).round() as usize;
         trace.accesses.truncate(keep.max(1));
         let mut scores: Vec<Score> = Vec::new();
@@ -148,8 +148,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         // Every predictor that is not a heuristic itself (`model`, `auto`) is judged.
         for i in 0..scores.len() {
-            // Nothing scored (no reads in the scored part): nothing to judge.
-            if scores[i].reads > 0 && !all_heuristics().any(|h| h == scores[i].predictor) {
+            if !all_heuristics().any(|h| h == scores[i].predictor) {
                 scores[i].verdict = augur_prefetch::replay::verdict(&scores, &scores[i]);
             }
         }
@@ -321,7 +320,7 @@ pub fn features(args: FeaturesArgs) -> Result<()> {
     };
     for path in &args.traces {
         let trace = Trace::read(path)?;
-        trace.check_blocks(&path.display().to_string(), args.block_kib << 10)?;
+        trace.check_blocks(path, args.block_kib << 10)?;
         let s = f::samples(&trace, args.block_kib << 10, args.stride as usize, args.max_samples);
         let n = s.len();
         let write = |suffix: &str, descr: &str, shape: &[usize], data: Vec<u8>| -> Result<()> {

@@ -77,6 +77,23 @@ pub struct MetaConfig {
 /// Largest member id: proposal ids put the member id above 40 bits of a counter
 /// (`group::Group::new_id`), so ids must fit in the 24 left.
 pub const MEMBER_ID_MAX: u64 = (1 << 24) - 1;
+
+/// Checks a member id (`what` names it in the message): 1 to `MEMBER_ID_MAX`. The config, its
+/// peers and `AddMember` all go through here.
+pub fn check_member_id(what: &str, id: u64) -> Result<(), String> {
+    if id == 0 || id > MEMBER_ID_MAX {
+        return Err(format!("{what} {id} is not between 1 and {MEMBER_ID_MAX}"));
+    }
+    Ok(())
+}
+
+/// "`key` `v` is not between `lo` and `hi`", when it is not.
+fn check_range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+    if !(lo..=hi).contains(&v) {
+        return Err(format!("{key} {v} is not between {lo} and {hi}"));
+    }
+    Ok(())
+}
 /// Largest `election_ticks` (raft-rs doubles it for its randomised timeout).
 pub const ELECTION_TICKS_MAX: usize = 1000;
 /// Largest `compact_entries`.
@@ -130,9 +147,7 @@ impl MetaConfig {
 
     pub fn validate(&self) -> Result<(), MetaError> {
         let invalid = |m: String| Err(MetaError::Invalid(m));
-        if self.id == 0 || self.id > MEMBER_ID_MAX {
-            return invalid(format!("id {} is not between 1 and {MEMBER_ID_MAX} (--id)", self.id));
-        }
+        check_member_id("id", self.id).map_err(MetaError::Invalid)?;
         if self.data_dir.is_none() {
             return invalid("data-dir is required (--data-dir)".into());
         }
@@ -143,9 +158,7 @@ impl MetaConfig {
             return invalid(format!("peers must list this member (id {}) with its address", self.id));
         }
         for (id, addr) in &self.peers {
-            if *id == 0 || *id > MEMBER_ID_MAX {
-                return invalid(format!("peer id {id} is not between 1 and {MEMBER_ID_MAX}"));
-            }
+            check_member_id("peer id", *id).map_err(MetaError::Invalid)?;
             addr.parse::<SocketAddr>()
                 .map_err(|e| MetaError::Invalid(format!("peer {id} address {addr:?}: {e}")))?;
         }
@@ -158,18 +171,10 @@ impl MetaConfig {
         if self.election_ticks > ELECTION_TICKS_MAX {
             return invalid(format!("election-ticks {} is over {ELECTION_TICKS_MAX}", self.election_ticks));
         }
-        if !(10..=COMPACT_ENTRIES_MAX).contains(&self.compact_entries) {
-            return invalid(format!(
-                "compact-entries {} is not between 10 and {COMPACT_ENTRIES_MAX}",
-                self.compact_entries
-            ));
-        }
-        if !(1..=NODE_HEARTBEAT_MS_MAX).contains(&self.node_heartbeat_ms) {
-            return invalid(format!(
-                "node-heartbeat-ms {} is not between 1 and {NODE_HEARTBEAT_MS_MAX}",
-                self.node_heartbeat_ms
-            ));
-        }
+        check_range("compact-entries", self.compact_entries, 10, COMPACT_ENTRIES_MAX)
+            .map_err(MetaError::Invalid)?;
+        check_range("node-heartbeat-ms", self.node_heartbeat_ms, 1, NODE_HEARTBEAT_MS_MAX)
+            .map_err(MetaError::Invalid)?;
         if self.node_dead_after_ms < 2 * self.node_heartbeat_ms
             || self.node_dead_after_ms > NODE_DEAD_AFTER_MS_MAX
         {

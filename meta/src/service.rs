@@ -393,12 +393,7 @@ impl Service for MetaService {
             RequestBody::SnapshotChunk { index, offset } => self.receiver.chunk(index, offset),
             RequestBody::MetaStatus => Ok(ResponseBody::MetaStatus(Box::new(self.group.status().await?))),
             RequestBody::AddMember { id, addr } => {
-                if id == 0 || id > crate::server::MEMBER_ID_MAX {
-                    return Err(invalid(format!(
-                        "member id {id} is not between 1 and {}",
-                        crate::server::MEMBER_ID_MAX
-                    )));
-                }
+                crate::server::check_member_id("member id", id).map_err(invalid)?;
                 addr.parse::<SocketAddr>().map_err(|e| invalid(format!("member address {addr:?}: {e}")))?;
                 self.group.change_member(true, id, addr).await.map(|()| ResponseBody::Done)
             }

@@ -89,9 +89,12 @@ pub struct Verdict {
     pub wins: bool,
 }
 
-/// How `s` stands against the heuristics of SPEC §7's set among `scores` (None if `scores`
-/// holds none of them within over-fetch 1.0).
+/// How `s` stands against the heuristics of SPEC §7's set among `scores` (None if `s` scored no
+/// reads, so there is nothing to judge, or if `scores` holds none of them within over-fetch 1.0).
 pub fn verdict(scores: &[Score], s: &Score) -> Option<Verdict> {
+    if s.reads == 0 {
+        return None;
+    }
     let best = scores
         .iter()
         .filter(|h| crate::predict::HEURISTICS.contains(&h.predictor.as_str()) && h.over_fetch <= 1.0)
@@ -268,6 +271,7 @@ mod tests {
     fn a_win_is_faster_than_every_set_heuristic_within_budget_at_no_more_itself() {
         let sc = |p: &str, us: f64, of: f64| Score {
             predictor: p.into(),
+            reads: 100,
             mean_latency_us: us,
             over_fetch: of,
             ..Score::default()
@@ -288,6 +292,8 @@ mod tests {
         let v = verdict(&scores[..1], &sc("model", 1001.0, 0.2)).unwrap();
         assert!(v.best == "none" && !v.wins, "where nothing helps, slower than none loses");
         assert_eq!(verdict(&scores[2..], &sc("model", 1.0, 0.0)), None);
+        let nothing = Score { reads: 0, ..sc("model", 0.0, 0.0) };
+        assert_eq!(verdict(&scores, &nothing), None, "no reads scored: nothing to judge");
     }
 
     fn sequential(n: u64) -> Trace {

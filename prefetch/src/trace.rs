@@ -91,12 +91,11 @@ impl Trace {
         Self::parse(&p, &name, BufReader::new(reader))
     }
 
-    pub fn parse(path: &str, name: &str, reader: impl BufRead) -> Result<Trace, TraceError> {
+    pub fn parse(path: &str, name: &str, mut reader: impl BufRead) -> Result<Trace, TraceError> {
         let bad = |line: usize, what: String| TraceError::Bad { path: path.into(), line, what };
         let mut accesses = Vec::new();
         let mut ordinal = true;
         let mut fields = 0;
-        let mut reader = reader;
         let mut buf = Vec::new();
         for i in 0.. {
             let n = i + 1;
@@ -229,16 +228,16 @@ pub fn write_record(w: &mut impl std::io::Write, a: &Access, typed: bool) -> std
 }
 
 impl Trace {
-    /// Fails when the trace touches more than `TRACE_BLOCKS_MAX` blocks at `block_bytes`
-    /// (`path` names it in the error).
-    pub fn check_blocks(&self, path: &str, block_bytes: u64) -> Result<(), TraceError> {
+    /// Fails when the trace, read from `path`, touches more than `TRACE_BLOCKS_MAX` blocks at
+    /// `block_bytes`.
+    pub fn check_blocks(&self, path: &Path, block_bytes: u64) -> Result<(), TraceError> {
         let mut touches = 0u64;
         for a in &self.accesses {
             let b = blocks_of(a, block_bytes);
             touches += b.end - b.start;
             if touches > TRACE_BLOCKS_MAX {
                 return Err(TraceError::TooManyBlocks {
-                    path: path.into(),
+                    path: path.display().to_string(),
                     touches,
                     block_kib: block_bytes >> 10,
                 });
@@ -325,14 +324,14 @@ mod tests {
         let t = Trace::parse("t.csv", "t", edge.as_bytes()).unwrap();
         assert_eq!(blocks_of(&t.accesses[1], 4096), blocks_of(&t.accesses[2], 4096));
         assert_eq!(t.footprint(4096), (REQUEST_BYTES_MAX / 4096) as usize + 1);
-        t.check_blocks("t.csv", 1024).unwrap();
+        t.check_blocks(Path::new("t.csv"), 1024).unwrap();
         // Many requests of the largest size: too much work to replay at 1 KiB blocks.
         let big = Access { size: REQUEST_BYTES_MAX, ..t.accesses[0] };
         let per = REQUEST_BYTES_MAX / 1024;
         let many = Trace { accesses: vec![big; (TRACE_BLOCKS_MAX / per + 1) as usize], ..t };
-        let e = many.check_blocks("t.csv", 1024).unwrap_err().to_string();
+        let e = many.check_blocks(Path::new("t.csv"), 1024).unwrap_err().to_string();
         assert!(e.starts_with("t.csv: ") && e.contains("block touches at 1 KiB blocks"), "{e}");
-        many.check_blocks("t.csv", 64 << 10).unwrap();
+        many.check_blocks(Path::new("t.csv"), 64 << 10).unwrap();
         let e = Trace::read(Path::new("/nonexistent/t.csv")).unwrap_err();
         assert!(std::error::Error::source(&e).is_none(), "the reason is in the message, once: {e}");
     }

@@ -55,7 +55,7 @@ proptest! {
         let trace = Trace::parse("fuzz.csv", "fuzz", text.as_bytes()).unwrap();
         for block_kib in [4u64, 64] {
             let block_bytes = block_kib << 10;
-            if trace.check_blocks("fuzz.csv", block_bytes).is_err() {
+            if trace.check_blocks(std::path::Path::new("fuzz.csv"), block_bytes).is_err() {
                 continue;
             }
             trace.footprint(block_bytes);
