@@ -240,7 +240,7 @@ impl Group {
             shared,
             transport,
             config,
-            next_id: 1,
+            next_id: random_id_start(),
             waiters: HashMap::new(),
             member_waiters: HashMap::new(),
             batch: Vec::new(),
@@ -253,6 +253,10 @@ impl Group {
         Ok((group, handle))
     }
 
+    /// A proposal's id: this member's id in the top 24 bits, a counter in the low 40. The
+    /// counter starts at a random point on every start (`random_id_start`), so a member
+    /// restarted while proposals of its last run are still in the log does not hand their
+    /// results to new callers that got the same ids.
     fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         (self.config.id << 40) | (self.next_id & ((1 << 40) - 1))
@@ -304,6 +308,9 @@ impl Group {
                 break;
             }
         }
+        // Nothing here answers as leader any more (a node's heartbeat checks `is_leader`).
+        self.shared.leader.store(0, Ordering::Release);
+        self.shared.stopped.store(true, Ordering::Release);
         self.fail_all("meta member stopped");
         info!(id = self.config.id, "meta member loop stopped");
     }
@@ -684,4 +691,23 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 /// Decodes a raft message from a peer.
 pub fn decode(bytes: &[u8]) -> Result<Message, String> {
     Message::parse_from_bytes(bytes).map_err(|e| format!("undecodable raft message: {e}"))
+}
+
+/// A random start for the proposal counter (std's per-process random hash keys, drawn from the
+/// OS), below 2^39 so it cannot wrap into the member id bits in this run.
+fn random_id_start() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish() & ((1 << 39) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proposal_counters_start_apart_on_each_start() {
+        let starts: std::collections::HashSet<u64> = (0..64).map(|_| super::random_id_start()).collect();
+        assert_eq!(starts.len(), 64, "two starts drew the same counter");
+        assert!(starts.iter().all(|s| *s < 1 << 39));
+    }
 }

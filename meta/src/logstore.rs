@@ -42,7 +42,8 @@ pub struct LogStore {
     trunc: (u64, u64),
     last: u64,
     source: Arc<dyn SnapshotSource>,
-    /// The last snapshot built, reused while it is new enough.
+    /// The last snapshot built, reused while it is new enough (at or past the log's compaction
+    /// point and raft's requested index).
     cached: std::sync::Mutex<Option<Snapshot>>,
 }
 
@@ -229,7 +230,11 @@ impl Storage for LogStore {
         if let Some(s) = cached.as_ref() {
             let cs = s.get_metadata().get_conf_state();
             let includes_peer = cs.voters.contains(&to) || cs.learners.contains(&to);
-            if s.get_metadata().index >= request_index && includes_peer {
+            // Reused only while the log still holds what follows it: a follower that needs a
+            // snapshot lacks entries the log has compacted, and one older than the compaction
+            // point leaves it short of them again, to be sent the same snapshot for ever.
+            let index = s.get_metadata().index;
+            if index >= request_index && index >= self.trunc.0 && includes_peer {
                 return Ok(s.clone());
             }
         }
@@ -243,5 +248,42 @@ impl Storage for LogStore {
         meta.set_conf_state(cs);
         *cached = Some(snap.clone());
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A state machine whose applied index is whatever the test sets.
+    struct Applied(AtomicU64);
+
+    impl SnapshotSource for Applied {
+        fn build(&self) -> Result<(u64, ConfState, Vec<u8>), String> {
+            let cs = ConfState { voters: vec![1, 2], ..Default::default() };
+            Ok((self.0.load(Ordering::SeqCst), cs, Vec::new()))
+        }
+    }
+
+    #[test]
+    fn a_cached_snapshot_older_than_the_compacted_log_is_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Engine::open(raft_engine::Config { dir: dir.path().display().to_string(), ..Default::default() })
+                .unwrap();
+        let source = Arc::new(Applied(AtomicU64::new(10)));
+        let cs = ConfState { voters: vec![1, 2], ..Default::default() };
+        let mut store = LogStore::open(Arc::new(engine), cs, source.clone()).unwrap();
+        let entries: Vec<Entry> =
+            (1..=30).map(|index| Entry { index, term: 1, ..Default::default() }).collect();
+        store.persist(&entries, None, true).unwrap();
+        assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 10);
+        source.0.store(20, Ordering::SeqCst);
+        assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 10, "still new enough: reused");
+        store.compact_to(15).unwrap();
+        // A follower now needs index 16 on; the cached snapshot at 10 would leave it short.
+        assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 20);
     }
 }

@@ -218,20 +218,27 @@ async fn serve_connection<S: Service>(
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         let service = service.clone();
         let peer = peer.clone();
+        let tracker = streams.clone();
         streams.spawn(async move {
-            serve_stream(send, recv, &peer, service.as_ref()).await;
-            drop(permit);
+            serve_stream(send, recv, &peer, service, permit, &tracker).await;
         });
     }
     streams.close();
     streams.wait().await;
 }
 
+/// Serves one request stream. The handler runs as a task of its own, holding the request's
+/// in-flight `permit` until it returns: when the deadline passes the caller is answered
+/// `DeadlineExceeded`, but the handler is not dropped halfway (a storage node's write would
+/// otherwise release its locks with its replication under way, and a later write of the same
+/// block could overtake it on a backup), and the in-flight limit still counts it.
 async fn serve_stream<S: Service>(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: &Peer,
-    service: &S,
+    service: Arc<S>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    tracker: &TaskTracker,
 ) {
     let started = Instant::now();
     let request = read_frame::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES).await;
@@ -250,14 +257,22 @@ async fn serve_stream<S: Service>(
                 (name, Err(WireError::new(ErrorCode::PermissionDenied, msg)))
             } else {
                 let deadline = Duration::from_millis(u64::from(request.deadline_ms.min(DEADLINE_MS_MAX)));
-                let response = tokio::time::timeout(deadline, service.handle(peer, request.body))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(WireError::new(
-                            ErrorCode::DeadlineExceeded,
-                            format!("{name} exceeded its {} ms deadline", deadline.as_millis()),
-                        ))
-                    });
+                let handler_peer = peer.clone();
+                let handler = tracker.spawn(async move {
+                    let response = service.handle(&handler_peer, request.body).await;
+                    drop(permit);
+                    response
+                });
+                let response = match tokio::time::timeout(deadline, handler).await {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(e)) => {
+                        Err(WireError::new(ErrorCode::Internal, format!("{name} handler failed: {e}")))
+                    }
+                    Err(_) => Err(WireError::new(
+                        ErrorCode::DeadlineExceeded,
+                        format!("{name} exceeded its {} ms deadline", deadline.as_millis()),
+                    )),
+                };
                 (name, response)
             }
         }
@@ -360,7 +375,8 @@ impl RpcClient {
         self.call_with_deadline(addr, body, DEFAULT_DEADLINE).await
     }
 
-    /// Sends `body` to `addr`; the server abandons it after `deadline`, and so do we.
+    /// Sends `body` to `addr`; after `deadline` the server answers `DeadlineExceeded` (its
+    /// handler still runs to completion) and we stop waiting.
     ///
     /// A request that fails because its connection was lost (a peer restarted on the same
     /// address answers a stale connection with a reset) is sent once more on a fresh
@@ -447,5 +463,54 @@ impl RpcClient {
     pub async fn close(&self) {
         self.endpoint.close(CODE_SHUTDOWN, b"client closing");
         self.endpoint.wait_idle().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::tls::{Role, init_ca, issue};
+
+    /// Sleeps in every request, noting when each starts and ends.
+    struct Slow {
+        events: Mutex<Vec<&'static str>>,
+    }
+
+    impl Service for Slow {
+        async fn handle(&self, _: &Peer, _: RequestBody) -> Response {
+            self.events.lock().unwrap().push("start");
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            self.events.lock().unwrap().push("end");
+            Ok(ResponseBody::PlacementSet)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_past_its_deadline_runs_to_the_end_and_keeps_its_in_flight_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").unwrap();
+        issue(&ca, Role::Node, "node-1", &dir.path().join("node")).unwrap();
+        issue(&ca, Role::Admin, "admin-1", &dir.path().join("admin")).unwrap();
+        let server = TlsIdentity::load(&dir.path().join("node")).unwrap();
+        let admin = TlsIdentity::load(&dir.path().join("admin")).unwrap();
+        let endpoint = server_endpoint(&server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let service = Arc::new(Slow { events: Mutex::new(Vec::new()) });
+        let shutdown = CancellationToken::new();
+        let limits = ServerLimits { connections_max: 4, requests_in_flight_max: 1 };
+        let served = tokio::spawn(serve(endpoint, service.clone(), limits, shutdown.clone()));
+        let client = RpcClient::new(&admin).unwrap();
+        let short = Duration::from_millis(100);
+        let first = client.call_with_deadline(addr, RequestBody::NodeStatus, short).await;
+        assert!(first.is_err(), "answered before the handler could finish: {first:?}");
+        // The second request waits for the first handler's slot, so it starts after it ends.
+        let second = client.call_with_deadline(addr, RequestBody::NodeStatus, Duration::from_secs(5)).await;
+        assert!(matches!(second, Ok(ResponseBody::PlacementSet)), "{second:?}");
+        assert_eq!(*service.events.lock().unwrap(), ["start", "end", "start", "end"]);
+        shutdown.cancel();
+        served.await.unwrap();
     }
 }

@@ -8,7 +8,7 @@ use augur_proto::msg::{
 };
 use augur_proto::{ErrorCode, NodeId, ShardId, ShardRef, VolumeId, WireError};
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PlacementTable {
     layouts: HashMap<VolumeId, VolumeLayout>,
     shards: HashMap<(VolumeId, ShardId), ShardPlacement>,

@@ -47,6 +47,10 @@ pub struct NodeService {
     loads: Mutex<HashMap<(VolumeId, ShardId), LoadAcc>>,
     cache: BlockCache,
     placement: RwLock<PlacementTable>,
+    /// Held across a placement update's check, its save to disk and its install in memory, so
+    /// that updates land on disk in the order they land in memory (two pushes validated
+    /// against the same table could otherwise save in one order and apply in the other).
+    placement_update: tokio::sync::Mutex<()>,
     space: SpaceMonitor,
     node_id: NodeId,
     listen: String,
@@ -99,6 +103,7 @@ impl NodeService {
             loads: Mutex::new(HashMap::new()),
             cache,
             placement: RwLock::new(table),
+            placement_update: tokio::sync::Mutex::new(()),
             space,
             listen,
             inject_latency: Duration::ZERO,
@@ -133,10 +138,11 @@ impl NodeService {
             error!(%shard, %block, "cached block failed its checksum; dropping it");
             self.cache.remove(&key);
         }
+        let generation = self.cache.generation(&key);
         let found = self.blocking(move |s| s.read(shard.volume, shard.shard, block)).await?;
         Ok(found.map(|b| {
             let cached = CachedBlock { data: b.data.into(), crc32: b.crc32 };
-            self.cache.insert(key, cached.clone());
+            self.cache.insert_loaded(key, cached.clone(), generation);
             cached
         }))
     }
@@ -293,10 +299,14 @@ impl NodeService {
 
     /// Installs the meta group's full assignment for this node.
     pub async fn apply_assignments(&self, assignments: Vec<NodeAssignment>) -> Result<(), WireError> {
+        let _update = self.placement_update.lock().await;
         let list = assignments.into_iter().map(|a| (a.layout, a.shards)).collect();
-        let table = self.placement.write().unwrap_or_else(|p| p.into_inner()).replace_all(list);
+        // Saved first, installed after: memory never holds a placement the disk does not.
+        let mut next = self.placement.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let table = next.replace_all(list);
         let shards: usize = table.iter().map(|(_, s)| s.len()).sum();
         self.blocking(move |s| s.replace_placement(&table)).await?;
+        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = next;
         info!(node = %self.node_id, shards, "placement from the meta group installed");
         Ok(())
     }
@@ -324,8 +334,8 @@ impl NodeService {
             % self.write_locks.len();
         let _block_guard = self.write_locks[stripe].lock().await;
         let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
-        // Drop the cached copy before and after: a concurrent read may re-cache the old bytes
-        // between our removal and the store write.
+        // Drop the cached copy before and after the store write; a read that loaded the old
+        // bytes meanwhile does not cache them (`BlockCache::insert_loaded`).
         self.cache.remove(&key);
         let len = data.len() as u64;
         let content = self
@@ -409,12 +419,11 @@ impl NodeService {
         layout: VolumeLayout,
         shards: Vec<ShardPlacement>,
     ) -> Result<ResponseBody, WireError> {
+        let _update = self.placement_update.lock().await;
         self.placement.read().unwrap_or_else(|p| p.into_inner()).validate(&layout, &shards)?;
         let (l, s) = (layout, shards.clone());
         self.blocking(move |store| store.save_placement(&l, &s)).await?;
         let mut table = self.placement.write().unwrap_or_else(|p| p.into_inner());
-        // Validate again under the write lock: another update may have landed meanwhile.
-        table.validate(&layout, &shards)?;
         tracing::info!(peer = %peer.name, volume = %layout.volume, shards = shards.len(), "placement updated");
         table.apply(layout, shards);
         Ok(ResponseBody::PlacementSet)
