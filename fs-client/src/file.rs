@@ -9,8 +9,28 @@ use augur_proto::Ino;
 use augur_proto::meta::{FileType, PrefetchMode, Timestamp};
 use tokio::task::JoinHandle;
 
-/// Where uploads leave their first failure.
-pub type UploadError = std::sync::Arc<Mutex<Option<(i32, String)>>>;
+/// Where uploads leave their failures (shared by the file's upload tasks).
+pub type UploadError = std::sync::Arc<Mutex<Failures>>;
+
+/// A file's upload failures, counted like the kernel's `errseq_t`: every open handle is told
+/// of a failure once, at its next write, flush, fsync or close, whichever handle wrote the
+/// data (an application that closes or fsyncs learns of every failure since it opened the
+/// file, and an unrelated reader closing first does not use the report up).
+#[derive(Debug, Default)]
+pub struct Failures {
+    /// Failures so far.
+    pub count: u64,
+    /// The latest (errno, message).
+    pub last: Option<(i32, String)>,
+}
+
+impl Failures {
+    /// The latest failure if there were any since a handle last saw `seen` failures, and the
+    /// count that handle has now seen.
+    pub fn since(&self, seen: u64) -> (Option<(i32, String)>, u64) {
+        if self.count > seen { (self.last.clone(), self.count) } else { (None, seen) }
+    }
+}
 
 /// Bytes of one block written here and not yet sent: `data[lo..hi]` is what was written.
 pub struct Dirty {
@@ -39,9 +59,11 @@ pub struct FileState {
     pub dirty: BTreeMap<u64, Dirty>,
     /// Uploads in flight, by block index (at most one per block, so writes land in order).
     pub uploads: HashMap<u64, JoinHandle<()>>,
-    /// The first failure of a background upload (errno, message), reported by the next write,
-    /// flush or fsync.
+    /// Background upload failures (see [`Failures`]).
     pub errors: UploadError,
+    /// `errors.count` when the size was last committed: a flush that finds more failures does
+    /// not commit the size over the data that failed.
+    pub failures_committed: u64,
     /// Data was written since the size and mtime were last sent to the meta group.
     pub wrote: bool,
 }

@@ -166,8 +166,15 @@ const DIR_SNAPSHOT_ENTRIES_MAX: usize = 1 << 20;
 
 /// What a FUSE file handle stands for.
 enum OpenHandle {
-    File { ino: Ino },
-    Dir { ino: Ino, entries: Mutex<Option<Arc<Vec<DirEntry>>>> },
+    /// `seen`: the file's upload failures this handle has been told of (`file::Failures`).
+    File {
+        ino: Ino,
+        seen: AtomicU64,
+    },
+    Dir {
+        ino: Ino,
+        entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+    },
 }
 
 /// Everything the callbacks share; lives in an `Arc` so work can move onto the runtime.
@@ -383,6 +390,17 @@ impl Inner {
         fh
     }
 
+    /// A new handle on open file `f`: told of upload failures from now on only.
+    async fn file_handle(&self, f: &OpenFile) -> u64 {
+        let seen = failures(&f.state.lock().await.errors);
+        self.new_handle(OpenHandle::File { ino: f.ino, seen: AtomicU64::new(seen) })
+    }
+
+    /// The failures handle `fh` has been told of (`None` if it is not a file handle).
+    fn seen(&self, fh: u64) -> Option<Arc<OpenHandle>> {
+        self.handle(fh).filter(|h| matches!(**h, OpenHandle::File { .. }))
+    }
+
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned()
     }
@@ -524,9 +542,13 @@ impl Inner {
             let pending = st.dirty.range(first..last).next().is_some()
                 || st.uploads.keys().any(|i| (first..last).contains(i));
             if pending {
+                let before = failures(&st.errors);
                 self.flush_data(&f, &mut st).await;
-                // A failed upload leaves its error for the writer's flush; this read fails too.
-                peek_error(&st.errors)?;
+                // An upload that failed just now fails this read too (and stays counted for
+                // the writer's flush).
+                if failures(&st.errors) != before {
+                    report_failures(&st.errors, Some(&AtomicU64::new(before)))?;
+                }
             }
         }
         let file_size = f.size();
@@ -919,7 +941,7 @@ impl Inner {
         u32::try_from(self.opts.write_back_bytes >> 10).unwrap_or(u32::MAX).max(1)
     }
 
-    async fn write(&self, f: &OpenFile, offset: u64, data: &[u8]) -> FsResult<u32> {
+    async fn write(&self, f: &OpenFile, seen: &AtomicU64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest offset"))?;
@@ -927,7 +949,7 @@ impl Inner {
         self.detect_group(f, offset, data, augur_prefetch::filetype::HEAD_BYTES);
         let mut st = f.state.lock().await;
         // A background upload of this file failed: say so now rather than only at close.
-        take_error(&st.errors)?;
+        report_failures(&st.errors, Some(seen))?;
         f.write_gen.fetch_add(1, Ordering::AcqRel);
         let mut pos = 0usize;
         for (index, off, n) in split(offset, data.len() as u64, self.block_bytes) {
@@ -979,12 +1001,20 @@ impl Inner {
         }
     }
 
-    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open). A
-    /// failed upload is reported here (once) and the size is not committed over it.
-    async fn flush(&self, f: &OpenFile) -> FsResult<()> {
+    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open). An
+    /// upload that failed since the size was last committed keeps the size from being
+    /// committed over it: the size this mount shows goes back to the committed one. Failures
+    /// are reported to the handle `seen` (each once; see `file::Failures`).
+    async fn flush(&self, f: &OpenFile, seen: Option<&AtomicU64>) -> FsResult<()> {
         let mut st = f.state.lock().await;
         self.flush_data(f, &mut st).await;
-        take_error(&st.errors)?;
+        let failed = failures(&st.errors);
+        if failed != st.failures_committed {
+            st.failures_committed = failed;
+            st.wrote = false;
+            f.size.store(st.meta_size, Ordering::Release);
+        }
+        report_failures(&st.errors, seen)?;
         if st.wrote {
             let size = f.size();
             let a = self.attr_op(NsOp::Extend { ino: f.ino, size }).await?;
@@ -1048,8 +1078,9 @@ impl Inner {
         let mut old_size = current.size;
         if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
             f.write_gen.fetch_add(1, Ordering::AcqRel);
+            // Failures stay counted for the handles' next flush; the size set here is what
+            // the caller asked for either way.
             self.flush_data(f, st).await;
-            take_error(&st.errors)?;
             old_size = old_size.max(f.size());
         }
         if current.kind == FileKind::File && size < old_size {
@@ -1065,6 +1096,7 @@ impl Inner {
         if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
             st.meta_size = a.size;
             st.wrote = false;
+            st.failures_committed = failures(&st.errors);
             f.size.store(a.size, Ordering::Release);
             f.set_stamp(a.mtime);
         }
@@ -1196,8 +1228,8 @@ impl Inner {
         }
     }
 
-    async fn release(self: &Arc<Self>, f: Arc<OpenFile>) -> FsResult<()> {
-        let flushed = self.flush(&f).await;
+    async fn release(self: &Arc<Self>, f: Arc<OpenFile>, seen: &AtomicU64) -> FsResult<()> {
+        let flushed = self.flush(&f, Some(seen)).await;
         if self.unregister(&f) && f.unlinked.load(Ordering::Acquire) {
             self.reclaim_later(f.ino, f.size()).await;
         }
@@ -1208,7 +1240,7 @@ impl Inner {
     pub async fn flush_all(&self) {
         let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for f in files {
-            if let Err(e) = self.flush(&f).await {
+            if let Err(e) = self.flush(&f, None).await {
                 warn!(ino = %f.ino, error = %e.what, "flush at unmount failed");
             }
         }
@@ -1356,22 +1388,23 @@ fn record(slot: &UploadError, r: Result<Result<(), BlockError>, tokio::task::Joi
     if let Some(e) = err {
         warn!(error = %e.what, "block upload failed");
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some((e.errno, e.what));
-        }
+        slot.count += 1;
+        slot.last = Some((e.errno, e.what));
     }
 }
 
-/// The pending upload error, left in place.
-fn peek_error(slot: &UploadError) -> FsResult<()> {
-    match &*slot.lock().unwrap_or_else(|p| p.into_inner()) {
-        Some((errno, what)) => Err(FsError::new(*errno, what.clone())),
-        None => Ok(()),
-    }
+/// Upload failures so far.
+fn failures(slot: &UploadError) -> u64 {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).count
 }
 
-fn take_error(slot: &UploadError) -> FsResult<()> {
-    match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+/// Reports the latest upload failure to a handle that has not been told of every failure so
+/// far (`seen`), and marks them told. `None`: a caller with no handle (unmount), told nothing.
+fn report_failures(slot: &UploadError, seen: Option<&AtomicU64>) -> FsResult<()> {
+    let Some(seen) = seen else { return Ok(()) };
+    let (latest, now) = slot.lock().unwrap_or_else(|p| p.into_inner()).since(seen.load(Ordering::Acquire));
+    seen.fetch_max(now, Ordering::AcqRel);
+    match latest {
         Some((errno, what)) => Err(FsError::new(errno, what)),
         None => Ok(()),
     }
@@ -1487,7 +1520,7 @@ impl Filesystem for AugurFs {
                 }
                 // Unsent writes go first, so their mtime does not land after an explicit one.
                 if let Some(f) = fs.file(i) {
-                    fs.flush(&f).await?;
+                    fs.flush(&f, None).await?;
                 }
                 fs.attr_op(NsOp::SetAttr { ino: i, set }).await
             }
@@ -1610,7 +1643,7 @@ impl Filesystem for AugurFs {
         self.spawn(move |fs| async move {
             match fs.open(ino(i)).await {
                 Ok(f) => {
-                    let fh = fs.new_handle(OpenHandle::File { ino: f.ino });
+                    let fh = fs.file_handle(&f).await;
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(fail("open", &e)),
@@ -1648,7 +1681,7 @@ impl Filesystem for AugurFs {
         &self,
         _req: &Request,
         i: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -1665,17 +1698,28 @@ impl Filesystem for AugurFs {
             if let Some(t) = &fs.trace {
                 t.record(augur_prefetch::Op::Write, offset, data.len() as u64, i.0, f.group());
             }
-            match fs.write(&f, offset, &data).await {
+            let h = fs.seen(fh.0);
+            let none = AtomicU64::new(u64::MAX);
+            let seen = match h.as_deref() {
+                Some(OpenHandle::File { seen, .. }) => seen,
+                _ => &none,
+            };
+            match fs.write(&f, seen, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(fail("write", &e)),
             }
         });
     }
 
-    fn flush(&self, _req: &Request, i: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, i: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.spawn(move |fs| async move {
+            let h = fs.seen(fh.0);
+            let seen = match h.as_deref() {
+                Some(OpenHandle::File { seen, .. }) => Some(seen),
+                _ => None,
+            };
             let r = match fs.file(ino(i)) {
-                Some(f) => fs.flush(&f).await,
+                Some(f) => fs.flush(&f, seen).await,
                 None => Ok(()),
             };
             match r {
@@ -1697,13 +1741,12 @@ impl Filesystem for AugurFs {
     ) {
         self.spawn(move |fs| async move {
             let h = fs.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
-            let f = match h.as_deref() {
-                Some(OpenHandle::File { ino }) => fs.file(*ino),
-                _ => None,
-            };
-            let r = match f {
-                Some(f) => fs.release(f).await,
-                None => Ok(()),
+            let r = match h.as_deref() {
+                Some(OpenHandle::File { ino, seen }) => match fs.file(*ino) {
+                    Some(f) => fs.release(f, seen).await,
+                    None => Ok(()),
+                },
+                _ => Ok(()),
             };
             match r {
                 Ok(()) => reply.ok(),
@@ -1968,7 +2011,7 @@ impl Filesystem for AugurFs {
             };
             match r {
                 Ok((a, f)) => {
-                    let fh = fs.new_handle(OpenHandle::File { ino: f.ino });
+                    let fh = fs.file_handle(&f).await;
                     reply.created(
                         &fs.opts.attr_ttl,
                         &fs.to_kernel(&a),
