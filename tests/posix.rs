@@ -583,6 +583,23 @@ fn run_suite(root: &Path) -> Suite {
         "Permission denied",
     );
 
+    // ---------- readdir ----------
+    // More entries than a mount holds in one part of a listing (`DIR_PART_ENTRIES`, 4 096):
+    // every one is listed once, and `rm -rf` empties the directory.
+    fs::create_dir(s.p("big")).unwrap();
+    let count = augur_fs_client::fs::DIR_PART_ENTRIES + 904;
+    for i in 0..count {
+        File::create(s.p(&format!("big/f{i:05}"))).unwrap();
+    }
+    let mut names: Vec<String> =
+        fs::read_dir(s.p("big")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names.dedup();
+    s.check("readdir: a large directory lists every entry once", names.len() == count, || {
+        format!("{} distinct of {count}", names.len())
+    });
+    s.ok("readdir: rm -rf of a large directory", fs::remove_dir_all(s.p("big")));
+
     // ---------- rmdir ----------
     fs::create_dir(s.p("rm_d")).unwrap();
     let n = fs::metadata(root).unwrap().nlink();

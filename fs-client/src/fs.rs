@@ -161,8 +161,17 @@ const SMALL_READ_FRACTION: u64 = 8;
 const RECLAIMS_IN_FLIGHT: usize = 64;
 /// Directory entries fetched from the meta group per page.
 const READDIR_PAGE: u32 = 1024;
-/// Most entries a directory handle snapshots (larger directories are listed in parts).
-const DIR_SNAPSHOT_ENTRIES_MAX: usize = 1 << 20;
+/// Most entries a directory handle holds at once: a larger directory is listed in parts of
+/// this many, each fetched when `readdir` reaches it (after the last name of the one before).
+pub const DIR_PART_ENTRIES: usize = 4096;
+
+/// One part of a directory listing held by its handle: entries `base .. base + list.len()` in
+/// name order, and whether more follow the last one.
+struct DirPart {
+    base: usize,
+    list: Vec<DirEntry>,
+    more: bool,
+}
 
 /// What a FUSE file handle stands for.
 enum OpenHandle {
@@ -173,7 +182,7 @@ enum OpenHandle {
     },
     Dir {
         ino: Ino,
-        entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+        entries: Mutex<Option<Arc<DirPart>>>,
     },
 }
 
@@ -1249,21 +1258,45 @@ impl Inner {
         let _ = tokio::time::timeout(Duration::from_secs(30), self.reclaims.acquire_many(all)).await;
     }
 
-    async fn listing(&self, dir: Ino) -> FsResult<Vec<DirEntry>> {
+    /// Up to `DIR_PART_ENTRIES` entries of `dir` after the name `after` (from the first
+    /// without), and whether more follow.
+    async fn listing(&self, dir: Ino, mut after: Option<ByteBuf>) -> FsResult<(Vec<DirEntry>, bool)> {
         let mut out = Vec::new();
-        let mut after = None;
         loop {
-            match self.ns(NsOp::ReadDir { ino: dir, after: after.clone(), limit: READDIR_PAGE }).await? {
+            let limit = READDIR_PAGE.min((DIR_PART_ENTRIES - out.len()) as u32);
+            match self.ns(NsOp::ReadDir { ino: dir, after: after.clone(), limit }).await? {
                 NsReply::Entries { entries, more } => {
                     after = entries.last().map(|e| e.name.clone());
                     out.extend(entries);
-                    if !more || after.is_none() || out.len() >= DIR_SNAPSHOT_ENTRIES_MAX {
-                        return Ok(out);
+                    if !more || after.is_none() || out.len() >= DIR_PART_ENTRIES {
+                        return Ok((out, more && after.is_some()));
                     }
                 }
                 other => return Err(FsError::new(libc::EIO, format!("meta answered {other:?}"))),
             }
         }
+    }
+
+    /// The part of `dir`'s listing that holds entry `want` (or the last part, if the directory
+    /// ends before it), starting from the handle's current part `cur`: the next parts follow
+    /// it by name; an entry before it (a rewind or seek back) lists again from the start.
+    async fn dir_part(&self, dir: Ino, cur: Option<Arc<DirPart>>, want: usize) -> FsResult<Arc<DirPart>> {
+        let mut part = match cur {
+            Some(p) if p.base <= want => p,
+            _ => {
+                let (list, more) = self.listing(dir, None).await?;
+                Arc::new(DirPart { base: 0, list, more })
+            }
+        };
+        while want >= part.base + part.list.len() && part.more {
+            let after = part.list.last().map(|e| e.name.clone());
+            let (list, more) = self.listing(dir, after).await?;
+            if list.is_empty() {
+                break;
+            }
+            part = Arc::new(DirPart { base: part.base + part.list.len(), list, more });
+        }
+        Ok(part)
     }
 
     async fn statfs(&self) -> FsResult<(u64, u64, u64, u64)> {
@@ -1784,25 +1817,20 @@ impl Filesystem for AugurFs {
                 reply.error(Errno::ENOTDIR);
                 return;
             };
-            // The listing is taken at the first read (and again after a rewind) and served
-            // from the handle, so offsets stay stable while entries come and go.
-            let snapshot = {
-                let cur = entries.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                match cur {
-                    Some(s) if offset != 0 => s,
-                    _ => match fs.listing(*dir).await {
-                        Ok(list) => {
-                            let s = Arc::new(list);
-                            *entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-                            s
-                        }
-                        Err(e) => {
-                            reply.error(fail("readdir", &e));
-                            return;
-                        }
-                    },
+            // The listing is taken in parts (`DIR_PART_ENTRIES`), the first at the first read
+            // (and again after a rewind), each served from the handle, so offsets stay stable
+            // while entries come and go.
+            let cur =
+                if offset == 0 { None } else { entries.lock().unwrap_or_else(|p| p.into_inner()).clone() };
+            let want = (offset as usize).saturating_sub(2);
+            let part = match fs.dir_part(*dir, cur, want).await {
+                Ok(part) => part,
+                Err(e) => {
+                    reply.error(fail("readdir", &e));
+                    return;
                 }
             };
+            *entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(part.clone());
             let dots =
                 [(*dir, FileType::Directory, &b"."[..]), (i_parent(*dir), FileType::Directory, &b".."[..])];
             let mut pos = offset as usize;
@@ -1814,8 +1842,8 @@ impl Filesystem for AugurFs {
                 }
                 pos += 1;
             }
-            for (idx, e) in snapshot.iter().enumerate().skip(pos - 2) {
-                let next = (idx + 3) as u64;
+            for (idx, e) in part.list.iter().enumerate().skip((pos - 2).saturating_sub(part.base)) {
+                let next = (part.base + idx + 3) as u64;
                 if reply.add(INodeNo(e.ino.0), next, file_type(e.kind), OsStr::from_bytes(&e.name)) {
                     break;
                 }
