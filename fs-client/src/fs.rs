@@ -523,7 +523,10 @@ impl Inner {
         });
         let block = CachedBlock { stamp, data: data.clone(), prefetched };
         self.cache.insert(key, block);
-        if f.write_gen.load(Ordering::Acquire) != gen_before {
+        // Writes through a later open of the file bump that open's `write_gen`, not this one's:
+        // a fetch that outlived its open (closed, or closed and opened again) keeps nothing.
+        let still_open = self.file(key.ino).is_some_and(|cur| std::ptr::eq(Arc::as_ptr(&cur), f));
+        if f.write_gen.load(Ordering::Acquire) != gen_before || !still_open {
             self.cache.remove(key);
         }
         Ok(data)
