@@ -661,6 +661,11 @@ impl Inner {
                 return;
             }
             let end_block = f.size().div_ceil(self.block_bytes);
+            if last + 1 + u64::from(ra.window) < ra.issued_until {
+                // Read again from further back (a loader's next epoch from offset 0): the
+                // window starts over from here rather than after the old high-water mark.
+                ra.issued_until = last + 1;
+            }
             let from = (last + 1).max(ra.issued_until);
             let to = (last + 1 + u64::from(ra.window)).min(end_block);
             if from >= to {
