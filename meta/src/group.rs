@@ -576,9 +576,9 @@ impl Group {
     ) -> Result<(), String> {
         let meta = snap.get_metadata();
         info!(index = meta.index, term = meta.term, bytes = snap.data.len(), "installing snapshot");
-        // State first: if we crash between the two, the log still points before the snapshot
-        // and the leader sends it again.
-        self.sm.restore(&snap.data).map_err(|e| format!("installing snapshot: {e}"))?;
+        // State first (noting the snapshot's term), then the log: a crash between the two is
+        // finished at the next start (`server::reconcile`).
+        self.sm.restore(&snap.data, meta.term).map_err(|e| format!("installing snapshot: {e}"))?;
         self.raw
             .mut_store()
             .apply_snapshot(meta, hs.as_ref())

@@ -254,16 +254,21 @@ impl MetaServer {
         let source = Arc::new(StateSource(sm.clone()));
         let mut store =
             LogStore::open(Arc::new(engine), cs, source).map_err(|e| storage("reading the raft log", &e))?;
-        if store.is_empty() && sm.applied() == 0 {
+        if store.is_empty() && sm.applied() <= 1 {
             if config.join {
                 info!(id = config.id, "empty member: waiting to be added and sent a snapshot");
             } else {
                 let cs = ConfState { voters: config.peers.keys().copied().collect(), ..Default::default() };
-                sm.bootstrap(&cs, &config.peers).map_err(|e| storage("bootstrapping the state", &e))?;
+                // A crash between these two writes left the state bootstrapped (applied 1) and
+                // the log empty: the log's half is written now.
+                if sm.applied() == 0 {
+                    sm.bootstrap(&cs, &config.peers).map_err(|e| storage("bootstrapping the state", &e))?;
+                }
                 store.bootstrap(cs).map_err(|e| storage("bootstrapping the raft log", &e))?;
                 info!(id = config.id, peers = ?config.peers, "bootstrapped a new group");
             }
         }
+        reconcile(&sm, &mut store).map_err(|e| storage("bringing the raft log level with the state", &e))?;
         let endpoint = server_endpoint(&identity, config.listen)
             .map_err(|source| MetaError::Bind { addr: config.listen, source })?;
         let local_addr =
@@ -333,9 +338,106 @@ impl MetaServer {
     }
 }
 
+/// Brings the raft log level with the state machine after a crash between two writes that
+/// belong together, since raft-rs refuses to start with the state applied past the log's
+/// commit index: a snapshot restored into the state but not yet recorded in the log is
+/// recorded now (from the state's `restored_from`), and a commit index lost with an unsynced
+/// write is raised to what the state applied (only committed entries are ever applied).
+pub(crate) fn reconcile(sm: &StateMachine, store: &mut LogStore) -> Result<(), String> {
+    use raft::Storage;
+    let applied = sm.applied();
+    let last = store.last_index().map_err(|e| e.to_string())?;
+    if applied > last {
+        let (index, term) = sm
+            .restored_from()
+            .map_err(|e| e.to_string())?
+            .filter(|(index, _)| *index == applied)
+            .ok_or_else(|| {
+                format!(
+                    "the state is applied to {applied}, past the raft log's last entry {last}, and was not \
+                     restored from a snapshot at that index: wipe this member's data directory and add it again"
+                )
+            })?;
+        let mut meta = raft::prelude::SnapshotMetadata { index, term, ..Default::default() };
+        meta.set_conf_state(sm.conf_state().map_err(|e| e.to_string())?);
+        store.apply_snapshot(&meta, None).map_err(|e| e.to_string())?;
+        tracing::warn!(index, term, "finished installing a snapshot a crash had interrupted");
+    } else if applied > store.hard_state().commit {
+        let mut hs = store.hard_state().clone();
+        hs.commit = applied;
+        store.persist(&[], Some(&hs), true).map_err(|e| e.to_string())?;
+        tracing::warn!(applied, "raised the raft log's commit index to what the state applied");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member's state machine and raft log in `dir`, as `Member::start` opens them.
+    fn open(dir: &Path) -> (Arc<StateMachine>, LogStore) {
+        let sm = Arc::new(StateMachine::open(&dir.join("state")).unwrap());
+        let engine = raft_engine::Engine::open(raft_engine::Config {
+            dir: dir.join("raft").display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        let cs = sm.conf_state().unwrap();
+        let store = LogStore::open(Arc::new(engine), cs, Arc::new(StateSource(sm.clone()))).unwrap();
+        (sm, store)
+    }
+
+    /// Whether raft-rs accepts the log and the state as they are (it panics when the state is
+    /// applied past the log's commit index).
+    fn raft_starts(sm: &StateMachine, store: LogStore) -> bool {
+        let config = raft::Config { id: 1, applied: sm.applied(), ..Default::default() };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            raft::RawNode::new(&config, store, &logger).is_ok()
+        }))
+        .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_crash_inside_a_snapshot_install_or_a_bootstrap_is_finished_at_the_next_start() {
+        let cs = ConfState { voters: vec![1, 2], ..Default::default() };
+        let peers: BTreeMap<u64, String> = [(1, "a".to_string()), (2, "b".to_string())].into();
+        // A snapshot restored into the state, the crash before the log recorded it.
+        let leader = tempfile::tempdir().unwrap();
+        let (lsm, _) = open(leader.path());
+        lsm.bootstrap(&cs, &peers).unwrap();
+        let (index, _, data) = lsm.snapshot().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (sm, store) = open(dir.path());
+        sm.restore(&data, 5).unwrap();
+        assert!(!raft_starts(&sm, store), "raft-rs takes this state and log as they are");
+        drop(sm);
+        let (sm, mut store) = open(dir.path());
+        reconcile(&sm, &mut store).unwrap();
+        assert_eq!(store.truncated(), (index, 5));
+        assert!(raft_starts(&sm, store), "after reconcile");
+        // A state ahead of the log with no snapshot to explain it is refused with a way out.
+        let bare = tempfile::tempdir().unwrap();
+        let (sm, mut store) = open(bare.path());
+        sm.bootstrap(&cs, &peers).unwrap();
+        let e = reconcile(&sm, &mut store).unwrap_err();
+        assert!(e.contains("wipe this member's data directory"), "{e}");
+        // A commit index lost (an unsynced write) below what the state applied is raised.
+        let lost = tempfile::tempdir().unwrap();
+        let (sm, mut store) = open(lost.path());
+        sm.bootstrap(&cs, &peers).unwrap();
+        store.bootstrap(cs.clone()).unwrap();
+        let entry = raft::prelude::Entry { index: 2, term: 1, ..Default::default() };
+        store.persist(&[entry], None, true).unwrap();
+        sm.apply_empty(2).unwrap();
+        assert!(!raft_starts(&sm, store));
+        drop(sm);
+        let (sm, mut store) = open(lost.path());
+        reconcile(&sm, &mut store).unwrap();
+        assert_eq!(store.hard_state().commit, 2);
+        assert!(raft_starts(&sm, store));
+    }
 
     #[test]
     fn config_values_out_of_range_are_named_not_overflowed() {

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 const K_APPLIED: &[u8] = b"m:applied";
+/// (index, term) of the snapshot this member's state was last restored from: what the raft
+/// log is told if a crash came between restoring the state and recording the snapshot there.
+const K_RESTORED_FROM: &[u8] = b"m:restored_from";
 const K_CONF: &[u8] = b"m:conf";
 const K_MEMBERS: &[u8] = b"m:members";
 const K_NEXT_VOLUME: &[u8] = b"m:next_volume";
@@ -395,8 +398,17 @@ impl StateMachine {
         Ok((applied, cs, enc(&SnapshotData { pairs })))
     }
 
-    /// Replaces the whole state with a snapshot's (its applied index and ConfState included).
-    pub fn restore(&self, data: &[u8]) -> Result<u64, StateError> {
+    /// (index, term) of the snapshot the state was last restored from, if any.
+    pub fn restored_from(&self) -> Result<Option<(u64, u64)>, StateError> {
+        Ok(match self.db.get(K_RESTORED_FROM)? {
+            Some(b) => Some(dec(K_RESTORED_FROM, &b)?),
+            None => None,
+        })
+    }
+
+    /// Replaces the whole state with a snapshot's (its applied index and ConfState included),
+    /// noting the snapshot's `term` ([`Self::restored_from`]).
+    pub fn restore(&self, data: &[u8], term: u64) -> Result<u64, StateError> {
         let snap: SnapshotData = dec(b"snapshot", data)?;
         let mut batch = WriteBatch::default();
         batch.delete_range(&[0u8][..], &[0xffu8; 8][..]);
@@ -413,6 +425,8 @@ impl StateMachine {
                 key: "snapshot".into(),
                 reason: "no applied index".into(),
             })?;
+        // After the snapshot's own pairs, so the sender's record of its last restore is replaced.
+        batch.put(K_RESTORED_FROM, enc(&(applied, term)));
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
@@ -1501,7 +1515,8 @@ mod tests {
         let (applied, _, data) = t.sm.snapshot().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let other = StateMachine::open(dir.path()).unwrap();
-        assert_eq!(other.restore(&data).unwrap(), applied);
+        assert_eq!(other.restore(&data, 3).unwrap(), applied);
+        assert_eq!(other.restored_from().unwrap(), Some((applied, 3)));
         let list = |sm: &StateMachine| {
             sm.ns_read(t.vol, &NsOp::ReadDir { ino: ROOT_INO, after: None, limit: 1000 }).unwrap()
         };
