@@ -61,9 +61,6 @@ pub struct FileState {
     pub uploads: HashMap<u64, JoinHandle<()>>,
     /// Background upload failures (see [`Failures`]).
     pub errors: UploadError,
-    /// `errors.count` when the size was last committed: a flush that finds more failures does
-    /// not commit the size over the data that failed.
-    pub failures_committed: u64,
     /// Data was written since the size and mtime were last sent to the meta group.
     pub wrote: bool,
 }

@@ -1018,19 +1018,13 @@ impl Inner {
         }
     }
 
-    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open). An
-    /// upload that failed since the size was last committed keeps the size from being
-    /// committed over it: the size this mount shows goes back to the committed one. Failures
-    /// are reported to the handle `seen` (each once; see `file::Failures`).
+    /// Flush: data to the replicas, then size and mtime to the meta group (close-to-open).
+    /// Upload failures are reported to the handle `seen` (each once; see `file::Failures`);
+    /// as with the kernel's write-back, the size is committed even so: the handles are told,
+    /// and holding the size back would silently drop what was written after the failure.
     async fn flush(&self, f: &OpenFile, seen: Option<&AtomicU64>) -> FsResult<()> {
         let mut st = f.state.lock().await;
         self.flush_data(f, &mut st).await;
-        let failed = failures(&st.errors);
-        if failed != st.failures_committed {
-            st.failures_committed = failed;
-            st.wrote = false;
-            f.size.store(st.meta_size, Ordering::Release);
-        }
         report_failures(&st.errors, seen)?;
         if st.wrote {
             let size = f.size();
@@ -1113,7 +1107,6 @@ impl Inner {
         if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
             st.meta_size = a.size;
             st.wrote = false;
-            st.failures_committed = failures(&st.errors);
             f.size.store(a.size, Ordering::Release);
             f.set_stamp(a.mtime);
         }

@@ -347,21 +347,22 @@ pub(crate) fn reconcile(sm: &StateMachine, store: &mut LogStore) -> Result<(), S
     use raft::Storage;
     let applied = sm.applied();
     let last = store.last_index().map_err(|e| e.to_string())?;
-    if applied > last {
-        let (index, term) = sm
-            .restored_from()
-            .map_err(|e| e.to_string())?
-            .filter(|(index, _)| *index == applied)
-            .ok_or_else(|| {
-                format!(
-                    "the state is applied to {applied}, past the raft log's last entry {last}, and was not \
-                     restored from a snapshot at that index: wipe this member's data directory and add it again"
-                )
-            })?;
+    let restored = sm.restored_from().map_err(|e| e.to_string())?.filter(|(index, _)| *index == applied);
+    // The state is that of a snapshot the log never recorded (a recorded one moved the log's
+    // compaction point to it): record it now. This comes first, whatever the log holds at that
+    // index, since a snapshot is installed only when the log's entry there (if any) differs.
+    if let Some((index, term)) = restored
+        && store.truncated().0 < index
+    {
         let mut meta = raft::prelude::SnapshotMetadata { index, term, ..Default::default() };
         meta.set_conf_state(sm.conf_state().map_err(|e| e.to_string())?);
         store.apply_snapshot(&meta, None).map_err(|e| e.to_string())?;
         tracing::warn!(index, term, "finished installing a snapshot a crash had interrupted");
+    } else if applied > last {
+        return Err(format!(
+            "the state is applied to {applied}, past the raft log's last entry {last}, and was not restored from \
+             a snapshot at that index: wipe this member's data directory and add it again"
+        ));
     } else if applied > store.hard_state().commit {
         let mut hs = store.hard_state().clone();
         hs.commit = applied;
@@ -417,6 +418,23 @@ mod tests {
         reconcile(&sm, &mut store).unwrap();
         assert_eq!(store.truncated(), (index, 5));
         assert!(raft_starts(&sm, store), "after reconcile");
+        // The same on a member whose log holds other entries past the snapshot's index (a
+        // former leader's uncommitted tail): the snapshot is recorded, not the tail committed.
+        let tail = tempfile::tempdir().unwrap();
+        let (sm, mut store) = open(tail.path());
+        sm.bootstrap(&cs, &peers).unwrap();
+        store.bootstrap(cs.clone()).unwrap();
+        let entries: Vec<raft::prelude::Entry> =
+            (2..=5).map(|index| raft::prelude::Entry { index, term: 1, ..Default::default() }).collect();
+        store.persist(&entries, None, true).unwrap();
+        lsm.apply_empty(2).unwrap();
+        lsm.apply_empty(3).unwrap();
+        let (three, _, data) = lsm.snapshot().unwrap();
+        sm.restore(&data, 2).unwrap();
+        reconcile(&sm, &mut store).unwrap();
+        assert_eq!((three, store.truncated()), (3, (3, 2)));
+        assert!(store.hard_state().commit >= 3);
+        drop(sm);
         // A state ahead of the log with no snapshot to explain it is refused with a way out.
         let bare = tempfile::tempdir().unwrap();
         let (sm, mut store) = open(bare.path());

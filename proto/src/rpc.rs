@@ -215,7 +215,14 @@ async fn serve_connection<S: Service>(
                 }
             },
         };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        // Waits for a slot, but not past shutdown (handlers stuck on a hung disk keep theirs).
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = in_flight.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let service = service.clone();
         let peer = peer.clone();
         let tracker = streams.clone();
