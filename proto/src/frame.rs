@@ -77,6 +77,32 @@ where
     decode_body(&body)
 }
 
+/// Reads one frame like [`read_frame`], but first takes as many units of `budget` as the
+/// body's announced length (after the header is checked, before the body is allocated) and
+/// returns them with the message: whoever holds the message holds its bytes in the budget.
+/// A server bounds the request bytes it holds this way, not only the requests' count.
+pub async fn read_frame_budgeted<T, R>(
+    reader: &mut R,
+    max_bytes: u32,
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+) -> Result<(T, tokio::sync::OwnedSemaphorePermit), FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    read_exact(reader, &mut header).await?;
+    let len = parse_header(&header, max_bytes)?;
+    let held = budget
+        .clone()
+        .acquire_many_owned(len)
+        .await
+        .map_err(|_| FrameError::Io(std::io::Error::other("server shutting down")))?;
+    let mut body = vec![0u8; len as usize];
+    read_exact(reader, &mut body).await?;
+    Ok((decode_body(&body)?, held))
+}
+
 /// Writes one frame holding `msg`.
 pub async fn write_frame<T, W>(writer: &mut W, msg: &T) -> Result<(), FrameError>
 where
@@ -99,6 +125,25 @@ async fn read_exact<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_budgeted_read_waits_until_the_bytes_it_needs_are_given_back() {
+        let frame = encode_frame(&sample_request()).unwrap();
+        let body = (frame.len() - FRAME_HEADER_BYTES) as u32;
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(body as usize));
+        let (first, held): (Request, _) =
+            read_frame_budgeted(&mut &frame[..], FRAME_BODY_MAX_BYTES, &budget).await.unwrap();
+        assert_eq!(first.deadline_ms, 5000);
+        assert_eq!(budget.available_permits(), 0, "the first request holds its bytes");
+        let mut rest = &frame[..];
+        let second = read_frame_budgeted::<Request, _>(&mut rest, FRAME_BODY_MAX_BYTES, &budget);
+        tokio::pin!(second);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
+        assert!(waited.is_err(), "read while the budget was spent");
+        drop(held);
+        let (again, _held) = second.await.unwrap();
+        assert_eq!(again.deadline_ms, 5000);
+    }
     use crate::ids::{BlockId, Epoch, Ino, ShardId, ShardRef, VolumeId};
     use crate::msg::{BlockRead, ByteRange, Request, RequestBody, Response, ResponseBody};
     use proptest::prelude::*;

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{ErrorCode, FrameError, RpcError, TlsError, WireError};
-use crate::frame::{FRAME_BODY_MAX_BYTES, read_frame, write_frame};
+use crate::frame::{FRAME_BODY_MAX_BYTES, read_frame, read_frame_budgeted, write_frame};
 use crate::msg::{DEADLINE_MS_MAX, Request, RequestBody, Response, ResponseBody};
 use crate::tls::{CLUSTER_SERVER_NAME, Role, TlsIdentity, name_of, role_of};
 
@@ -128,11 +128,23 @@ pub struct ServerLimits {
     pub connections_max: usize,
     /// Most requests being handled at once over all connections; further streams wait.
     pub requests_in_flight_max: usize,
+    /// Most request body bytes held at once over all requests (read, or being handled); a
+    /// request whose body does not fit waits after its header. At least
+    /// `FRAME_BODY_MAX_BYTES`, so any one request fits.
+    pub request_bytes_in_flight_max: usize,
 }
+
+/// `ServerLimits::request_bytes_in_flight_max` by default: 256 MiB, about 28 of the largest
+/// requests (a batch write of 8 MiB of blocks) against the 1 024 requests of the count limit.
+pub const REQUEST_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        Self { connections_max: 1024, requests_in_flight_max: 1024 }
+        Self {
+            connections_max: 1024,
+            requests_in_flight_max: 1024,
+            request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX,
+        }
     }
 }
 
@@ -146,6 +158,8 @@ pub async fn serve<S: Service>(
 ) {
     let tasks = TaskTracker::new();
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
+    let bytes =
+        Arc::new(Semaphore::new(limits.request_bytes_in_flight_max.max(FRAME_BODY_MAX_BYTES as usize)));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -160,7 +174,7 @@ pub async fn serve<S: Service>(
             continue;
         }
         let service = service.clone();
-        let in_flight = in_flight.clone();
+        let (in_flight, bytes) = (in_flight.clone(), bytes.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let addr = incoming.remote_address();
@@ -181,7 +195,7 @@ pub async fn serve<S: Service>(
                 }
             };
             debug!(peer = %addr, role = %peer.role, name = %peer.name, "connection accepted");
-            serve_connection(conn, peer, service, in_flight, shutdown).await;
+            serve_connection(conn, peer, service, in_flight, bytes, shutdown).await;
         });
     }
     // Stop taking requests, let those in flight finish (bounded), then say goodbye.
@@ -201,6 +215,7 @@ async fn serve_connection<S: Service>(
     peer: Peer,
     service: Arc<S>,
     in_flight: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
     let streams = TaskTracker::new();
@@ -225,17 +240,18 @@ async fn serve_connection<S: Service>(
         };
         let service = service.clone();
         let peer = peer.clone();
-        let tracker = streams.clone();
+        let (tracker, bytes) = (streams.clone(), bytes.clone());
         streams.spawn(async move {
-            serve_stream(send, recv, &peer, service, permit, &tracker).await;
+            serve_stream(send, recv, &peer, service, permit, &bytes, &tracker).await;
         });
     }
     streams.close();
     streams.wait().await;
 }
 
-/// Serves one request stream. The handler runs as a task of its own, holding the request's
-/// in-flight `permit` until it returns: when the deadline passes the caller is answered
+/// Serves one request stream. Its body's bytes are taken from `bytes` before it is read
+/// (`ServerLimits::request_bytes_in_flight_max`). The handler runs as a task of its own,
+/// holding the request's in-flight `permit` and its bytes until it returns: when the deadline passes the caller is answered
 /// `DeadlineExceeded`, but the handler is not dropped halfway (a storage node's write would
 /// otherwise release its locks with its replication under way, and a later write of the same
 /// block could overtake it on a backup), and the in-flight limit still counts it.
@@ -245,10 +261,11 @@ async fn serve_stream<S: Service>(
     peer: &Peer,
     service: Arc<S>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: &Arc<Semaphore>,
     tracker: &TaskTracker,
 ) {
     let started = Instant::now();
-    let request = read_frame::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES).await;
+    let request = read_frame_budgeted::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES, bytes).await;
     let (name, response): (&str, Response) = match request {
         Err(e) => {
             warn!(peer = %peer.addr, role = %peer.role, error = %e, "bad request frame; closing stream");
@@ -256,7 +273,7 @@ async fn serve_stream<S: Service>(
             let _ = recv.stop(CODE_BAD_FRAME);
             ("bad_frame", Err(e.to_wire()))
         }
-        Ok(request) => {
+        Ok((request, held)) => {
             let name = request.body.name();
             if !request.body.allowed_roles().contains(&peer.role) {
                 warn!(peer = %peer.addr, role = %peer.role, rpc = name, "refused: role may not call this RPC");
@@ -267,7 +284,7 @@ async fn serve_stream<S: Service>(
                 let handler_peer = peer.clone();
                 let handler = tracker.spawn(async move {
                     let response = service.handle(&handler_peer, request.body).await;
-                    drop(permit);
+                    drop((permit, held));
                     response
                 });
                 let response = match tokio::time::timeout(deadline, handler).await {
@@ -507,7 +524,8 @@ mod tests {
         let addr = endpoint.local_addr().unwrap();
         let service = Arc::new(Slow { events: Mutex::new(Vec::new()) });
         let shutdown = CancellationToken::new();
-        let limits = ServerLimits { connections_max: 4, requests_in_flight_max: 1 };
+        let limits =
+            ServerLimits { connections_max: 4, requests_in_flight_max: 1, ..ServerLimits::default() };
         let served = tokio::spawn(serve(endpoint, service.clone(), limits, shutdown.clone()));
         let client = RpcClient::new(&admin).unwrap();
         let short = Duration::from_millis(100);

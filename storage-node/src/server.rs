@@ -94,6 +94,7 @@ impl Node {
         let limits = ServerLimits {
             connections_max: config.connections_max,
             requests_in_flight_max: config.requests_in_flight_max,
+            ..ServerLimits::default()
         };
         Ok(Self { node_id: store.node_id(), local_addr, endpoint, service, store, limits, heartbeat })
     }
