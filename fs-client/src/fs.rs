@@ -52,6 +52,9 @@ pub struct MountOptions {
     /// Bytes of partly written blocks kept per open file before they are all sent. Default
     /// 16 MiB (at least one block).
     pub dirty_bytes_per_file: u64,
+    /// Bytes of partly written blocks kept over all files (each one a whole block's buffer):
+    /// past it, a writer sends all of its own file's before it returns. Default 256 MiB.
+    pub dirty_bytes_total: u64,
     /// Most blocks read ahead of a sequential reader. Default 32.
     pub readahead_blocks_max: u32,
     /// Block fetches for prefetching (the engine's and the hints' readahead) in flight over all
@@ -84,6 +87,7 @@ impl Default for MountOptions {
             write_back_bytes: 64 << 20,
             uploads_in_flight_max: 64,
             dirty_bytes_per_file: 16 << 20,
+            dirty_bytes_total: 256 << 20,
             readahead_blocks_max: 32,
             prefetch_in_flight_max: 64,
             attr_ttl: Duration::from_secs(1),
@@ -199,6 +203,8 @@ pub struct Inner {
     next_fh: AtomicU64,
     /// Write-back budget in KiB permits.
     write_budget: Arc<Semaphore>,
+    /// Bytes of dirty block buffers over all files (`MountOptions::dirty_bytes_total`).
+    dirty_now: AtomicU64,
     upload_slots: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
     reclaims: Arc<Semaphore>,
@@ -338,6 +344,7 @@ impl Inner {
             vol: blocks.volume.id,
             cache: Arc::new(BlockCache::new(opts.cache_bytes, block_bytes)),
             write_budget: Arc::new(Semaphore::new(((opts.write_back_bytes >> 10) as usize).max(1))),
+            dirty_now: AtomicU64::new(0),
             prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_in_flight_max.max(1))),
             upload_slots: Arc::new(Semaphore::new(opts.uploads_in_flight_max.max(1))),
             reclaims: Arc::new(Semaphore::new(RECLAIMS_IN_FLIGHT)),
@@ -930,6 +937,7 @@ impl Inner {
     /// the same block, so writes land in order), within the write-back budget.
     async fn upload(&self, st: &mut crate::file::FileState, f: &OpenFile, index: u64, d: Dirty) {
         let ino = f.ino;
+        self.dirty_now.fetch_sub(self.block_bytes, Ordering::AcqRel);
         if let Some(earlier) = st.uploads.remove(&index) {
             record(&st.errors, earlier.await.map(|()| Ok(())));
         }
@@ -980,10 +988,10 @@ impl Inner {
                 self.upload(&mut st, f, index, old).await;
             }
             let block_bytes = self.block_bytes as usize;
-            let d = st.dirty.entry(index).or_insert_with(|| Dirty {
-                data: vec![0; block_bytes],
-                lo: off,
-                hi: off,
+            let dirty_now = &self.dirty_now;
+            let d = st.dirty.entry(index).or_insert_with(|| {
+                dirty_now.fetch_add(block_bytes as u64, Ordering::AcqRel);
+                Dirty { data: vec![0; block_bytes], lo: off, hi: off }
             });
             d.data[off as usize..(off + n) as usize].copy_from_slice(piece);
             d.lo = d.lo.min(off);
@@ -993,7 +1001,9 @@ impl Inner {
                 self.upload(&mut st, f, index, full).await;
             }
         }
-        if st.dirty.len() as u64 > (self.opts.dirty_bytes_per_file / self.block_bytes).max(1) {
+        if st.dirty.len() as u64 > (self.opts.dirty_bytes_per_file / self.block_bytes).max(1)
+            || self.dirty_now.load(Ordering::Acquire) > self.opts.dirty_bytes_total
+        {
             let all = std::mem::take(&mut st.dirty);
             for (index, d) in all {
                 self.upload(&mut st, f, index, d).await;
