@@ -376,6 +376,12 @@ impl Group {
             )))
         } else if !add && conf.voters.len() == 1 {
             Some(invalid("cannot remove the last voter".into()))
+        } else if self.raw.raft.pending_conf_index > self.raw.raft.raft_log.applied {
+            // raft-rs would turn this change into an empty entry and say nothing (one change at
+            // a time, and a new leader counts its whole log as possibly one): say so now.
+            Some(Err(unavailable(
+                "another membership change (or a new leader's first entries) is still being applied; retry shortly",
+            )))
         } else {
             None
         };
