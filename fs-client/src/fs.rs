@@ -190,6 +190,16 @@ enum OpenHandle {
     },
 }
 
+impl OpenHandle {
+    /// The upload failures a file handle has been told of (`None` for a directory).
+    fn seen(&self) -> Option<&AtomicU64> {
+        match self {
+            OpenHandle::File { seen, .. } => Some(seen),
+            OpenHandle::Dir { .. } => None,
+        }
+    }
+}
+
 /// Everything the callbacks share; lives in an `Arc` so work can move onto the runtime.
 pub struct Inner {
     pub meta: Arc<MetaClient>,
@@ -412,11 +422,6 @@ impl Inner {
         self.new_handle(OpenHandle::File { ino: f.ino, seen: AtomicU64::new(seen) })
     }
 
-    /// The failures handle `fh` has been told of (`None` if it is not a file handle).
-    fn seen(&self, fh: u64) -> Option<Arc<OpenHandle>> {
-        self.handle(fh).filter(|h| matches!(**h, OpenHandle::File { .. }))
-    }
-
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned()
     }
@@ -565,9 +570,7 @@ impl Inner {
                 self.flush_data(&f, &mut st).await;
                 // An upload that failed just now fails this read too (and stays counted for
                 // the writer's flush).
-                if failures(&st.errors) != before {
-                    report_failures(&st.errors, Some(&AtomicU64::new(before)))?;
-                }
+                failure_since(&st.errors, before).1?;
             }
         }
         let file_size = f.size();
@@ -966,7 +969,7 @@ impl Inner {
         u32::try_from(self.opts.write_back_bytes >> 10).unwrap_or(u32::MAX).max(1)
     }
 
-    async fn write(&self, f: &OpenFile, seen: &AtomicU64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    async fn write(&self, f: &OpenFile, seen: Option<&AtomicU64>, offset: u64, data: &[u8]) -> FsResult<u32> {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest offset"))?;
@@ -974,7 +977,7 @@ impl Inner {
         self.detect_group(f, offset, data, augur_prefetch::filetype::HEAD_BYTES);
         let mut st = f.state.lock().await;
         // A background upload of this file failed: say so now rather than only at close.
-        report_failures(&st.errors, Some(seen))?;
+        report_failures(&st.errors, seen)?;
         f.write_gen.fetch_add(1, Ordering::AcqRel);
         let mut pos = 0usize;
         for (index, off, n) in split(offset, data.len() as u64, self.block_bytes) {
@@ -1442,16 +1445,19 @@ fn failures(slot: &UploadError) -> u64 {
     slot.lock().unwrap_or_else(|p| p.into_inner()).count
 }
 
+/// The failure count now, and the latest failure if there were more than `seen`.
+fn failure_since(slot: &UploadError, seen: u64) -> (u64, FsResult<()>) {
+    let (latest, now) = slot.lock().unwrap_or_else(|p| p.into_inner()).since(seen);
+    (now, latest.map_or(Ok(()), |(errno, what)| Err(FsError::new(errno, what))))
+}
+
 /// Reports the latest upload failure to a handle that has not been told of every failure so
 /// far (`seen`), and marks them told. `None`: a caller with no handle (unmount), told nothing.
 fn report_failures(slot: &UploadError, seen: Option<&AtomicU64>) -> FsResult<()> {
     let Some(seen) = seen else { return Ok(()) };
-    let (latest, now) = slot.lock().unwrap_or_else(|p| p.into_inner()).since(seen.load(Ordering::Acquire));
+    let (now, result) = failure_since(slot, seen.load(Ordering::Acquire));
     seen.fetch_max(now, Ordering::AcqRel);
-    match latest {
-        Some((errno, what)) => Err(FsError::new(errno, what)),
-        None => Ok(()),
-    }
+    result
 }
 
 /// Forgets finished uploads (each recorded its own failure).
@@ -1742,13 +1748,8 @@ impl Filesystem for AugurFs {
             if let Some(t) = &fs.trace {
                 t.record(augur_prefetch::Op::Write, offset, data.len() as u64, i.0, f.group());
             }
-            let h = fs.seen(fh.0);
-            let none = AtomicU64::new(u64::MAX);
-            let seen = match h.as_deref() {
-                Some(OpenHandle::File { seen, .. }) => seen,
-                _ => &none,
-            };
-            match fs.write(&f, seen, offset, &data).await {
+            let h = fs.handle(fh.0);
+            match fs.write(&f, h.as_deref().and_then(OpenHandle::seen), offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(fail("write", &e)),
             }
@@ -1757,13 +1758,9 @@ impl Filesystem for AugurFs {
 
     fn flush(&self, _req: &Request, i: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.spawn(move |fs| async move {
-            let h = fs.seen(fh.0);
-            let seen = match h.as_deref() {
-                Some(OpenHandle::File { seen, .. }) => Some(seen),
-                _ => None,
-            };
+            let h = fs.handle(fh.0);
             let r = match fs.file(ino(i)) {
-                Some(f) => fs.flush(&f, seen).await,
+                Some(f) => fs.flush(&f, h.as_deref().and_then(OpenHandle::seen)).await,
                 None => Ok(()),
             };
             match r {

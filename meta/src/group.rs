@@ -703,9 +703,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, String> {
 /// OS), below 2^39 so it cannot wrap into the member id bits in this run.
 fn random_id_start() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish() & ((1 << 39) - 1)
+    std::collections::hash_map::RandomState::new().build_hasher().finish() & ((1 << 39) - 1)
 }
 
 #[cfg(test)]

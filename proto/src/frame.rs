@@ -69,9 +69,22 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    let len = read_header(reader, max_bytes).await?;
+    read_body(reader, len).await
+}
+
+/// Reads and checks a frame's header; returns its body's length.
+async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, max_bytes: u32) -> Result<u32, FrameError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     read_exact(reader, &mut header).await?;
-    let len = parse_header(&header, max_bytes)?;
+    parse_header(&header, max_bytes)
+}
+
+/// Reads a body of `len` bytes (after its header) and decodes it.
+async fn read_body<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: u32,
+) -> Result<T, FrameError> {
     let mut body = vec![0u8; len as usize];
     read_exact(reader, &mut body).await?;
     decode_body(&body)
@@ -90,17 +103,13 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    read_exact(reader, &mut header).await?;
-    let len = parse_header(&header, max_bytes)?;
+    let len = read_header(reader, max_bytes).await?;
     let held = budget
         .clone()
         .acquire_many_owned(len)
         .await
         .map_err(|_| FrameError::Io(std::io::Error::other("server shutting down")))?;
-    let mut body = vec![0u8; len as usize];
-    read_exact(reader, &mut body).await?;
-    Ok((decode_body(&body)?, held))
+    Ok((read_body(reader, len).await?, held))
 }
 
 /// Writes one frame holding `msg`.
