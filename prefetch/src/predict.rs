@@ -82,7 +82,7 @@ pub const HEURISTICS: [&str; 9] =
 
 /// Heuristics beyond SPEC §7's set: chosen among by `auto` (and the model's fallback), and
 /// reported beside it.
-pub const EXTRA_HEURISTICS: [&str; 1] = ["history"];
+pub const EXTRA_HEURISTICS: [&str; 2] = ["history", "ctx"];
 
 /// Every heuristic by name: SPEC §7's set, then `EXTRA_HEURISTICS`.
 pub fn all_heuristics() -> impl Iterator<Item = &'static str> {
@@ -95,11 +95,12 @@ pub fn heuristics_listed() -> String {
 }
 
 /// Builds a predictor by name: `none`, `next-N`, `linux-ra`, `leap`, `markov`, `mithril`,
-/// `history`.
+/// `history`, `ctx`.
 pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
     Ok(match name {
         "none" => Box::new(NoPrefetch),
         "history" => Box::new(History::default()),
+        "ctx" => Box::new(Context::default()),
         "linux-ra" => Box::new(LinuxReadahead::default()),
         "leap" => Box::new(Leap::default()),
         "markov" => Box::new(Markov::default()),
@@ -117,20 +118,25 @@ pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
     })
 }
 
-/// Keeps per-stream state within `STREAMS_MAX`.
+/// Keeps per-stream state within `STREAMS_MAX` streams (or fewer, `with_max`).
 pub(crate) struct PerStream<S> {
     map: HashMap<u64, S>,
+    max: usize,
 }
 
 impl<S: Default> Default for PerStream<S> {
     fn default() -> Self {
-        Self { map: HashMap::default() }
+        Self::with_max(STREAMS_MAX)
     }
 }
 
 impl<S: Default> PerStream<S> {
+    pub(crate) fn with_max(max: usize) -> Self {
+        Self { map: HashMap::default(), max: max.max(1) }
+    }
+
     pub(crate) fn get(&mut self, stream: u64) -> &mut S {
-        if !self.map.contains_key(&stream) && self.map.len() >= STREAMS_MAX {
+        if !self.map.contains_key(&stream) && self.map.len() >= self.max {
             let victim = *self.map.keys().next().expect("non-empty");
             self.map.remove(&victim);
         }
@@ -463,6 +469,141 @@ impl Predictor for History {
     }
 }
 
+/// Readahead whose depth is learned per read context (models/README.md, items 44 and 47). On a
+/// read of a request's last block b it names, nearest first, each b+k (k ≤ `CTX_DEPTH`) that is
+/// not among the stream's last `CTX_RECENT_READS` block reads and whose learned share is at least
+/// `CTX_SHARE_MIN`. A share is kept per file type group, read context and k: the decayed
+/// (half-life `CTX_HALF_LIFE` judgments) share of the times such a b+k was read within the
+/// stream's next `CTX_HORIZON` block reads. The context is whether the block before the request
+/// and the block itself were among the stream's recent reads, and whether the read hit. On
+/// MQSim's search-engine trace (cursors over posting lists that step over a block onto one
+/// fetched ahead for them) it learns to name b+1 only after a miss with nothing read around it,
+/// and b+1 … b+4 after a hit on a block not read lately.
+pub struct Context {
+    streams: PerStream<ContextStream>,
+    shares: [[[Share; CTX_DEPTH]; CTX_CONTEXTS]; crate::filetype::Group::ALL.len()],
+}
+
+/// Blocks after a read that `ctx` may name.
+pub const CTX_DEPTH: usize = 4;
+/// Block reads of a stream that count as "read lately" (found by models/README item 31's search).
+pub const CTX_RECENT_READS: usize = 766;
+/// Block reads of the stream within which a named block must be read to count as used.
+pub const CTX_HORIZON: u64 = 64;
+/// Least learned share for which `ctx` names a block (chosen on the validation cut, item 44).
+pub const CTX_SHARE_MIN: f32 = 0.1;
+/// Judgments over which a share's weight halves.
+pub const CTX_HALF_LIFE: f32 = 4096.0;
+/// Streams `ctx` keeps state for (about 20 KiB each at most: its recent reads and what it
+/// awaits, at most `CTX_DEPTH` × `CTX_HORIZON` judgments).
+pub const CTX_STREAMS_MAX: usize = 512;
+const CTX_CONTEXTS: usize = 8;
+
+/// A decayed share: used / judged.
+#[derive(Clone, Copy, Debug)]
+struct Share {
+    used: f32,
+    judged: f32,
+}
+
+impl Share {
+    fn judge(&mut self, used: bool) {
+        let decay = 0.5f32.powf(1.0 / CTX_HALF_LIFE);
+        self.used = self.used * decay + f32::from(u8::from(used));
+        self.judged = self.judged * decay + 1.0;
+    }
+}
+
+#[derive(Default)]
+struct ContextStream {
+    /// The last `CTX_RECENT_READS` blocks read, oldest first, and how often each is among them.
+    recent: VecDeque<u64>,
+    counts: HashMap<u64, u32>,
+    reads: u64,
+    /// Blocks named (or that would have been) awaiting their read: block → (context, k − 1,
+    /// last read index at which it counts), and the same in order of that index.
+    awaited: HashMap<u64, Vec<(u8, u8, u64)>>,
+    deadlines: VecDeque<(u64, u64)>,
+}
+
+impl ContextStream {
+    fn recent(&self, block: u64) -> bool {
+        self.counts.contains_key(&block)
+    }
+
+    fn push(&mut self, block: u64) {
+        if self.recent.len() == CTX_RECENT_READS
+            && let Some(old) = self.recent.pop_front()
+            && let Some(c) = self.counts.get_mut(&old)
+        {
+            *c -= 1;
+            if *c == 0 {
+                self.counts.remove(&old);
+            }
+        }
+        self.recent.push_back(block);
+        *self.counts.entry(block).or_default() += 1;
+    }
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        // Before anything is judged, b+k counts as read one time in k + 1 (so k = 1 … 4 are named).
+        let prior = |k: usize| Share { used: 1.0 / (k as f32 + 1.0), judged: 1.0 };
+        Self {
+            streams: PerStream::with_max(CTX_STREAMS_MAX),
+            shares: [[std::array::from_fn(prior); CTX_CONTEXTS]; crate::filetype::Group::ALL.len()],
+        }
+    }
+}
+
+impl Predictor for Context {
+    fn name(&self) -> String {
+        "ctx".into()
+    }
+    fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
+        let shares = &mut self.shares[r.group.index()];
+        let s = self.streams.get(r.stream);
+        s.reads += 1;
+        while let Some(&(last, block)) = s.deadlines.front()
+            && last < s.reads
+        {
+            s.deadlines.pop_front();
+            if let Some(waits) = s.awaited.get_mut(&block) {
+                waits.retain(|&(c, k, l)| {
+                    if l == last {
+                        shares[c as usize][k as usize].judge(false);
+                    }
+                    l != last
+                });
+                if waits.is_empty() {
+                    s.awaited.remove(&block);
+                }
+            }
+        }
+        for (c, k, _) in s.awaited.remove(&r.block).unwrap_or_default() {
+            shares[c as usize][k as usize].judge(true);
+        }
+        if r.block + 1 >= r.request_first.saturating_add(r.request_blocks) {
+            let before = r.request_first.checked_sub(1).is_some_and(|b| s.recent(b));
+            let context = u8::from(before) | u8::from(s.recent(r.block)) << 1 | u8::from(r.hit) << 2;
+            let last = s.reads + CTX_HORIZON;
+            for (k, share) in shares[context as usize].iter().enumerate() {
+                let b = r.block + k as u64 + 1;
+                if s.recent(b) {
+                    continue;
+                }
+                if share.used >= CTX_SHARE_MIN * share.judged {
+                    out.push(b);
+                }
+                s.awaited.entry(b).or_default().push((context, k as u8, last));
+                s.deadlines.push_back((last, b));
+            }
+        }
+        s.push(r.block);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +617,31 @@ mod tests {
                 out
             })
             .collect()
+    }
+
+    #[test]
+    fn ctx_learns_per_read_context_how_far_ahead_reads_follow() {
+        let mut c = Context::default();
+        let read = |c: &mut Context, stream, block, hit| {
+            let mut out = Vec::new();
+            c.on_read(&Read::at(stream, block, hit), &mut out);
+            out
+        };
+        assert_eq!(read(&mut c, 0, 5, false), vec![6, 7, 8, 9], "before anything is judged");
+        // Misses far apart, nothing read after them: after a cold miss nothing is named.
+        for i in 0..3000 {
+            read(&mut c, 0, 1_000_000 + i * 1000, false);
+        }
+        assert_eq!(read(&mut c, 0, 50_000_000, false), Vec::<u64>::new());
+        // Another stream scans, hitting: after a hit following its neighbour, the next blocks.
+        for b in 10_000..13_000 {
+            read(&mut c, 1, b, true);
+        }
+        assert_eq!(read(&mut c, 1, 13_000, true), vec![13_001, 13_002, 13_003, 13_004]);
+        assert_eq!(read(&mut c, 1, 90_000_000, false), Vec::<u64>::new(), "a cold miss is still a cold miss");
+        // Blocks read lately are not named again (12 999 and 13 000; the rest of this context
+        // is still unjudged).
+        assert_eq!(read(&mut c, 1, 12_998, true), vec![13_001, 13_002]);
     }
 
     #[test]

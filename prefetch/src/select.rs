@@ -376,6 +376,49 @@ pub struct Selector {
     before: Vec<f32>,
     /// Per candidate, when `Judge::cache_blocks` is not 0 (and there is more than one).
     ghosts: Vec<Ghost>,
+    /// Per file type group: its streams' ghost scores pooled ([`GroupGhost`]).
+    group_ghosts: [GroupGhost; crate::filetype::Group::ALL.len()],
+}
+
+/// The fetch share each candidate's [`Ghost`] hid on the reads of every stream of a file type
+/// group, decayed so that it remembers as many reads per stream as a stream's own score: its
+/// half-life is `HALF_LIFE_READS` times the group's streams read within its last
+/// `ACTIVE_READS` reads. A stream ranks candidates by its own ghost score plus its group's, so
+/// where several streams behave alike (MQSim's devices) each choice rests on all of their
+/// evidence rather than on one stream's noise (models/README item 47); the group's score weighs
+/// `GROUP_WEIGHT` times the stream's own. A group of one stream ranks as before: its score is
+/// the stream's own.
+#[derive(Debug, Default)]
+struct GroupGhost {
+    score: Vec<f32>,
+    reads: u64,
+    /// Stream → the group read it last made, for those within `ACTIVE_READS` (pruned every
+    /// `ACTIVE_READS` / 4 reads, so at most 1.25 × `ACTIVE_READS` entries).
+    last: HashMap<u64, u64>,
+}
+
+/// Reads of a file type group within which a stream counts as one of its active streams.
+pub const ACTIVE_READS: u64 = 1024;
+/// How much a stream's group's ghost score weighs in its ranking against its own (chosen on the
+/// validation cut among 0, 0.5, 1, 2, 4 and 8: models/README item 47).
+pub const GROUP_WEIGHT: f32 = 2.0;
+
+impl GroupGhost {
+    /// A read of `stream`: decays the scores by one read, returns them to add to.
+    fn read(&mut self, stream: u64, candidates: usize) -> &mut [f32] {
+        self.reads += 1;
+        self.last.insert(stream, self.reads);
+        if self.reads.is_multiple_of(ACTIVE_READS / 4) {
+            let now = self.reads;
+            self.last.retain(|_, at| now - *at <= ACTIVE_READS);
+        }
+        let decay = DECAY.powf(1.0 / self.last.len().max(1) as f32);
+        self.score.resize(candidates, 0.0);
+        for x in &mut self.score {
+            *x *= decay;
+        }
+        &mut self.score
+    }
 }
 
 /// One candidate's answers fetched into a simulated LRU cache of the client's size
@@ -398,8 +441,8 @@ pub struct Ghost {
 
 /// Most blocks a ghost cache simulates (`Judge::cache_blocks` is capped to this): 4 GiB of
 /// 64 KiB blocks. A ghost takes about 90 bytes per block (the map of its `lru::Lru`, and
-/// its queue of ages with stale ones up to twice the blocks), so `auto`'s nine candidates take about 800 bytes per
-/// block of the client's cache: 3 MiB for `CACHE_BLOCKS`, 50 MiB at this limit.
+/// its queue of ages with stale ones up to twice the blocks), so `auto`'s ten candidates take about 900 bytes per
+/// block of the client's cache: 3.5 MiB for `CACHE_BLOCKS`, 56 MiB at this limit.
 pub const GHOST_BLOCKS_MAX: usize = 1 << 16;
 /// The cache size candidates are judged in when nobody says (`ModelKnobs::cache_blocks`): the
 /// client's default block cache, 256 MiB of 64 KiB blocks. A mount passes its own
@@ -552,9 +595,10 @@ struct SelectStream {
     ghost: Vec<f32>,
 }
 
-/// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches, and `history`).
-pub const AUTO: [&str; 9] =
-    ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril", "history"];
+/// The heuristics `auto` chooses among (every SPEC §7 heuristic that fetches, `history` and
+/// `ctx`).
+pub const AUTO: [&str; 10] =
+    ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril", "history", "ctx"];
 
 impl Selector {
     /// `auto` (all of `AUTO`) or one heuristic by name.
@@ -581,6 +625,7 @@ impl Selector {
             } else {
                 names.iter().map(|_| Ghost::new(judge.cache_blocks, judge.bucket)).collect()
             },
+            group_ghosts: Default::default(),
         })
     }
 
@@ -629,8 +674,16 @@ impl Selector {
             sh.on_read(&seen, &self.judge);
             sh.offer(a, seen.now_us, s.reads, |b| s.recent.contains(b) || r.in_request_after(b));
         }
-        for ((g, score), a) in self.ghosts.iter_mut().zip(&mut s.ghost).zip(&self.answers) {
-            *score = *score * DECAY + g.read((r.stream, r.block), seen.now_us, &self.judge);
+        let pooled: &mut [f32] = if self.ghosts.is_empty() {
+            &mut []
+        } else {
+            self.group_ghosts[s.group].read(r.stream, self.ghosts.len())
+        };
+        for (((g, score), a), pool) in self.ghosts.iter_mut().zip(&mut s.ghost).zip(&self.answers).zip(pooled)
+        {
+            let hid = g.read((r.stream, r.block), seen.now_us, &self.judge);
+            *score = *score * DECAY + hid;
+            *pool += hid;
             g.offer(r.stream, a, seen.now_us, &self.judge, |b| r.in_request_after(b));
         }
         for ((pooled, sh), before) in group.iter_mut().zip(&s.shadows).zip(&self.before) {
@@ -651,7 +704,12 @@ impl Selector {
         let mut best = worth(s.best).then_some(s.best);
         for (i, sh) in s.shadows.iter().enumerate() {
             let better = |b: usize| {
-                if s.ghost.is_empty() { sh.score() > s.shadows[b].score() } else { s.ghost[i] > s.ghost[b] }
+                if s.ghost.is_empty() {
+                    sh.score() > s.shadows[b].score()
+                } else {
+                    let pooled = &self.group_ghosts[s.group].score;
+                    s.ghost[i] + GROUP_WEIGHT * pooled[i] > s.ghost[b] + GROUP_WEIGHT * pooled[b]
+                }
             };
             if worth(i) && best.is_none_or(better) {
                 best = Some(i);
@@ -927,6 +985,27 @@ mod tests {
     fn auto_chooses_among_every_heuristic_that_fetches() {
         let fetching: Vec<&str> = crate::predict::all_heuristics().filter(|n| *n != "none").collect();
         assert_eq!(AUTO[..], fetching[..]);
+    }
+
+    #[test]
+    fn a_group_score_remembers_as_many_reads_per_stream_as_a_streams_own() {
+        let (mut one, mut two) = (GroupGhost::default(), GroupGhost::default());
+        one.read(1, 1)[0] = 1.0;
+        two.read(1, 1)[0] = 1.0;
+        for _ in 0..HALF_LIFE_READS as u64 {
+            one.read(1, 1);
+        }
+        // Two streams alike: twice the reads of the group for the same reads of each.
+        for i in 0..2 * HALF_LIFE_READS as u64 {
+            two.read(1 + i % 2, 1);
+        }
+        assert!((one.score[0] - 0.5).abs() < 0.01, "{}", one.score[0]);
+        assert!((two.score[0] - 0.5).abs() < 0.01, "{}", two.score[0]);
+        // A stream gone quiet for `ACTIVE_READS` reads of the group no longer counts.
+        for _ in 0..2 * ACTIVE_READS {
+            two.read(1, 1);
+        }
+        assert_eq!(two.last.len(), 1);
     }
 
     #[test]
