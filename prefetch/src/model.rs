@@ -565,7 +565,7 @@ impl Predictor for ModelPredictor {
         self.idle.sweep(
             &mut self.streams,
             |s| s.last_at,
-            |s| {
+            |_, s| {
                 // Gone idle (a file closed, a volume gone quiet): what it sent and read will be
                 // gone from the cache when it is back, so a hit on it then is no prefetch's doing,
                 // and the network may choose it again; what its shadow awaits was wasted.

@@ -100,7 +100,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn Predictor>, String> {
     Ok(match name {
         "none" => Box::new(NoPrefetch),
         "history" => Box::new(History::default()),
-        "ctx" => Box::new(Context::default()),
+        "ctx" => Box::new(CtxReadahead::default()),
         "linux-ra" => Box::new(LinuxReadahead::default()),
         "leap" => Box::new(Leap::default()),
         "markov" => Box::new(Markov::default()),
@@ -146,6 +146,16 @@ impl<S: Default> PerStream<S> {
     /// A stream's state, if it is kept (never adds one).
     pub(crate) fn peek(&mut self, stream: u64) -> Option<&mut S> {
         self.map.get_mut(&stream)
+    }
+
+    /// Drops a stream's state.
+    pub(crate) fn remove(&mut self, stream: u64) {
+        self.map.remove(&stream);
+    }
+
+    /// Every kept stream's state.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &S> {
+        self.map.values()
     }
 }
 
@@ -469,18 +479,25 @@ impl Predictor for History {
     }
 }
 
-/// Readahead whose depth is learned per read context (models/README.md, items 44 and 47). On a
-/// read of a request's last block b it names, nearest first, each b+k (k ≤ `CTX_DEPTH`) that is
-/// not among the stream's last `CTX_RECENT_READS` block reads and whose learned share is at least
-/// `CTX_SHARE_MIN`. A share is kept per file type group, read context and k: the decayed
-/// (half-life `CTX_HALF_LIFE` judgments) share of the times such a b+k was read within the
+/// `ctx`: a readahead whose depth is learned per read context (models/README.md, items 44 and
+/// 47). On a read of a request's last block b it names, nearest first, each b+k (k ≤
+/// `CTX_DEPTH`) that is not among the stream's last `CTX_RECENT_READS` block reads and whose
+/// learned share is at least `CTX_SHARE_MIN`; each k is judged on its own, so it may name b+3
+/// without b+2. A share is kept per file type group, read context and k: of the reads in that
+/// context (every one is a trial, re-reads of a block too) after which b+k was not read lately,
+/// the decayed share (half-life `CTX_HALF_LIFE` trials) after which b+k was read within the
 /// stream's next `CTX_HORIZON` block reads. The context is whether the block before the request
 /// and the block itself were among the stream's recent reads, and whether the read hit. On
 /// MQSim's search-engine trace (cursors over posting lists that step over a block onto one
 /// fetched ahead for them) it learns to name b+1 only after a miss with nothing read around it,
-/// and b+1 … b+4 after a hit on a block not read lately.
-pub struct Context {
-    streams: PerStream<ContextStream>,
+/// and b+1 … b+4 after a hit on a block not read lately. A stream idle for `DEAD_READS` reads of
+/// others is dropped; its trials still open count as unread up to the highest block it read,
+/// and are dropped past it (maybe past the file's end, where nothing is fetched), as `auto`'s
+/// shadows do.
+pub struct CtxReadahead {
+    streams: PerStream<CtxStream>,
+    idle: crate::select::Idle,
+    gone: Vec<u64>,
     shares: [[[Share; CTX_DEPTH]; CTX_CONTEXTS]; crate::filetype::Group::ALL.len()],
 }
 
@@ -492,11 +509,15 @@ pub const CTX_RECENT_READS: usize = 766;
 pub const CTX_HORIZON: u64 = 64;
 /// Least learned share for which `ctx` names a block (chosen on the validation cut, item 44).
 pub const CTX_SHARE_MIN: f32 = 0.1;
-/// Judgments over which a share's weight halves.
+/// Trials over which a share's weight halves.
 pub const CTX_HALF_LIFE: f32 = 4096.0;
-/// Streams `ctx` keeps state for (about 20 KiB each at most: its recent reads and what it
-/// awaits, at most `CTX_DEPTH` × `CTX_HORIZON` judgments).
-pub const CTX_STREAMS_MAX: usize = 512;
+/// Per-trial decay of a share: 0.5^(1 / `CTX_HALF_LIFE`) (checked by a test).
+const CTX_DECAY: f32 = 0.999_830_8;
+/// Streams `ctx` keeps state for. A stream holds at most about 64 KiB: its recent reads (a
+/// queue and a counted set of `CTX_RECENT_READS` blocks, about 25 KiB) and its open trials
+/// (at most `CTX_DEPTH` × (`CTX_HORIZON` + 1), about 40 KiB at most); so at most about 16 MiB,
+/// though only streams read within the last `DEAD_READS` reads are kept.
+pub const CTX_STREAMS_MAX: usize = 256;
 const CTX_CONTEXTS: usize = 8;
 
 /// A decayed share: used / judged.
@@ -508,25 +529,29 @@ struct Share {
 
 impl Share {
     fn judge(&mut self, used: bool) {
-        let decay = 0.5f32.powf(1.0 / CTX_HALF_LIFE);
-        self.used = self.used * decay + f32::from(u8::from(used));
-        self.judged = self.judged * decay + 1.0;
+        self.used = self.used * CTX_DECAY + f32::from(u8::from(used));
+        self.judged = self.judged * CTX_DECAY + 1.0;
     }
 }
 
 #[derive(Default)]
-struct ContextStream {
+struct CtxStream {
     /// The last `CTX_RECENT_READS` blocks read, oldest first, and how often each is among them.
     recent: VecDeque<u64>,
     counts: HashMap<u64, u32>,
     reads: u64,
-    /// Blocks named (or that would have been) awaiting their read: block → (context, k − 1,
-    /// last read index at which it counts), and the same in order of that index.
+    /// `Group::index` of its file type.
+    group: usize,
+    /// The highest block it read, and `Idle::read`'s clock at its last read.
+    highest: u64,
+    last_at: u64,
+    /// Open trials: block → (context, k − 1, last read index at which it counts), and the
+    /// same as (last read index, block) in order.
     awaited: HashMap<u64, Vec<(u8, u8, u64)>>,
     deadlines: VecDeque<(u64, u64)>,
 }
 
-impl ContextStream {
+impl CtxStream {
     fn recent(&self, block: u64) -> bool {
         self.counts.contains_key(&block)
     }
@@ -546,37 +571,63 @@ impl ContextStream {
     }
 }
 
-impl Default for Context {
+impl Default for CtxReadahead {
     fn default() -> Self {
-        // Before anything is judged, b+k counts as read one time in k + 1 (so k = 1 … 4 are named).
+        // Before anything is judged, b+k counts as read one time in k (so b+1 … b+4 are named).
         let prior = |k: usize| Share { used: 1.0 / (k as f32 + 1.0), judged: 1.0 };
         Self {
             streams: PerStream::with_max(CTX_STREAMS_MAX),
+            idle: crate::select::Idle::new(crate::select::DEAD_READS),
+            gone: Vec::new(),
             shares: [[std::array::from_fn(prior); CTX_CONTEXTS]; crate::filetype::Group::ALL.len()],
         }
     }
 }
 
-impl Predictor for Context {
+impl Predictor for CtxReadahead {
     fn name(&self) -> String {
         "ctx".into()
     }
     fn on_read(&mut self, r: &Read, out: &mut Vec<u64>) {
-        let shares = &mut self.shares[r.group.index()];
+        let now = self.idle.read(r.stream);
+        let (shares, gone) = (&mut self.shares, &mut self.gone);
+        self.idle.sweep(
+            &mut self.streams,
+            |s| s.last_at,
+            |stream, s| {
+                for (&b, trials) in &s.awaited {
+                    if b <= s.highest {
+                        for &(c, k, _) in trials {
+                            shares[s.group][c as usize][k as usize].judge(false);
+                        }
+                    }
+                }
+                gone.push(stream);
+            },
+        );
+        for stream in self.gone.drain(..) {
+            self.streams.remove(stream);
+        }
         let s = self.streams.get(r.stream);
+        if s.reads == 0 {
+            s.group = r.group.index();
+        }
+        let shares = &mut self.shares[s.group];
         s.reads += 1;
+        s.last_at = now;
+        s.highest = s.highest.max(r.block);
         while let Some(&(last, block)) = s.deadlines.front()
             && last < s.reads
         {
             s.deadlines.pop_front();
-            if let Some(waits) = s.awaited.get_mut(&block) {
-                waits.retain(|&(c, k, l)| {
+            if let Some(trials) = s.awaited.get_mut(&block) {
+                trials.retain(|&(c, k, l)| {
                     if l == last {
                         shares[c as usize][k as usize].judge(false);
                     }
                     l != last
                 });
-                if waits.is_empty() {
+                if trials.is_empty() {
                     s.awaited.remove(&block);
                 }
             }
@@ -621,8 +672,8 @@ mod tests {
 
     #[test]
     fn ctx_learns_per_read_context_how_far_ahead_reads_follow() {
-        let mut c = Context::default();
-        let read = |c: &mut Context, stream, block, hit| {
+        let mut c = CtxReadahead::default();
+        let read = |c: &mut CtxReadahead, stream, block, hit| {
             let mut out = Vec::new();
             c.on_read(&Read::at(stream, block, hit), &mut out);
             out
@@ -642,6 +693,46 @@ mod tests {
         // Blocks read lately are not named again (12 999 and 13 000; the rest of this context
         // is still unjudged).
         assert_eq!(read(&mut c, 1, 12_998, true), vec![13_001, 13_002]);
+    }
+
+    #[test]
+    fn ctx_counts_a_block_read_within_its_horizon_and_not_one_read_after() {
+        let used = |c: &CtxReadahead| c.shares[crate::filetype::Group::Other.index()][0][0].used;
+        for (gap, read) in [(CTX_HORIZON, true), (CTX_HORIZON + 1, false)] {
+            let mut c = CtxReadahead::default();
+            let mut out = Vec::new();
+            c.on_read(&Read::at(0, 1000, false), &mut out);
+            // `gap` - 1 reads far from everything, then block 1001 (b+1 of the first read).
+            for i in 1..gap {
+                c.on_read(&Read::at(0, 1_000_000 * i, false), &mut out);
+            }
+            let before = used(&c);
+            c.on_read(&Read::at(0, 1001, false), &mut out);
+            let gained = used(&c) - before * CTX_DECAY;
+            assert!((gained - f32::from(u8::from(read))).abs() < 1e-6, "read {gap} reads later: {gained}");
+        }
+        assert!((CTX_DECAY.powf(CTX_HALF_LIFE) - 0.5).abs() < 1e-3);
+    }
+
+    #[test]
+    fn ctx_drops_an_idle_stream_and_counts_its_open_trials_unread_up_to_its_highest_block() {
+        use crate::filetype::Group;
+        let mut c = CtxReadahead::default();
+        let mut out = Vec::new();
+        let image = |block| Read { group: Group::Image, ..Read::at(7, block, false) };
+        // Two cold misses of an image stream: trials for 1001..=1004 and 2001..=2004.
+        c.on_read(&image(1000), &mut out);
+        c.on_read(&image(2000), &mut out);
+        // Another type's stream reads for `DEAD_READS`: the image stream is dropped; the trials
+        // at or below its highest block (2000) count as unread, those past it are dropped.
+        for i in 0..=crate::select::DEAD_READS {
+            c.on_read(&Read::at(8, 5_000_000 + 3 * i, false), &mut out);
+        }
+        assert!(c.streams.peek(7).is_none(), "dropped");
+        for (k, share) in c.shares[Group::Image.index()][0].iter().enumerate() {
+            assert!((share.judged - (1.0 * CTX_DECAY + 1.0)).abs() < 1e-6, "b+{} judged once", k + 1);
+            assert!((share.used - CTX_DECAY / (k as f32 + 1.0)).abs() < 1e-6, "and unread");
+        }
     }
 
     #[test]
