@@ -148,6 +148,24 @@ impl<S: Default> PerStream<S> {
         self.map.get_mut(&stream)
     }
 
+    /// Like `get`, but when full the kept stream with the least `age` (the lowest id among
+    /// equals, so the choice does not depend on the hasher) makes room, handed to `evicted`
+    /// first so that what it still owes can be settled.
+    pub(crate) fn get_or_evict(
+        &mut self,
+        stream: u64,
+        age: impl Fn(&S) -> u64,
+        evicted: impl FnOnce(&mut S),
+    ) -> &mut S {
+        if !self.map.contains_key(&stream) && self.map.len() >= self.max {
+            let victim = self.map.iter().min_by_key(|(id, s)| (age(s), **id)).map(|(id, _)| *id);
+            if let Some(mut s) = victim.and_then(|v| self.map.remove(&v)) {
+                evicted(&mut s);
+            }
+        }
+        self.map.entry(stream).or_default()
+    }
+
     /// Drops a stream's state.
     pub(crate) fn remove(&mut self, stream: u64) {
         self.map.remove(&stream);
@@ -491,9 +509,10 @@ impl Predictor for History {
 /// MQSim's search-engine trace (cursors over posting lists that step over a block onto one
 /// fetched ahead for them) it learns to name b+1 only after a miss with nothing read around it,
 /// and b+1 … b+4 after a hit on a block not read lately. A stream idle for `DEAD_READS` reads of
-/// others is dropped; its trials still open count as unread up to the highest block it read,
-/// and are dropped past it (maybe past the file's end, where nothing is fetched), as `auto`'s
-/// shadows do.
+/// others is dropped (and past `CTX_STREAMS_MAX` the least recently read one); its trials still
+/// open count as unread up to the highest block it read, and are dropped past it (maybe past
+/// the file's end, where nothing is fetched), as `auto`'s shadows do. So for a stream that
+/// reads slowly the horizon is also bounded by `DEAD_READS` reads of all streams.
 pub struct CtxReadahead {
     streams: PerStream<CtxStream>,
     idle: crate::select::Idle,
@@ -552,6 +571,18 @@ struct CtxStream {
 }
 
 impl CtxStream {
+    /// The stream is dropped (idle, or evicted for another): its open trials count as unread
+    /// up to the highest block it read, and are dropped past it.
+    fn retire(&self, shares: &mut [[[Share; CTX_DEPTH]; CTX_CONTEXTS]; crate::filetype::Group::ALL.len()]) {
+        for (&b, trials) in &self.awaited {
+            if b <= self.highest {
+                for &(c, k, _) in trials {
+                    shares[self.group][c as usize][k as usize].judge(false);
+                }
+            }
+        }
+    }
+
     fn recent(&self, block: u64) -> bool {
         self.counts.contains_key(&block)
     }
@@ -595,20 +626,15 @@ impl Predictor for CtxReadahead {
             &mut self.streams,
             |s| s.last_at,
             |stream, s| {
-                for (&b, trials) in &s.awaited {
-                    if b <= s.highest {
-                        for &(c, k, _) in trials {
-                            shares[s.group][c as usize][k as usize].judge(false);
-                        }
-                    }
-                }
+                s.retire(shares);
                 gone.push(stream);
             },
         );
         for stream in self.gone.drain(..) {
             self.streams.remove(stream);
         }
-        let s = self.streams.get(r.stream);
+        let shares = &mut self.shares;
+        let s = self.streams.get_or_evict(r.stream, |s| s.last_at, |s| s.retire(shares));
         if s.reads == 0 {
             s.group = r.group.index();
         }
@@ -714,25 +740,35 @@ mod tests {
         assert!((CTX_DECAY.powf(CTX_HALF_LIFE) - 0.5).abs() < 1e-3);
     }
 
-    #[test]
-    fn ctx_drops_an_idle_stream_and_counts_its_open_trials_unread_up_to_its_highest_block() {
+    /// An image stream's two cold misses (open trials for 1001..=1004 and 2001..=2004), then
+    /// `others` reads of other-type streams from `streams(i)`; checks that the image stream is
+    /// gone and its trials at or below its highest block (2000) counted unread, once, and those
+    /// past it dropped.
+    fn ctx_retired(others: u64, streams: impl Fn(u64) -> u64) {
         use crate::filetype::Group;
         let mut c = CtxReadahead::default();
         let mut out = Vec::new();
         let image = |block| Read { group: Group::Image, ..Read::at(7, block, false) };
-        // Two cold misses of an image stream: trials for 1001..=1004 and 2001..=2004.
         c.on_read(&image(1000), &mut out);
         c.on_read(&image(2000), &mut out);
-        // Another type's stream reads for `DEAD_READS`: the image stream is dropped; the trials
-        // at or below its highest block (2000) count as unread, those past it are dropped.
-        for i in 0..=crate::select::DEAD_READS {
-            c.on_read(&Read::at(8, 5_000_000 + 3 * i, false), &mut out);
+        for i in 0..others {
+            c.on_read(&Read::at(streams(i), 5_000_000 + 3 * i, false), &mut out);
         }
         assert!(c.streams.peek(7).is_none(), "dropped");
         for (k, share) in c.shares[Group::Image.index()][0].iter().enumerate() {
             assert!((share.judged - (1.0 * CTX_DECAY + 1.0)).abs() < 1e-6, "b+{} judged once", k + 1);
             assert!((share.used - CTX_DECAY / (k as f32 + 1.0)).abs() < 1e-6, "and unread");
         }
+    }
+
+    #[test]
+    fn ctx_drops_an_idle_stream_and_counts_its_open_trials_unread_up_to_its_highest_block() {
+        ctx_retired(crate::select::DEAD_READS + 1, |_| 8);
+    }
+
+    #[test]
+    fn ctx_past_its_stream_limit_drops_the_least_recently_read_stream_the_same_way() {
+        ctx_retired(CTX_STREAMS_MAX as u64, |i| 100 + i);
     }
 
     #[test]

@@ -51,9 +51,11 @@ pub const WASTE_COST: f32 = 0.005;
 /// `model::IDLE_READS`). With more streams than this reading in turn, each is idle between
 /// its reads.
 pub const IDLE_READS: u64 = 64;
-/// Reads of other streams after which `auto` counts a young stream as finished (a small file
-/// read and closed) and its shadows judge what they still await ([`Shadow::expire`]). Longer
-/// than `IDLE_READS`, so that up to this many files read in turn are not taken as finished.
+/// Reads of other streams after which `auto` counts a stream as gone quiet: its ghost scores
+/// leave its group's sums ([`GroupGhost`]), and a young one counts as finished (a small file
+/// read and closed), its shadows judging what they still await ([`Shadow::expire`]); `ctx`
+/// drops a stream then. Longer than `IDLE_READS`, so that up to this many files read in turn
+/// are not taken as finished.
 pub const DEAD_READS: u64 = 1024;
 /// A stream's guesses named in its first `JUDGE_AFTER_READS` reads are its young guesses: they
 /// are judged by read `YOUNG_READS` (or when it goes idle), and pooled per file type
@@ -371,7 +373,7 @@ pub struct Selector {
     /// group ([`Pooled`]). A stream in its first `JUDGE_AFTER_READS` reads is gated by these,
     /// not by its own shadows.
     young: [Vec<Pooled>; crate::filetype::Group::ALL.len()],
-    /// Finds young streams gone quiet for `DEAD_READS` reads.
+    /// Finds streams gone quiet for `DEAD_READS` reads (`SelectStream::retire`).
     idle: Idle,
     before: Vec<f32>,
     /// Per candidate, when `Judge::cache_blocks` is not 0 (and there is more than one).
@@ -390,8 +392,9 @@ pub struct Selector {
 /// about `GROUP_WEIGHT` × n times the stream's own, so it mostly decides, and a new stream
 /// follows its group's best candidate from its first read. A group of one stream ranks as its
 /// own score alone would (up to rounding, reset at each recount). The sums follow the changes
-/// to their streams' scores and are recounted from them every `RECOUNT_READS` reads, which
-/// drops rounding drift and streams dropped past `STREAMS_MAX`.
+/// to their streams' scores (a stream leaves them when it goes idle or is dropped past
+/// `STREAMS_MAX`) and are recounted from them every `RECOUNT_READS` reads, which drops
+/// rounding drift.
 #[derive(Debug, Default)]
 struct GroupGhost {
     score: Vec<f32>,
@@ -585,6 +588,29 @@ struct SelectStream {
 pub const AUTO: [&str; 10] =
     ["next-1", "next-2", "next-4", "next-8", "linux-ra", "leap", "markov", "mithril", "history", "ctx"];
 
+impl SelectStream {
+    /// The stream went quiet for `DEAD_READS` reads of others, or is dropped for another: its
+    /// ghost scores leave its group's sums, and if it was young (a small file finished), its
+    /// young guesses still awaited were wasted.
+    fn retire(
+        &mut self,
+        young: &mut [Vec<Pooled>; crate::filetype::Group::ALL.len()],
+        group_ghosts: &mut [GroupGhost; crate::filetype::Group::ALL.len()],
+    ) {
+        if std::mem::take(&mut self.pooled) {
+            for (sum, own) in group_ghosts[self.group].score.iter_mut().zip(&self.ghost) {
+                *sum -= own;
+            }
+        }
+        if self.reads <= YOUNG_READS {
+            for (pooled, sh) in young[self.group].iter_mut().zip(&mut self.shadows) {
+                sh.expire(self.highest);
+                pooled.add(sh.take_young(), false);
+            }
+        }
+    }
+}
+
 impl Selector {
     /// `auto` (all of `AUTO`) or one heuristic by name.
     pub fn new(name: &str, judge: Judge) -> Result<Self, String> {
@@ -625,37 +651,22 @@ impl Selector {
             return 0.0;
         }
         let now = self.idle.read(r.stream);
-        let young = &mut self.young;
-        let group_ghosts = &mut self.group_ghosts;
-        self.idle.sweep(
-            &mut self.streams,
-            |s| s.last_at,
-            |_, s| {
-                if std::mem::take(&mut s.pooled) {
-                    for (sum, own) in group_ghosts[s.group].score.iter_mut().zip(&s.ghost) {
-                        *sum -= own;
-                    }
-                }
-                // A young stream finished: its young guesses still awaited were wasted.
-                if s.reads <= YOUNG_READS {
-                    for (pooled, sh) in young[s.group].iter_mut().zip(&mut s.shadows) {
-                        sh.expire(s.highest);
-                        pooled.add(sh.take_young(), false);
-                    }
-                }
-            },
-        );
+        let (young, group_ghosts) = (&mut self.young, &mut self.group_ghosts);
+        self.idle.sweep(&mut self.streams, |s| s.last_at, |_, s| s.retire(young, group_ghosts));
         if now.is_multiple_of(RECOUNT_READS) && !self.ghosts.is_empty() {
-            for g in &mut self.group_ghosts {
-                g.score.iter_mut().for_each(|x| *x = 0.0);
-            }
+            // In f64, so that the order the streams come in changes no bit of the result.
+            let mut sums = vec![vec![0f64; self.ghosts.len()]; self.group_ghosts.len()];
             for s in self.streams.values().filter(|s| s.pooled) {
-                for (sum, own) in self.group_ghosts[s.group].score.iter_mut().zip(&s.ghost) {
-                    *sum += own;
+                for (sum, own) in sums[s.group].iter_mut().zip(&s.ghost) {
+                    *sum += f64::from(*own);
                 }
+            }
+            for (g, sums) in self.group_ghosts.iter_mut().zip(sums) {
+                g.score = sums.into_iter().map(|x| x as f32).collect();
             }
         }
-        let s = self.streams.get(r.stream);
+        let (young, group_ghosts) = (&mut self.young, &mut self.group_ghosts);
+        let s = self.streams.get_or_evict(r.stream, |s| s.last_at, |s| s.retire(young, group_ghosts));
         if s.reads == 0 {
             s.shadows.resize_with(self.candidates.len(), || Shadow::new(self.judge.bucket));
             s.ghost = vec![0.0; self.ghosts.len()];
@@ -1000,13 +1011,20 @@ mod tests {
         for (i, sum) in sums(&auto).iter().enumerate() {
             assert!((sum - (one[i] + two[i])).abs() < 1e-3 * sum.max(1.0), "{sum} against {one:?} + {two:?}");
         }
-        // Stream 2 goes quiet for `DEAD_READS` reads of stream 1: the sum is stream 1's alone.
-        for b in 300..300 + DEAD_READS + 2 {
+        // Stream 2 goes quiet for `DEAD_READS` reads of stream 1: the sum is stream 1's alone,
+        // also across a recount (`RECOUNT_READS`).
+        for b in 300..300 + RECOUNT_READS {
             select(&mut auto, Read::at(1, b, false), b * 300);
         }
         let one = own(&mut auto, 1);
         for (i, sum) in sums(&auto).iter().enumerate() {
             assert!((sum - one[i]).abs() < 1e-3 * sum.max(1.0), "{sum} against {one:?}");
+        }
+        // It reads again: counted once more.
+        select(&mut auto, Read::at(2, 20_000, false), 2_000_000);
+        let (one, two) = (own(&mut auto, 1), own(&mut auto, 2));
+        for (i, sum) in sums(&auto).iter().enumerate() {
+            assert!((sum - (one[i] + two[i])).abs() < 1e-3 * sum.max(1.0), "{sum} against {one:?} + {two:?}");
         }
     }
 
