@@ -52,6 +52,6 @@ def main(out_dir, traces):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 3 or any(a.startswith('-') for a in sys.argv[1:]):
         sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2:])

@@ -64,6 +64,12 @@ def mount_trace():
 
 
 if __name__ == '__main__':
-    rows = mount_trace() if sys.argv[1] == '--mount' else replay_trace()
-    with gzip.open(sys.argv[-1], 'wt') as g:
+    args = sys.argv[1:]
+    mount = args[:1] == ['--mount']
+    if mount:
+        args = args[1:]
+    if len(args) != 1 or args[0].startswith('-'):
+        sys.exit(__doc__)
+    rows = mount_trace() if mount else replay_trace()
+    with gzip.open(args[0], 'wt') as g:
         g.write('\n'.join(rows) + '\n')
