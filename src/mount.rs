@@ -44,6 +44,13 @@ pub struct MountTuning {
     /// How long the kernel may cache attributes and names, in ms (0 asks every time).
     #[arg(long, default_value_t = 1000)]
     pub attr_ttl_ms: u64,
+    /// How long written data may stay on this client only, in ms: a file written this long ago
+    /// and still open unflushed is written back in the background (blocks to the replicas,
+    /// size to the meta group), like the kernel's write-back, so a client crash loses at most
+    /// about this much and other mounts see it. 0 turns it off (data then leaves at close,
+    /// fsync, or when the dirty limits are reached).
+    #[arg(long, default_value_t = 30_000)]
+    pub dirty_expire_ms: u64,
     /// Threads reading requests from /dev/fuse.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub fuse_threads: u64,
@@ -76,6 +83,7 @@ impl MountTuning {
             readahead_blocks_max: self.readahead_blocks,
             prefetch_in_flight_max: self.prefetch_in_flight as usize,
             attr_ttl: Duration::from_millis(self.attr_ttl_ms),
+            dirty_expire: Duration::from_millis(self.dirty_expire_ms),
             fuse_threads: self.fuse_threads as usize,
             default_permissions: !self.no_default_permissions,
             trace: self.trace.clone(),

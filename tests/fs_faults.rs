@@ -1,7 +1,8 @@
 //! Faults under a real mount (separate processes: one meta member, three storage nodes, `augur
 //! mount`): `kill -9` of a node during a long sequential read (the reader sees no error) and
 //! during writes (they complete once placement moves on); a second mount sees a file closed
-//! by the first, including an overwrite of cached blocks; everything written is there after
+//! by the first, including an overwrite of cached blocks, and what a file it keeps open holds
+//! once the write-back delay has passed; everything written is there after
 //! the whole cluster is restarted.
 
 mod common;
@@ -102,7 +103,7 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
 
     let mnt = cluster.path().join("mnt1");
-    let mut m1 = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    let mut m1 = MountProc::start(&cluster, &addrs, "v", &mnt, &["--dirty-expire-ms", "500"]);
     let size_a = if ci() { 96 * MIB } else { 256 * MIB };
     let size_b = 48 * MIB;
     write_file(&mnt.join("a"), 1, size_a, &AtomicU64::new(0)).expect("write a");
@@ -143,6 +144,16 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     std::fs::create_dir(mnt2.join("from-2")).unwrap();
     std::fs::write(mnt2.join("from-2/x"), b"x").unwrap();
     assert_eq!(std::fs::read(mnt.join("from-2/x")).unwrap(), b"x", "and the other way round");
+    // A file the first mount keeps open, unflushed: the write-back (`--dirty-expire-ms 500`)
+    // sends its partial block and size, and the second mount sees them without a close.
+    let mut open = std::fs::File::create(mnt.join("open")).unwrap();
+    open.write_all(&chunk(5, 0, 1000)).unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read(mnt2.join("open")).is_ok_and(|d| d == chunk(5, 0, 1000)) {
+        assert!(started.elapsed() < LONG, "what a file left open holds never left its mount");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(open);
 
     // 4. Everything stops (mounts cleanly, the meta member by SIGTERM, the last node by kill -9)
     //    and comes back: every file is there.

@@ -63,6 +63,8 @@ pub struct FileState {
     pub errors: UploadError,
     /// Data was written since the size and mtime were last sent to the meta group.
     pub wrote: bool,
+    /// When the first write not yet flushed came (`MountOptions::dirty_expire`).
+    pub written_at: Option<std::time::Instant>,
 }
 
 /// Where the last read ended, and the prefetch hint in force.

@@ -55,6 +55,12 @@ pub struct MountOptions {
     /// Bytes of partly written blocks kept over all files (each one a whole block's buffer):
     /// past it, a writer sends all of its own file's before it returns. Default 256 MiB.
     pub dirty_bytes_total: u64,
+    /// How long written data may stay on this client only: a file written this long ago and
+    /// not flushed since (a slow appender that keeps it open) is flushed in the background, its
+    /// blocks to the replicas and its size to the meta group, as the kernel's write-back does
+    /// after `dirty_expire_centisecs`. So a client crash loses at most about this much of what
+    /// was written, and other mounts see it. `Duration::ZERO` turns it off. Default 30 s.
+    pub dirty_expire: Duration,
     /// Most blocks read ahead of a sequential reader. Default 32.
     pub readahead_blocks_max: u32,
     /// Block fetches for prefetching (the engine's and the hints' readahead) in flight over all
@@ -88,6 +94,7 @@ impl Default for MountOptions {
             uploads_in_flight_max: 64,
             dirty_bytes_per_file: 16 << 20,
             dirty_bytes_total: 256 << 20,
+            dirty_expire: Duration::from_secs(30),
             readahead_blocks_max: 32,
             prefetch_in_flight_max: 64,
             attr_ttl: Duration::from_secs(1),
@@ -1013,6 +1020,7 @@ impl Inner {
             }
         }
         st.wrote = true;
+        st.written_at.get_or_insert_with(std::time::Instant::now);
         f.size.fetch_max(end, Ordering::AcqRel);
         reap(&mut st);
         Ok(data.len() as u32)
@@ -1046,7 +1054,37 @@ impl Inner {
             st.wrote = false;
             f.size.store(a.size.max(size), Ordering::Release);
         }
+        st.written_at = None;
         Ok(())
+    }
+
+    /// Starts the background write-back (`MountOptions::dirty_expire`): it ends with the mount.
+    pub fn start_write_back(self: &Arc<Self>) {
+        let expire = self.opts.dirty_expire;
+        if expire.is_zero() {
+            return;
+        }
+        let tick = (expire / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.write_back(expire).await;
+            }
+        });
+    }
+
+    /// Flushes every open file written more than `expire` ago and not flushed since. A failure
+    /// stays in the file's error slot for its handles to report (`file::Failures`).
+    async fn write_back(&self, expire: Duration) {
+        let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for f in files {
+            let due = f.state.lock().await.written_at.is_some_and(|at| at.elapsed() >= expire);
+            if due && let Err(e) = self.flush(&f, None).await {
+                warn!(ino = %f.ino, error = %e.what, "write-back of a file left open failed");
+            }
+        }
     }
 
     /// Deletes `ino`'s blocks from `from` on (its size bounds which shards can hold any).

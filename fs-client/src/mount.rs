@@ -61,6 +61,7 @@ pub async fn mount(
     };
     let inner = Arc::new(Inner::new(meta, Arc::new(blocks), opts.clone(), trace));
     inner.start_engine();
+    inner.start_write_back();
     let fs = AugurFs::new(inner.clone(), tokio::runtime::Handle::current());
 
     let mut config = Config::default();
