@@ -6,7 +6,8 @@
 //! `m…` group metadata, `n<node>` storage nodes, `v<vol>` volumes, `w<name>` volume by name,
 //! `s<vol><shard>` shard placement, `i<vol><ino>` inodes, `d<vol><parent><name>` directory
 //! entries, `x<vol><ino><name>` xattrs, `o<vol><ino>` orphans (unlinked, maybe still open),
-//! `r<client>` answers kept for exactly-once retries (a client session).
+//! `r<client>` answers kept for exactly-once retries (a client session), `q<client>` when that
+//! client's last tagged request came (its command's `now`, in seconds).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -159,6 +160,11 @@ fn k_orphan(v: VolumeId, i: Ino) -> Vec<u8> {
 fn k_session(client: u64) -> Vec<u8> {
     key(b'r', &[&client.to_be_bytes()])
 }
+fn k_session_seen(client: u64) -> Vec<u8> {
+    key(b'q', &[&client.to_be_bytes()])
+}
+/// The last client whose session the sweep looked at (`remember_answer`).
+const K_SESSION_SWEEP: &[u8] = b"m:session_sweep";
 
 /// The smallest key greater than every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -363,8 +369,8 @@ impl StateMachine {
                 txn.rollback(sp);
             }
             // Remember tagged answers (errors too) so a retry gets the same answer.
-            if let Cmd::Ns { tag: Some(tag), .. } = &p.cmd {
-                remember_answer(&mut txn, tag, &result);
+            if let Cmd::Ns { tag: Some(tag), now, .. } = &p.cmd {
+                remember_answer(&mut txn, tag, &result, *now);
             }
             results.push(result);
         }
@@ -648,8 +654,18 @@ struct Session {
 
 /// Most remembered answers per client (a client has at most this many requests in flight).
 pub const SESSION_ANSWERS_MAX: usize = 4096;
+/// A client with no tagged request for this long has nothing left to retry (a client retries
+/// for minutes at most): its session is dropped. One day.
+pub const SESSION_IDLE_SECS: i64 = 24 * 3600;
+/// Sessions the sweep looks at per tagged request: more than one, so that it keeps ahead of
+/// new clients.
+const SESSION_SWEEP_PER_REQUEST: usize = 2;
 
-fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult) {
+/// Remembers `result` for `tag`'s client at `now`, then sweeps: the next
+/// `SESSION_SWEEP_PER_REQUEST` sessions after the last one swept (wrapping round) are dropped
+/// if idle for `SESSION_IDLE_SECS`. The sweep reads the state as committed before this batch
+/// (the same on every member) and skips sessions this batch wrote, so it is deterministic.
+fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult, now: Timestamp) {
     let mut session: Session = txn.get(&k_session(tag.client)).ok().flatten().unwrap_or_default();
     session.answers = session.answers.split_off(&tag.done_below);
     session.answers.insert(tag.seq, result.clone());
@@ -657,6 +673,32 @@ fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult) {
         session.answers.pop_first();
     }
     txn.put(k_session(tag.client), &session);
+    txn.put(k_session_seen(tag.client), &now.secs);
+
+    let after: u64 = txn.get(K_SESSION_SWEEP).ok().flatten().unwrap_or(0);
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(prefix_end(b"q"));
+    let from = k_session_seen(after.saturating_add(1));
+    let seen: Vec<(u64, i64)> = txn
+        .db
+        .iterator_opt(IteratorMode::From(&from, Direction::Forward), opts)
+        .map_while(Result::ok)
+        .take(SESSION_SWEEP_PER_REQUEST)
+        .filter_map(|(k, v)| {
+            let client = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
+            Some((client, dec::<i64>(&k, &v).ok()?))
+        })
+        .collect();
+    for &(client, secs) in &seen {
+        let written_now = txn.overlay.contains_key(&k_session_seen(client));
+        if !written_now && now.secs.saturating_sub(secs) > SESSION_IDLE_SECS {
+            txn.delete(k_session(client));
+            txn.delete(k_session_seen(client));
+        }
+    }
+    // Fewer than asked for: the end was reached, start again from the first.
+    let next = if seen.len() < SESSION_SWEEP_PER_REQUEST { 0 } else { seen.last().map_or(0, |s| s.0) };
+    txn.put(K_SESSION_SWEEP.to_vec(), &next);
 }
 
 fn check_name(name: &[u8]) -> Result<(), WireError> {
@@ -1504,6 +1546,44 @@ mod tests {
         assert_eq!(again, first[0]);
         let NsReply::StatFs { inodes, .. } = t.sm.ns_read(t.vol, &NsOp::StatFs).unwrap() else { panic!() };
         assert_eq!(inodes, 3);
+    }
+
+    #[test]
+    fn sessions_idle_for_a_day_are_swept_and_busy_ones_kept() {
+        let mut t = T::new();
+        let mk = |name: String, client: u64, seq: u64, secs: i64| Cmd::Ns {
+            volume: VolumeId(1),
+            op: NsOp::MkNode {
+                parent: ROOT_INO,
+                name: n(&name),
+                kind: FileKind::File,
+                perm: 0o600,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                target: None,
+            },
+            now: Timestamp { secs, nanos: 0 },
+            tag: Some(RequestTag { client, seq, done_below: seq }),
+        };
+        let has = |t: &T, client: u64| t.sm.db.get(k_session(client)).unwrap().is_some();
+        // Ten clients at time 0, then one busy client a day and a second later.
+        for c in 1..=10 {
+            t.cmd(mk(format!("early{c}"), c, 1, 0)).unwrap();
+        }
+        assert!((1..=10).all(|c| has(&t, c)));
+        let later = SESSION_IDLE_SECS + 1;
+        for seq in 1..=12 {
+            t.cmd(mk(format!("late{seq}"), 100, seq, later)).unwrap();
+        }
+        assert!((1..=10).all(|c| !has(&t, c)), "idle sessions swept");
+        assert!(has(&t, 100), "the busy one kept");
+        // A client a day minus a second old is kept.
+        t.cmd(mk("edge".into(), 5, 2, later)).unwrap();
+        for seq in 13..=30 {
+            t.cmd(mk(format!("late{seq}"), 100, seq, 2 * SESSION_IDLE_SECS)).unwrap();
+        }
+        assert!(has(&t, 5), "{:?}", t.sm.db.get(k_session_seen(5)).unwrap());
     }
 
     #[test]
