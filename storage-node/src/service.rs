@@ -320,7 +320,7 @@ impl NodeService {
     ) -> Result<ResponseBody, WireError> {
         let started = Instant::now();
         let block_size = self.check(shard)?;
-        let backups = self.backups(shard)?;
+        self.backups(shard)?;
         if u64::from(offset) + data.len() as u64 > u64::from(block_size) {
             return Err(invalid(format!(
                 "write of {} bytes at offset {offset} overruns the {block_size}-byte block",
@@ -333,6 +333,10 @@ impl NodeService {
         let stripe = (crc32fast::hash(&crate::store::block_key(shard.volume, shard.shard, block)) as usize)
             % self.write_locks.len();
         let _block_guard = self.write_locks[stripe].lock().await;
+        // The placement may have moved on while this write waited for its locks: the epoch is
+        // checked again, and the write goes to the backups in force now.
+        self.check(shard)?;
+        let backups = self.backups(shard)?;
         let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
         // Drop the cached copy before and after the store write; a read that loaded the old
         // bytes meanwhile does not cache them (`BlockCache::insert_loaded`).
@@ -389,9 +393,14 @@ impl NodeService {
         forward: bool,
     ) -> Result<ResponseBody, WireError> {
         self.check(shard)?;
-        let backups = if forward { self.backups(shard)? } else { Vec::new() };
+        if forward {
+            self.backups(shard)?;
+        }
         let shard_lock = self.shard_lock(shard);
         let _guard = shard_lock.write().await;
+        // Checked again once the lock is held, as for a write.
+        self.check(shard)?;
+        let backups = if forward { self.backups(shard)? } else { Vec::new() };
         self.cache.remove_from(shard.volume, shard.shard, ino, from_index);
         self.blocking(move |s| s.delete_from(shard.volume, shard.shard, ino, from_index)).await?;
         self.cache.remove_from(shard.volume, shard.shard, ino, from_index);
