@@ -413,6 +413,11 @@ impl Inner {
             .map_or((0, 0), |e| (e.reads.load(Ordering::Relaxed), e.decided.load(Ordering::Relaxed)))
     }
 
+    /// Every file open here now.
+    fn open_files(&self) -> Vec<Arc<OpenFile>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
     fn file(&self, ino: Ino) -> Option<Arc<OpenFile>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner()).get(&ino).cloned()
     }
@@ -1078,8 +1083,7 @@ impl Inner {
     /// Flushes every open file written more than `expire` ago and not flushed since. A failure
     /// stays in the file's error slot for its handles to report (`file::Failures`).
     async fn write_back(&self, expire: Duration) {
-        let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        for f in files {
+        for f in self.open_files() {
             let due = f.state.lock().await.written_at.is_some_and(|at| at.elapsed() >= expire);
             if due && let Err(e) = self.flush(&f, None).await {
                 warn!(ino = %f.ino, error = %e.what, "write-back of a file left open failed");
@@ -1299,8 +1303,7 @@ impl Inner {
 
     /// Flushes every open file (unmount).
     pub async fn flush_all(&self) {
-        let files: Vec<_> = self.files.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        for f in files {
+        for f in self.open_files() {
             if let Err(e) = self.flush(&f, None).await {
                 warn!(ino = %f.ino, error = %e.what, "flush at unmount failed");
             }

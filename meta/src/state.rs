@@ -166,6 +166,21 @@ fn k_session_seen(client: u64) -> Vec<u8> {
 /// The last client whose session the sweep looked at (`remember_answer`).
 const K_SESSION_SWEEP: &[u8] = b"m:session_sweep";
 
+/// Up to `limit` rows of `db` from `start` on whose keys start with `prefix`.
+fn scan(db: &DB, start: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Row>, WireError> {
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_upper_bound(prefix_end(prefix));
+    let mut out = Vec::new();
+    for item in db.iterator_opt(IteratorMode::From(start, Direction::Forward), opts) {
+        let (k, v) = item.map_err(internal)?;
+        if !k.starts_with(prefix) || out.len() >= limit {
+            break;
+        }
+        out.push((k.to_vec(), v.to_vec()));
+    }
+    Ok(out)
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -447,17 +462,7 @@ impl StateMachine {
     }
 
     fn scan(&self, start: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Row>, WireError> {
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(prefix_end(prefix));
-        let mut out = Vec::new();
-        for item in self.db.iterator_opt(IteratorMode::From(start, Direction::Forward), opts) {
-            let (k, v) = item.map_err(internal)?;
-            if !k.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        scan(&self.db, start, prefix, limit)
     }
 
     pub fn placement_version(&self) -> Result<u64, WireError> {
@@ -661,10 +666,8 @@ pub const SESSION_IDLE_SECS: i64 = 24 * 3600;
 /// new clients.
 const SESSION_SWEEP_PER_REQUEST: usize = 2;
 
-/// Remembers `result` for `tag`'s client at `now`, then sweeps: the next
-/// `SESSION_SWEEP_PER_REQUEST` sessions after the last one swept (wrapping round) are dropped
-/// if idle for `SESSION_IDLE_SECS`. The sweep reads the state as committed before this batch
-/// (the same on every member) and skips sessions this batch wrote, so it is deterministic.
+/// Remembers `result` for `tag`'s client at `now`, then sweeps idle sessions
+/// ([`sweep_sessions`]).
 fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult, now: Timestamp) {
     let mut session: Session = txn.get(&k_session(tag.client)).ok().flatten().unwrap_or_default();
     session.answers = session.answers.split_off(&tag.done_below);
@@ -674,20 +677,24 @@ fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult, now:
     }
     txn.put(k_session(tag.client), &session);
     txn.put(k_session_seen(tag.client), &now.secs);
+    sweep_sessions(txn, now);
+}
 
-    let after: u64 = txn.get(K_SESSION_SWEEP).ok().flatten().unwrap_or(0);
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(prefix_end(b"q"));
-    let from = k_session_seen(after.saturating_add(1));
-    let seen: Vec<(u64, i64)> = txn
-        .db
-        .iterator_opt(IteratorMode::From(&from, Direction::Forward), opts)
-        .map_while(Result::ok)
-        .take(SESSION_SWEEP_PER_REQUEST)
-        .filter_map(|(k, v)| {
-            let client = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
-            Some((client, dec::<i64>(&k, &v).ok()?))
-        })
+/// Drops the next `SESSION_SWEEP_PER_REQUEST` sessions after the last one swept (wrapping
+/// round) if idle for `SESSION_IDLE_SECS` at `now`. It reads the state as committed before
+/// this batch (the same on every member) and skips sessions this batch wrote, so it is
+/// deterministic.
+fn sweep_sessions(txn: &mut Txn<'_>, now: Timestamp) {
+    // The last client swept; none: start from the first.
+    let after: Option<u64> = txn.get(K_SESSION_SWEEP).ok().flatten().flatten();
+    let from = match after {
+        Some(c) => [k_session_seen(c), vec![0]].concat(),
+        None => b"q".to_vec(),
+    };
+    let rows = scan(txn.db, &from, b"q", SESSION_SWEEP_PER_REQUEST).unwrap_or_default();
+    let seen: Vec<(u64, i64)> = rows
+        .iter()
+        .filter_map(|(k, v)| Some((u64::from_be_bytes(k.get(1..9)?.try_into().ok()?), dec(k, v).ok()?)))
         .collect();
     for &(client, secs) in &seen {
         let written_now = txn.overlay.contains_key(&k_session_seen(client));
@@ -697,7 +704,7 @@ fn remember_answer(txn: &mut Txn<'_>, tag: &RequestTag, result: &CmdResult, now:
         }
     }
     // Fewer than asked for: the end was reached, start again from the first.
-    let next = if seen.len() < SESSION_SWEEP_PER_REQUEST { 0 } else { seen.last().map_or(0, |s| s.0) };
+    let next = if rows.len() < SESSION_SWEEP_PER_REQUEST { None } else { seen.last().map(|s| s.0) };
     txn.put(K_SESSION_SWEEP.to_vec(), &next);
 }
 
@@ -1519,10 +1526,9 @@ mod tests {
         assert_eq!(code(t.ns(NsOp::RemoveXattr { ino: d.ino, name: n("user.x") })), ErrorCode::NoData);
     }
 
-    #[test]
-    fn a_failed_command_leaves_nothing_and_retries_are_answered_not_reapplied() {
-        let mut t = T::new();
-        let mk = |name: &str, tag| Cmd::Ns {
+    /// A command creating file `name` in the root of volume 1 at `now`, tagged `tag`.
+    fn mk_file(name: &str, now: Timestamp, tag: Option<RequestTag>) -> Cmd {
+        Cmd::Ns {
             volume: VolumeId(1),
             op: NsOp::MkNode {
                 parent: ROOT_INO,
@@ -1534,9 +1540,15 @@ mod tests {
                 rdev: 0,
                 target: None,
             },
-            now: Timestamp::default(),
+            now,
             tag,
-        };
+        }
+    }
+
+    #[test]
+    fn a_failed_command_leaves_nothing_and_retries_are_answered_not_reapplied() {
+        let mut t = T::new();
+        let mk = |name: &str, tag| mk_file(name, Timestamp::default(), tag);
         let tag = RequestTag { client: 9, seq: 1, done_below: 1 };
         let first = t.batch(vec![mk("a", Some(tag)), mk("a", None), mk("b", None)]);
         assert!(first[0].is_ok() && first[2].is_ok());
@@ -1551,20 +1563,8 @@ mod tests {
     #[test]
     fn sessions_idle_for_a_day_are_swept_and_busy_ones_kept() {
         let mut t = T::new();
-        let mk = |name: String, client: u64, seq: u64, secs: i64| Cmd::Ns {
-            volume: VolumeId(1),
-            op: NsOp::MkNode {
-                parent: ROOT_INO,
-                name: n(&name),
-                kind: FileKind::File,
-                perm: 0o600,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                target: None,
-            },
-            now: Timestamp { secs, nanos: 0 },
-            tag: Some(RequestTag { client, seq, done_below: seq }),
+        let mk = |name: String, client: u64, seq: u64, secs: i64| {
+            mk_file(&name, Timestamp { secs, nanos: 0 }, Some(RequestTag { client, seq, done_below: seq }))
         };
         let has = |t: &T, client: u64| t.sm.db.get(k_session(client)).unwrap().is_some();
         // Ten clients at time 0, then one busy client a day and a second later.
