@@ -36,6 +36,10 @@ pub async fn node_status(node: SocketAddr, tls: &Path, json: bool) -> Result<()>
         status.cache_hits,
         status.cache_misses
     );
+    println!(
+        "repairs     {} damaged copies repaired from another replica, {} unrepairable",
+        status.repairs_done, status.repairs_failed
+    );
     println!("shards      {}", status.shards.len());
     for s in &status.shards {
         let role = if s.is_primary { "primary" } else { "backup" };

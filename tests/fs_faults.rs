@@ -3,7 +3,7 @@
 //! during writes (they complete once placement moves on); a second mount sees a file closed
 //! by the first, including an overwrite of cached blocks, and what a file it keeps open holds
 //! once the write-back delay has passed; everything written is there after
-//! the whole cluster is restarted.
+//! the whole cluster is restarted; copies damaged on disk are read around and repaired.
 
 mod common;
 
@@ -172,6 +172,64 @@ fn node_kills_a_second_mount_and_a_full_restart_lose_nothing() {
     let c = std::fs::read(mnt.join("c")).unwrap();
     assert_eq!(&c[..300_000], &chunk(4, 0, 300_000)[..]);
     assert_eq!(std::fs::read(mnt.join("from-2/x")).unwrap(), b"x");
+}
+
+#[test]
+fn damaged_copies_are_read_around_and_repaired() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let cluster = Cluster::new();
+    let (_members, addrs) = meta_group(&cluster, "127.0.12", 1, &[]);
+    let admin = meta_client(&cluster, Role::Admin, &addrs);
+    let mut nodes: Vec<NodeProc> = (1..=2)
+        .map(|i| {
+            common::registered_node(
+                &cluster,
+                &format!("node-{i}"),
+                &format!("127.0.12.{}", 10 + i),
+                &addrs,
+                &[],
+            )
+        })
+        .collect();
+    rt.block_on(common::wait_for_nodes(&admin, 2));
+    let spec = VolumeSpec { replicas: 2, shard_count: 4, ..VolumeSpec::with_defaults("v") };
+    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    let mnt = cluster.path().join("mnt");
+    let size = 16 * MIB;
+    let mut m = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    write_file(&mnt.join("f"), 7, size, &AtomicU64::new(0)).expect("write f");
+    assert!(m.stop().success());
+
+    // Both nodes hold every block; each gets half of its copies damaged, the halves
+    // complementary (by rank in key order, the same on both), so every block has exactly one
+    // sound copy and whichever replica the client asks first, about half its reads hit damage.
+    for (parity, node) in nodes.iter_mut().enumerate() {
+        node.terminate();
+        let damaged = common::damage_values(&node.data, |rank, _| rank % 2 == parity);
+        assert!(damaged as u64 >= size / (64 * 1024) / 2 - 1, "only {damaged} copies on node {parity}");
+        node.restart();
+    }
+    rt.block_on(common::wait_for_nodes(&admin, 2));
+    let _m = MountProc::start(&cluster, &addrs, "v", &mnt, &[]);
+    check_file(&mnt.join("f"), 7, size, &AtomicU64::new(0)).expect("f reads right around damaged copies");
+
+    // The nodes repair what the reads found damaged, from each other.
+    let probe = cluster.client(Role::Client, "probe");
+    let repairs = |node: &NodeProc| match rt.block_on(probe.call(node.addr, RequestBody::NodeStatus)) {
+        Ok(augur_proto::msg::ResponseBody::NodeStatus(s)) => (s.repairs_done, s.repairs_failed),
+        other => panic!("node status: {other:?}"),
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let (done, failed): (Vec<u64>, Vec<u64>) = nodes.iter().map(repairs).unzip();
+        assert_eq!(failed, [0, 0], "a repair failed");
+        if done.iter().sum::<u64>() > 0 {
+            break;
+        }
+        assert!(started.elapsed() < LONG, "no damaged copy was repaired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

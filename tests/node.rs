@@ -280,6 +280,104 @@ async fn acked_writes_survive_kill_9() {
     }
 }
 
+async fn status(client: &RpcClient, node: &NodeProc) -> augur_proto::msg::NodeStatus {
+    match client.call(node.addr, RequestBody::NodeStatus).await.unwrap() {
+        ResponseBody::NodeStatus(s) => *s,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Damages the stored values of `blocks` in a stopped node (`common::damage_values`).
+fn damage_values(node: &NodeProc, blocks: &[BlockId]) {
+    use augur_storage_node::store::block_key;
+    let keys: Vec<_> = blocks.iter().map(|&b| block_key(VOL, shard_of(b).shard, b)).collect();
+    let damaged = common::damage_values(&node.data, |_, key| keys.iter().any(|k| &k[..] == key));
+    assert_eq!(damaged, blocks.len());
+}
+
+/// Places every shard on `nodes` in that order (the first is primary), on each of them.
+async fn place_replicated(admin: &RpcClient, nodes: &[&NodeProc], epoch: u64) {
+    let mut replicas = Vec::new();
+    for node in nodes {
+        replicas.push(Replica { node: node_id(admin, node).await, addr: node.addr.to_string() });
+    }
+    let shards: Vec<ShardPlacement> = (0..SHARDS)
+        .map(|s| ShardPlacement { shard: ShardId(s), epoch: Epoch(epoch), replicas: replicas.clone() })
+        .collect();
+    let layout = VolumeLayout { volume: VOL, block_size_bytes: BS };
+    for node in nodes {
+        let body = RequestBody::SetPlacement { layout, shards: shards.clone() };
+        admin.call(node.addr, body).await.unwrap();
+    }
+}
+
+/// Waits until every block in `want` reads back from `node` exactly as given; a read may fail
+/// with a checksum mismatch meanwhile, never return other bytes.
+async fn wait_until_sound(client: &RpcClient, node: &NodeProc, want: &[(BlockId, Vec<u8>)], what: &str) {
+    common::wait_until(what, Duration::from_secs(60), || async {
+        let mut sound = true;
+        for (block, bytes) in want {
+            match read(client, node, *block, None).await {
+                Ok(got) => assert_eq!(&got, bytes, "{block} returned damaged bytes"),
+                Err(e) => {
+                    assert_eq!(e.code(), Some(&ErrorCode::ChecksumMismatch), "{block}: {e}");
+                    sound = false;
+                }
+            }
+        }
+        sound
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_copies_are_repaired_from_another_replica() {
+    let cluster = Cluster::new();
+    let mut a = cluster.node("node-r1", "127.0.0.5");
+    let mut b = cluster.node("node-r2", "127.0.0.6");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = cluster.client(Role::Client, "client");
+    place_replicated(&admin, &[&a, &b], 1).await;
+    let blocks: Vec<BlockId> = (0..32).map(|i| BlockId::new(Ino(7), i)).collect();
+    let mut want: Vec<(BlockId, Vec<u8>)> = blocks.iter().map(|b| (*b, content(b.index, 3))).collect();
+    for (block, bytes) in &want {
+        write(&client, &a, *block, 0, bytes.clone()).await.unwrap();
+    }
+
+    // 1. The primary's copies are damaged: each read reports it (the reader fails over) and
+    //    the node heals every one from its backup.
+    assert!(a.terminate().success());
+    damage_values(&a, &blocks);
+    a.restart();
+    expect_code(read(&client, &a, blocks[0], None).await, |c| *c == ErrorCode::ChecksumMismatch);
+    wait_until_sound(&client, &a, &want, "the primary's copies to be repaired").await;
+    let repaired = status(&client, &a).await;
+    assert_eq!((repaired.repairs_done, repaired.repairs_failed), (blocks.len() as u64, 0));
+
+    // 2. A partial write on a damaged primary copy heals it first and goes through.
+    assert!(a.terminate().success());
+    damage_values(&a, &blocks[..1]);
+    a.restart();
+    write(&client, &a, blocks[0], 10, vec![0xAB; 3]).await.unwrap();
+    want[0].1[10..13].fill(0xAB);
+    for node in [&a, &b] {
+        assert_eq!(read(&client, node, blocks[0], None).await.unwrap(), want[0].1);
+    }
+
+    // 3. A backup's damaged copies heal from the primary.
+    assert!(b.terminate().success());
+    damage_values(&b, &blocks[..8]);
+    b.restart();
+    wait_until_sound(&client, &b, &want[..8], "the backup's copies to be repaired").await;
+
+    // 4. Damage RocksDB itself reports (bytes flipped in blob files) heals the same way.
+    assert!(a.terminate().success());
+    common::damage_blob_files(&a.data);
+    a.restart();
+    wait_until_sound(&client, &a, &want, "copies in damaged blob files to be repaired").await;
+    assert_eq!(status(&client, &a).await.repairs_failed, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_bytes_on_disk_are_never_returned() {
     let cluster = Cluster::new();
@@ -294,23 +392,14 @@ async fn corrupted_bytes_on_disk_are_never_returned() {
 
     // 1. Flip a byte inside one stored value, leaving RocksDB's own structures intact.
     let victim = BlockId::new(Ino(5), 3);
-    {
-        use augur_storage_node::store::{BLOCKS_CF, NODE_CF, PLACEMENT_CF, block_key};
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            &node.data,
-            [BLOCKS_CF, PLACEMENT_CF, NODE_CF],
-        )
-        .unwrap();
-        let cf = db.cf_handle(BLOCKS_CF).unwrap();
-        let key = block_key(VOL, shard_of(victim).shard, victim);
-        let mut raw = db.get_cf(cf, key).unwrap().unwrap();
-        raw[4096] ^= 0x01;
-        db.put_cf(cf, key, raw).unwrap();
-        db.flush_cf(cf).unwrap();
-    }
+    damage_values(&node, &[victim]);
     node.restart();
     expect_code(read(&client, &node, victim, None).await, |c| *c == ErrorCode::ChecksumMismatch);
+    // With no other replica there is nothing to repair from: the damage stays reported.
+    common::wait_until("the failed repair to be counted", Duration::from_secs(30), || async {
+        status(&client, &node).await.repairs_failed > 0
+    })
+    .await;
     expect_code(read(&client, &node, victim, Some(ByteRange { offset: 0, len: 16 })).await, |c| {
         *c == ErrorCode::ChecksumMismatch
     });
@@ -339,21 +428,7 @@ async fn corrupted_bytes_on_disk_are_never_returned() {
     // 2. Flip bytes in the blob files themselves (what a bad disk does): every block either
     //    reads back exactly as written or fails; damaged bytes are never returned as data.
     assert!(node.terminate().success());
-    let mut flipped = 0;
-    for entry in std::fs::read_dir(&node.data).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "blob") {
-            let mut bytes = std::fs::read(&path).unwrap();
-            let mut pos = 4096;
-            while pos < bytes.len().saturating_sub(4096) {
-                bytes[pos] ^= 0xFF;
-                pos += 64 * 1024;
-                flipped += 1;
-            }
-            std::fs::write(&path, bytes).unwrap();
-        }
-    }
-    assert!(flipped > 0, "no blob file found to damage");
+    let flipped = common::damage_blob_files(&node.data);
     node.restart();
     let mut errors = 0;
     for i in 0..64u64 {

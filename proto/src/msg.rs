@@ -276,6 +276,10 @@ pub struct NodeStatus {
     pub cache_bytes_max: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Damaged stored copies replaced by a sound one from another replica since start.
+    pub repairs_done: u64,
+    /// Damaged copies found with no sound copy to repair them from since start.
+    pub repairs_failed: u64,
     pub shards: Vec<ShardStatus>,
 }
 

@@ -103,10 +103,12 @@ impl Node {
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), NodeError> {
         info!(node = %self.node_id, addr = %self.local_addr, "storage node serving");
         let heartbeat = self.heartbeat.map(|h| tokio::spawn(h.run(shutdown.clone())));
+        let repairs = tokio::spawn(self.service.clone().run_repairs(shutdown.clone()));
         serve(self.endpoint, self.service, self.limits, shutdown).await;
         if let Some(h) = heartbeat {
             let _ = h.await;
         }
+        let _ = repairs.await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await

@@ -1,8 +1,11 @@
 //! The storage node's RPC service: every block request is checked against the placement table,
-//! served from the memory cache or the RocksDB store, and checksummed on the way out.
+//! served from the memory cache or the RocksDB store, and checksummed on the way out. A stored
+//! copy found damaged is reported to its reader (who fails over) and repaired in the background
+//! from another replica of its shard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,7 +18,8 @@ use augur_proto::{
     BlockId, ErrorCode, Ino, NodeId, Peer, RpcClient, Service, ShardId, ShardRef, VolumeId, WireError,
 };
 use serde_bytes::ByteBuf;
-use tracing::{error, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
 use crate::cache::{BlockCache, CacheKey, CachedBlock};
 use crate::placement::PlacementTable;
@@ -26,6 +30,11 @@ use crate::store::{BlockStore, StoreError};
 const WRITE_LOCK_STRIPES: usize = 1024;
 /// Deadline of one forwarded write to a backup.
 const REPLICATE_DEADLINE: Duration = Duration::from_secs(5);
+/// Most damaged blocks waiting for repair. Past it a damaged block is not queued (logged); its
+/// next read finds it again.
+pub const REPAIR_QUEUE_MAX: usize = 1024;
+/// Deadline of one fetch of a sound copy from another replica during a repair.
+const REPAIR_FETCH_DEADLINE: Duration = Duration::from_secs(5);
 
 type ShardLock = Arc<tokio::sync::RwLock<()>>;
 
@@ -52,11 +61,52 @@ pub struct NodeService {
     /// against the same table could otherwise save in one order and apply in the other).
     placement_update: tokio::sync::Mutex<()>,
     space: SpaceMonitor,
+    repairs: Repairs,
     node_id: NodeId,
     listen: String,
     /// Test/bench only: added to every block request (`inject-latency-ms`).
     pub(crate) inject_latency: Duration,
     started: Instant,
+}
+
+/// Damaged blocks waiting for repair: a bounded queue drained by `NodeService::run_repairs`,
+/// each block in it at most once.
+struct Repairs {
+    queue: tokio::sync::mpsc::Sender<(ShardRef, BlockId)>,
+    receiver: Mutex<Option<tokio::sync::mpsc::Receiver<(ShardRef, BlockId)>>>,
+    queued: Mutex<HashSet<(VolumeId, ShardId, BlockId)>>,
+    /// Copies replaced by a sound one from another replica.
+    done: AtomicU64,
+    /// Repairs that found no sound copy (no other replica, or none answered with one).
+    failed: AtomicU64,
+}
+
+impl Repairs {
+    fn new() -> Self {
+        let (queue, receiver) = tokio::sync::mpsc::channel(REPAIR_QUEUE_MAX);
+        Self {
+            queue,
+            receiver: Mutex::new(Some(receiver)),
+            queued: Mutex::new(HashSet::new()),
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    fn push(&self, shard: ShardRef, block: BlockId) {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if !queued.insert((shard.volume, shard.shard, block)) {
+            return;
+        }
+        if self.queue.try_send((shard, block)).is_err() {
+            queued.remove(&(shard.volume, shard.shard, block));
+            warn!(%shard, %block, "repair queue full ({REPAIR_QUEUE_MAX}); the damaged block waits for its next read");
+        }
+    }
+
+    fn finish(&self, shard: ShardRef, block: BlockId) {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner()).remove(&(shard.volume, shard.shard, block));
+    }
 }
 
 fn wire(e: StoreError) -> WireError {
@@ -105,6 +155,7 @@ impl NodeService {
             placement: RwLock::new(table),
             placement_update: tokio::sync::Mutex::new(()),
             space,
+            repairs: Repairs::new(),
             listen,
             inject_latency: Duration::ZERO,
             started: Instant::now(),
@@ -139,7 +190,14 @@ impl NodeService {
             self.cache.remove(&key);
         }
         let generation = self.cache.generation(&key);
-        let found = self.blocking(move |s| s.read(shard.volume, shard.shard, block)).await?;
+        let found = match self.blocking(move |s| s.read(shard.volume, shard.shard, block)).await {
+            Err(e) if e.code == ErrorCode::ChecksumMismatch => {
+                // The reader fails over to another replica; this copy is healed from one.
+                self.repairs.push(shard, block);
+                return Err(e);
+            }
+            found => found?,
+        };
         Ok(found.map(|b| {
             let cached = CachedBlock { data: b.data.into(), crc32: b.crc32 };
             self.cache.insert_loaded(key, cached.clone(), generation);
@@ -342,9 +400,22 @@ impl NodeService {
         // bytes meanwhile does not cache them (`BlockCache::insert_loaded`).
         self.cache.remove(&key);
         let len = data.len() as u64;
-        let content = self
-            .blocking(move |s| s.write(shard.volume, shard.shard, block, offset, &data, block_size))
-            .await?;
+        let data = Arc::new(data);
+        let write = |data: Arc<ByteBuf>| {
+            self.blocking(move |s| s.write(shard.volume, shard.shard, block, offset, &data, block_size))
+        };
+        let content = match write(data.clone()).await {
+            Err(e) if e.code == ErrorCode::ChecksumMismatch => {
+                // A partial write builds on the stored copy, which is damaged: heal it from a
+                // backup now (this write's locks are held, so nothing else changes the block
+                // meanwhile) and write once more.
+                self.repair(shard, block).await.map_err(|why| {
+                    WireError::new(ErrorCode::ChecksumMismatch, format!("{e}; and no repair: {why}"))
+                })?;
+                write(data).await?
+            }
+            content => content?,
+        };
         self.cache.remove(&key);
         if !backups.is_empty() {
             let crc32 = crc32fast::hash(&content);
@@ -438,6 +509,89 @@ impl NodeService {
         Ok(ResponseBody::PlacementSet)
     }
 
+    /// Drains the repair queue until `shutdown`: each damaged copy is replaced by a sound one
+    /// fetched from another replica of its shard. One repair at a time.
+    pub async fn run_repairs(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut receiver) = self.repairs.receiver.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
+            return;
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                next = receiver.recv() => next,
+            };
+            let Some((shard, block)) = next else { return };
+            // Errors are counted and logged by `repair`.
+            let _ = self.repair(shard, block).await;
+            self.repairs.finish(shard, block);
+        }
+    }
+
+    /// Replaces this node's damaged copy of `block` with a sound one from another replica.
+    /// `Ok(false)`: the stored copy was sound by then (a write replaced it, or it was deleted).
+    async fn repair(&self, shard: ShardRef, block: BlockId) -> Result<bool, String> {
+        let outcome = self.repair_from_peers(shard, block).await;
+        match &outcome {
+            Ok(true) => {
+                self.repairs.done.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("augur_node_repairs_total").increment(1);
+                info!(%shard, %block, "damaged block repaired from another replica");
+            }
+            Ok(false) => debug!(%shard, %block, "damaged block was rewritten before its repair"),
+            Err(why) => {
+                self.repairs.failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("augur_node_repairs_failed_total").increment(1);
+                error!(%shard, %block, %why, "damaged block could not be repaired");
+            }
+        }
+        outcome
+    }
+
+    async fn repair_from_peers(&self, shard: ShardRef, block: BlockId) -> Result<bool, String> {
+        let (shard, peers) = {
+            let table = self.placement.read().unwrap_or_else(|p| p.into_inner());
+            let p =
+                table.get(shard.volume, shard.shard).ok_or_else(|| format!("{shard} is no longer here"))?;
+            let peers: Vec<Replica> = p.replicas.iter().filter(|r| r.node != self.node_id).cloned().collect();
+            (ShardRef { epoch: p.epoch, ..shard }, peers)
+        };
+        if peers.is_empty() {
+            return Err(format!("no other replica holds {shard}"));
+        }
+        let mut tried = Vec::new();
+        for peer in peers {
+            match self.fetch_copy(shard, block, &peer).await {
+                Ok(data) => {
+                    let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
+                    self.cache.remove(&key);
+                    let repaired = self
+                        .blocking(move |s| s.repair(shard.volume, shard.shard, block, &data))
+                        .await
+                        .map_err(|e| format!("storing the copy from {}: {e}", peer.node))?;
+                    self.cache.remove(&key);
+                    return Ok(repaired);
+                }
+                Err(why) => tried.push(format!("{}: {why}", peer.node)),
+            }
+        }
+        Err(format!("no sound copy: {}", tried.join("; ")))
+    }
+
+    /// A sound whole copy of `block` from `peer`, checked against its CRC.
+    async fn fetch_copy(&self, shard: ShardRef, block: BlockId, peer: &Replica) -> Result<ByteBuf, String> {
+        let addr: SocketAddr = peer.addr.parse().map_err(|e| format!("bad address {:?}: {e}", peer.addr))?;
+        let body = RequestBody::ReadBlock { read: BlockRead { shard, block, range: None } };
+        match self.rpc.call_with_deadline(addr, body, REPAIR_FETCH_DEADLINE).await {
+            // A never-written block reads as empty: that replica has no copy to give.
+            Ok(ResponseBody::Block(b)) if b.data.is_empty() => Err("holds no copy".into()),
+            Ok(ResponseBody::Block(b)) if crc32fast::hash(&b.data) == b.crc32 => Ok(b.data),
+            Ok(ResponseBody::Block(_)) => Err("sent a copy that failed its checksum".into()),
+            Ok(other) => Err(format!("answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub fn status(&self) -> NodeStatus {
         let (capacity_bytes, free_bytes) = self.space.refresh();
         NodeStatus {
@@ -453,6 +607,8 @@ impl NodeService {
             cache_bytes_max: self.cache.bytes_max(),
             cache_hits: self.cache.hits(),
             cache_misses: self.cache.misses(),
+            repairs_done: self.repairs.done.load(Ordering::Relaxed),
+            repairs_failed: self.repairs.failed.load(Ordering::Relaxed),
             shards: self.placement.read().unwrap_or_else(|p| p.into_inner()).status(self.node_id),
         }
     }

@@ -59,6 +59,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the error means a stored copy is damaged: a sound copy from another replica heals it.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StoreError::Checksum { .. } | StoreError::Corrupt { .. } | StoreError::Corruption(_))
+    }
+
     fn from_rocks(e: rocksdb::Error) -> Self {
         // RocksDB reports ENOSPC as an IOError whose message carries the OS text.
         if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().contains("No space left") {
@@ -276,6 +281,31 @@ impl BlockStore {
     ) -> Result<(), StoreError> {
         let key = block_key(volume, shard, block);
         let _guard = self.lock(&key);
+        self.put_locked(&key, content)
+    }
+
+    /// Replaces a block with `content` (a sound copy from another replica) only if the stored
+    /// copy is damaged, checked under the block's lock: a write that landed since the damage was
+    /// found is never undone, and a block deleted since is not brought back. Returns whether it
+    /// replaced the stored copy.
+    pub fn repair(
+        &self,
+        volume: VolumeId,
+        shard: ShardId,
+        block: BlockId,
+        content: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = block_key(volume, shard, block);
+        let _guard = self.lock(&key);
+        match self.read(volume, shard, block) {
+            Err(e) if e.is_damage() => self.put_locked(&key, content).map(|()| true),
+            Err(e) => Err(e),
+            Ok(_) => Ok(false),
+        }
+    }
+
+    /// Stores a block's whole value; the caller holds the block's lock.
+    fn put_locked(&self, key: &[u8; BLOCK_KEY_BYTES], content: &[u8]) -> Result<(), StoreError> {
         let value = encode_value(content);
         self.db.put_cf_opt(self.blocks_cf(), key, value, &sync_write()).map_err(StoreError::from_rocks)
     }
@@ -479,6 +509,32 @@ mod tests {
         raw[50] ^= 0x40;
         store.db.put_cf(store.blocks_cf(), key, raw).unwrap();
         assert!(matches!(store.read(v, s, b), Err(StoreError::Checksum { .. })));
+    }
+
+    #[test]
+    fn repair_replaces_only_a_damaged_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (v, s) = (VolumeId(1), ShardId(0));
+        let (damaged, sound, absent) =
+            (BlockId::new(Ino(1), 0), BlockId::new(Ino(1), 1), BlockId::new(Ino(1), 2));
+        store.write(v, s, damaged, 0, &[7u8; 100], BS).unwrap();
+        store.write(v, s, sound, 0, &[8u8; 100], BS).unwrap();
+        let key = block_key(v, s, damaged);
+        let mut raw = store.db.get_cf(store.blocks_cf(), key).unwrap().unwrap();
+        raw[50] ^= 0x40;
+        store.db.put_cf(store.blocks_cf(), key, raw).unwrap();
+        assert!(store.read(v, s, damaged).unwrap_err().is_damage());
+        // The damaged copy is replaced; once sound, a second (stale) repair changes nothing.
+        assert!(store.repair(v, s, damaged, &[7u8; 100]).unwrap());
+        assert_eq!(store.read(v, s, damaged).unwrap().unwrap().data, vec![7u8; 100]);
+        assert!(!store.repair(v, s, damaged, &[1u8; 100]).unwrap());
+        assert_eq!(store.read(v, s, damaged).unwrap().unwrap().data, vec![7u8; 100]);
+        // A sound copy is never overwritten, and an absent block is not created.
+        assert!(!store.repair(v, s, sound, &[1u8; 100]).unwrap());
+        assert_eq!(store.read(v, s, sound).unwrap().unwrap().data, vec![8u8; 100]);
+        assert!(!store.repair(v, s, absent, &[1u8; 100]).unwrap());
+        assert!(store.read(v, s, absent).unwrap().is_none());
     }
 
     #[derive(Debug, Clone)]

@@ -261,6 +261,51 @@ pub async fn meta_status(rpc: &RpcClient, addr: SocketAddr) -> Option<augur_prot
     }
 }
 
+/// Flips the last byte of the stored value of each block `pick` chooses (given its rank in key
+/// order and its key) in a stopped node's RocksDB, leaving RocksDB's own structures intact: the
+/// block's own CRC is what catches it. Returns how many values it damaged.
+pub fn damage_values(data: &Path, pick: impl Fn(usize, &[u8]) -> bool) -> usize {
+    use augur_storage_node::store::{BLOCKS_CF, NODE_CF, PLACEMENT_CF};
+    let db =
+        rocksdb::DB::open_cf(&rocksdb::Options::default(), data, [BLOCKS_CF, PLACEMENT_CF, NODE_CF]).unwrap();
+    let cf = db.cf_handle(BLOCKS_CF).unwrap();
+    let mut damaged = Vec::new();
+    for (rank, item) in db.iterator_cf(cf, rocksdb::IteratorMode::Start).enumerate() {
+        let (key, value) = item.unwrap();
+        if pick(rank, &key) {
+            let mut value = value.into_vec();
+            *value.last_mut().unwrap() ^= 0x01;
+            damaged.push((key, value));
+        }
+    }
+    for (key, value) in &damaged {
+        db.put_cf(cf, key, value).unwrap();
+    }
+    db.flush_cf(cf).unwrap();
+    damaged.len()
+}
+
+/// Flips a byte every 64 KiB through the RocksDB blob files in a stopped node's data directory
+/// (what a bad disk does); returns how many bytes it flipped.
+pub fn damage_blob_files(data: &Path) -> usize {
+    let mut flipped = 0;
+    for entry in std::fs::read_dir(data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "blob") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mut pos = 4096;
+            while pos < bytes.len().saturating_sub(4096) {
+                bytes[pos] ^= 0xFF;
+                pos += 64 * 1024;
+                flipped += 1;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    assert!(flipped > 0, "no blob file found to damage in {}", data.display());
+    flipped
+}
+
 /// Polls until `cond` holds, failing the test with `what` after `limit`.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
