@@ -119,6 +119,14 @@ fn peer_of(conn: &Connection) -> Result<Peer, String> {
 /// What a server does with a request that passed framing, version and role checks.
 pub trait Service: Send + Sync + 'static {
     fn handle(&self, peer: &Peer, body: RequestBody) -> impl Future<Output = Response> + Send;
+
+    /// Most bytes the answer to `body` can hold. They are reserved from the server's response
+    /// budget (`ServerLimits::response_bytes_in_flight_max`) before the request is handled and
+    /// freed once the answer is sent (or dropped, for a caller past its deadline). Default 0:
+    /// for answers no bigger than their request, which the request budget already bounds.
+    fn response_bytes(&self, _body: &RequestBody) -> u32 {
+        0
+    }
 }
 
 /// Limits of one server.
@@ -132,11 +140,18 @@ pub struct ServerLimits {
     /// request whose body does not fit waits after its header. At least
     /// `FRAME_BODY_MAX_BYTES`, so any one request fits.
     pub request_bytes_in_flight_max: usize,
+    /// Most answer bytes reserved at once over all requests (`Service::response_bytes`: being
+    /// handled, or being sent); a request whose answer does not fit waits before its handler.
+    /// At least `FRAME_BODY_MAX_BYTES`, so any one answer fits.
+    pub response_bytes_in_flight_max: usize,
 }
 
 /// `ServerLimits::request_bytes_in_flight_max` by default: 256 MiB, about 28 of the largest
 /// requests (a batch write of 8 MiB of blocks) against the 1 024 requests of the count limit.
 pub const REQUEST_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
+/// `ServerLimits::response_bytes_in_flight_max` by default: 256 MiB, 32 batch reads of the
+/// largest size (8 MiB) against the 1 024 requests of the count limit.
+pub const RESPONSE_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -144,6 +159,7 @@ impl Default for ServerLimits {
             connections_max: 1024,
             requests_in_flight_max: 1024,
             request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX,
+            response_bytes_in_flight_max: RESPONSE_BYTES_IN_FLIGHT_MAX,
         }
     }
 }
@@ -158,8 +174,11 @@ pub async fn serve<S: Service>(
 ) {
     let tasks = TaskTracker::new();
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
-    let bytes =
-        Arc::new(Semaphore::new(limits.request_bytes_in_flight_max.max(FRAME_BODY_MAX_BYTES as usize)));
+    let floor = |max: usize| max.max(FRAME_BODY_MAX_BYTES as usize);
+    let budgets = Budgets {
+        requests: Arc::new(Semaphore::new(floor(limits.request_bytes_in_flight_max))),
+        responses: Arc::new(Semaphore::new(floor(limits.response_bytes_in_flight_max))),
+    };
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -174,7 +193,7 @@ pub async fn serve<S: Service>(
             continue;
         }
         let service = service.clone();
-        let (in_flight, bytes) = (in_flight.clone(), bytes.clone());
+        let (in_flight, budgets) = (in_flight.clone(), budgets.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let addr = incoming.remote_address();
@@ -195,7 +214,7 @@ pub async fn serve<S: Service>(
                 }
             };
             debug!(peer = %addr, role = %peer.role, name = %peer.name, "connection accepted");
-            serve_connection(conn, peer, service, in_flight, bytes, shutdown).await;
+            serve_connection(conn, peer, service, in_flight, budgets, shutdown).await;
         });
     }
     // Stop taking requests, let those in flight finish (bounded), then say goodbye.
@@ -210,12 +229,19 @@ pub async fn serve<S: Service>(
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
 }
 
+/// The server's byte budgets (`ServerLimits`), shared by every connection.
+#[derive(Clone)]
+struct Budgets {
+    requests: Arc<Semaphore>,
+    responses: Arc<Semaphore>,
+}
+
 async fn serve_connection<S: Service>(
     conn: Connection,
     peer: Peer,
     service: Arc<S>,
     in_flight: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
+    budgets: Budgets,
     shutdown: CancellationToken,
 ) {
     let streams = TaskTracker::new();
@@ -240,18 +266,20 @@ async fn serve_connection<S: Service>(
         };
         let service = service.clone();
         let peer = peer.clone();
-        let (tracker, bytes) = (streams.clone(), bytes.clone());
+        let (tracker, budgets) = (streams.clone(), budgets.clone());
         streams.spawn(async move {
-            serve_stream(send, recv, &peer, service, permit, &bytes, &tracker).await;
+            serve_stream(send, recv, &peer, service, permit, &budgets, &tracker).await;
         });
     }
     streams.close();
     streams.wait().await;
 }
 
-/// Serves one request stream. Its body's bytes are taken from `bytes` before it is read
-/// (`ServerLimits::request_bytes_in_flight_max`). The handler runs as a task of its own,
-/// holding the request's in-flight `permit` and its bytes until it returns: when the deadline passes the caller is answered
+/// Serves one request stream. Its body's bytes are taken from the request budget before it is
+/// read (`ServerLimits::request_bytes_in_flight_max`), and its answer's most bytes from the
+/// response budget before it is handled, until the answer is sent. The handler runs as a task
+/// of its own, holding the request's in-flight `permit` and its bytes until it returns (and
+/// the answer's reservation until the answer is sent or dropped): when the deadline passes the caller is answered
 /// `DeadlineExceeded`, but the handler is not dropped halfway (a storage node's write would
 /// otherwise release its locks with its replication under way, and a later write of the same
 /// block could overtake it on a backup), and the in-flight limit still counts it.
@@ -261,11 +289,13 @@ async fn serve_stream<S: Service>(
     peer: &Peer,
     service: Arc<S>,
     permit: tokio::sync::OwnedSemaphorePermit,
-    bytes: &Arc<Semaphore>,
+    budgets: &Budgets,
     tracker: &TaskTracker,
 ) {
     let started = Instant::now();
-    let request = read_frame_budgeted::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES, bytes).await;
+    let request = read_frame_budgeted::<Request, _>(&mut recv, FRAME_BODY_MAX_BYTES, &budgets.requests).await;
+    // Held until the answer is sent.
+    let mut reserved = None;
     let (name, response): (&str, Response) = match request {
         Err(e) => {
             warn!(peer = %peer.addr, role = %peer.role, error = %e, "bad request frame; closing stream");
@@ -282,13 +312,22 @@ async fn serve_stream<S: Service>(
             } else {
                 let deadline = Duration::from_millis(u64::from(request.deadline_ms.min(DEADLINE_MS_MAX)));
                 let handler_peer = peer.clone();
+                let responses = budgets.responses.clone();
                 let handler = tracker.spawn(async move {
+                    let want = service.response_bytes(&request.body).min(FRAME_BODY_MAX_BYTES);
+                    let Ok(answer_bytes) = responses.acquire_many_owned(want).await else {
+                        let e = WireError::new(ErrorCode::Unavailable, "server shutting down");
+                        return (Err(e), None);
+                    };
                     let response = service.handle(&handler_peer, request.body).await;
                     drop((permit, held));
-                    response
+                    (response, Some(answer_bytes))
                 });
                 let response = match tokio::time::timeout(deadline, handler).await {
-                    Ok(Ok(response)) => response,
+                    Ok(Ok((response, answer_bytes))) => {
+                        reserved = answer_bytes;
+                        response
+                    }
                     Ok(Err(e)) => {
                         Err(WireError::new(ErrorCode::Internal, format!("{name} handler failed: {e}")))
                     }
@@ -311,6 +350,7 @@ async fn serve_stream<S: Service>(
         debug!(peer = %peer.addr, error = %e, "could not send response");
         return;
     }
+    drop(reserved);
     let _ = send.finish();
 }
 
@@ -511,8 +551,28 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_handler_past_its_deadline_runs_to_the_end_and_keeps_its_in_flight_slot() {
+    /// Like `Slow`, with answers that reserve the whole response budget.
+    struct Big(Slow);
+
+    impl Service for Big {
+        async fn handle(&self, peer: &Peer, body: RequestBody) -> Response {
+            self.0.handle(peer, body).await
+        }
+
+        fn response_bytes(&self, _: &RequestBody) -> u32 {
+            FRAME_BODY_MAX_BYTES
+        }
+    }
+
+    struct Setup {
+        addr: SocketAddr,
+        client: RpcClient,
+        shutdown: CancellationToken,
+        served: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup<S: Service>(service: Arc<S>, limits: ServerLimits) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         init_ca(&ca, "test").unwrap();
@@ -522,12 +582,47 @@ mod tests {
         let admin = TlsIdentity::load(&dir.path().join("admin")).unwrap();
         let endpoint = server_endpoint(&server, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
-        let service = Arc::new(Slow { events: Mutex::new(Vec::new()) });
         let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(endpoint, service, limits, shutdown.clone()));
+        Setup { addr, client: RpcClient::new(&admin).unwrap(), shutdown, served, _dir: dir }
+    }
+
+    /// Two requests at once; the events of their handlers.
+    async fn two_at_once<S: Service>(
+        service: Arc<S>,
+        events: impl Fn(&S) -> Vec<&'static str>,
+    ) -> Vec<&'static str> {
+        let limits = ServerLimits {
+            response_bytes_in_flight_max: FRAME_BODY_MAX_BYTES as usize,
+            ..ServerLimits::default()
+        };
+        let s = setup(service.clone(), limits);
+        let long = Duration::from_secs(5);
+        let (a, b) = tokio::join!(
+            s.client.call_with_deadline(s.addr, RequestBody::NodeStatus, long),
+            s.client.call_with_deadline(s.addr, RequestBody::NodeStatus, long),
+        );
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        s.shutdown.cancel();
+        s.served.await.unwrap();
+        events(&service)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_that_do_not_fit_the_response_budget_together_are_handled_one_after_the_other() {
+        let slow = || Slow { events: Mutex::new(Vec::new()) };
+        let small = two_at_once(Arc::new(slow()), |s| s.events.lock().unwrap().clone()).await;
+        assert_eq!(small, ["start", "start", "end", "end"], "small answers are handled together");
+        let big = two_at_once(Arc::new(Big(slow())), |s| s.0.events.lock().unwrap().clone()).await;
+        assert_eq!(big, ["start", "end", "start", "end"], "the second big answer waits for the first");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_past_its_deadline_runs_to_the_end_and_keeps_its_in_flight_slot() {
+        let service = Arc::new(Slow { events: Mutex::new(Vec::new()) });
         let limits =
             ServerLimits { connections_max: 4, requests_in_flight_max: 1, ..ServerLimits::default() };
-        let served = tokio::spawn(serve(endpoint, service.clone(), limits, shutdown.clone()));
-        let client = RpcClient::new(&admin).unwrap();
+        let Setup { addr, client, shutdown, served, _dir } = setup(service.clone(), limits);
         let short = Duration::from_millis(100);
         let first = client.call_with_deadline(addr, RequestBody::NodeStatus, short).await;
         assert!(first.is_err(), "answered before the handler could finish: {first:?}");

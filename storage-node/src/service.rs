@@ -255,16 +255,22 @@ impl NodeService {
                 reads.len()
             )));
         }
-        let mut bytes = 0u64;
-        for read in reads {
-            // Blocks of shards not held here answer with an error entry, which costs nothing.
-            let block_size = self.check(read.shard).unwrap_or(0);
-            bytes += read.range.map_or(u64::from(block_size), |r| u64::from(r.len));
-        }
+        let bytes = self.batch_bytes(reads);
         if bytes > BATCH_BYTES_MAX {
             return Err(invalid(format!("batch asks for {bytes} bytes; the maximum is {BATCH_BYTES_MAX}")));
         }
         Ok(())
+    }
+
+    /// Most bytes a read answers with: its range, or its shard's block size. Blocks of shards
+    /// not held here answer with an error entry, which costs nothing.
+    fn read_bytes(&self, read: &BlockRead) -> u64 {
+        let block_size = u64::from(self.check(read.shard).unwrap_or(0));
+        read.range.map_or(block_size, |r| u64::from(r.len).min(block_size))
+    }
+
+    fn batch_bytes(&self, reads: &[BlockRead]) -> u64 {
+        reads.iter().map(|r| self.read_bytes(r)).sum()
     }
 
     fn shard_lock(&self, shard: ShardRef) -> ShardLock {
@@ -615,6 +621,16 @@ impl NodeService {
 }
 
 impl Service for NodeService {
+    fn response_bytes(&self, body: &RequestBody) -> u32 {
+        let bytes = match body {
+            RequestBody::ReadBlock { read } => self.read_bytes(read),
+            // A batch past its limits is refused unread.
+            RequestBody::ReadBlocks { reads } => self.batch_bytes(reads).min(BATCH_BYTES_MAX),
+            _ => 0,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
     async fn handle(&self, peer: &Peer, body: RequestBody) -> Response {
         if !self.inject_latency.is_zero()
             && matches!(
