@@ -65,9 +65,6 @@ pub struct FileState {
     pub wrote: bool,
     /// When the first write not yet flushed came (`MountOptions::dirty_expire`).
     pub written_at: Option<std::time::Instant>,
-    /// Every byte at or past the file's size reads as zero on the nodes: this mount created
-    /// the file, or cleared what lay past its end (`Inner::clear_past_end`) since it opened it.
-    pub tail_clean: bool,
 }
 
 /// Where the last read ended, and the prefetch hint in force.

@@ -991,13 +991,6 @@ impl Inner {
         // A background upload of this file failed: say so now rather than only at close.
         report_failures(&st.errors, seen)?;
         f.write_gen.fetch_add(1, Ordering::AcqRel);
-        if offset > f.size() && !st.tail_clean {
-            // This write leaves a gap after the end, which must read as zeros.
-            let a = self.attr_op(NsOp::GetAttr { ino: f.ino }).await?;
-            self.clear_past_end(f.ino, a.size.max(f.size())).await?;
-            st.tail_clean = true;
-            f.write_gen.fetch_add(1, Ordering::AcqRel);
-        }
         let mut pos = 0usize;
         for (index, off, n) in split(offset, data.len() as u64, self.block_bytes) {
             let piece = &data[pos..pos + n as usize];
@@ -1136,19 +1129,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Makes every byte of `ino` at or past `size` read as zero on the nodes, before the file
-    /// grows past `size` with a gap (a write past its end, a truncate up). A client that
-    /// crashed after uploading blocks past a size it never committed left them there, and a gap
-    /// would show them. Zeroes the tail of the block holding `size` and deletes every block
-    /// after it, on every shard (where such blocks lie is not known). The caller holds the
-    /// file's lock and marks it `tail_clean`: afterwards nothing lies past its size but what
-    /// this mount writes, so it is done once per open file (and never for a file this mount
-    /// created: inode numbers are never reused).
-    async fn clear_past_end(&self, ino: Ino, size: u64) -> FsResult<()> {
-        self.zero_tail(ino, size).await?;
-        self.delete_blocks(ino, size.div_ceil(self.block_bytes), u64::MAX).await
-    }
-
     /// Truncates or extends `ino` to `size`: data first (so nothing old shows through a later
     /// extension), then the meta group.
     async fn set_size(&self, ino: Ino, size: u64, mut set: SetAttr) -> FsResult<Attr> {
@@ -1168,14 +1148,6 @@ impl Inner {
             // the caller asked for either way.
             self.flush_data(f, st).await;
             old_size = old_size.max(f.size());
-        }
-        let tail_clean = guard.as_ref().is_some_and(|st| st.tail_clean);
-        if current.kind == FileKind::File && size > old_size && !tail_clean {
-            self.clear_past_end(ino, old_size).await?;
-            if let (Some(f), Some(st)) = (&f, guard.as_mut()) {
-                st.tail_clean = true;
-                f.write_gen.fetch_add(1, Ordering::AcqRel);
-            }
         }
         if current.kind == FileKind::File && size < old_size {
             self.zero_tail(ino, size).await?;
@@ -2110,8 +2082,6 @@ impl Filesystem for AugurFs {
                 Ok(a) => {
                     let f = fs.register(a.ino, Some(&a));
                     fs.refresh(&f, &a).await;
-                    // A new inode: no block of it exists anywhere.
-                    f.state.lock().await.tail_clean = true;
                     Ok((a, f))
                 }
                 Err(e) => Err(e),
