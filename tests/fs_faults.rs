@@ -3,7 +3,8 @@
 //! during writes (they complete once placement moves on); a second mount sees a file closed
 //! by the first, including an overwrite of cached blocks, and what a file it keeps open holds
 //! once the write-back delay has passed; everything written is there after
-//! the whole cluster is restarted; copies damaged on disk are read around and repaired.
+//! the whole cluster is restarted; copies damaged on disk are read around and repaired; two
+//! mounts writing disjoint regions of one file keep both.
 
 mod common;
 
@@ -229,6 +230,54 @@ fn damaged_copies_are_read_around_and_repaired() {
         }
         assert!(started.elapsed() < LONG, "no damaged copy was repaired");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_mounts_writing_disjoint_regions_of_one_file_keep_both() {
+    use std::os::unix::fs::FileExt;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let cluster = Cluster::new();
+    let (_members, addrs) = meta_group(&cluster, "127.0.13", 1, &[]);
+    let admin = meta_client(&cluster, Role::Admin, &addrs);
+    let _node = common::registered_node(&cluster, "node-1", "127.0.13.11", &addrs, &[]);
+    rt.block_on(common::wait_for_nodes(&admin, 1));
+    let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
+    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    let (mnt_a, mnt_b) = (cluster.path().join("a"), cluster.path().join("b"));
+    let _a = MountProc::start(&cluster, &addrs, "v", &mnt_a, &[]);
+    let _b = MountProc::start(&cluster, &addrs, "v", &mnt_b, &[]);
+    std::fs::write(mnt_a.join("shared"), b"").unwrap();
+    // Both open the empty file; A writes the first MiB (whole blocks reach the node at once,
+    // the size waits for its close), then B writes the second MiB, past the end B knows (a
+    // gap), and closes first. Neither region may be lost.
+    let fa = std::fs::OpenOptions::new().write(true).open(mnt_a.join("shared")).unwrap();
+    let fb = std::fs::OpenOptions::new().write(true).open(mnt_b.join("shared")).unwrap();
+    fa.write_all_at(&chunk(1, 0, MIB as usize), 0).unwrap();
+    // B writes once A's blocks are on the node.
+    let ino = std::os::unix::fs::MetadataExt::ino(&fa.metadata().unwrap());
+    let rpc = Arc::new(cluster.client(Role::Client, "probe"));
+    let meta = meta_client(&cluster, Role::Client, &addrs);
+    let blocks = rt.block_on(augur_fs_client::BlockClient::open(meta, rpc, "v")).unwrap();
+    let started = std::time::Instant::now();
+    for index in 0..MIB / (64 * 1024) {
+        let block = augur_proto::BlockId::new(augur_proto::Ino(ino), index);
+        let want = chunk(1, index * 64 * 1024, 64 * 1024);
+        while rt.block_on(blocks.read(block)).unwrap() != want {
+            assert!(started.elapsed() < LONG, "A's blocks never reached the node");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fb.write_all_at(&chunk(2, MIB, MIB as usize), MIB).unwrap();
+    drop(fb);
+    drop(fa);
+    let mut want = chunk(1, 0, MIB as usize);
+    want.extend(chunk(2, MIB, MIB as usize));
+    for mnt in [&mnt_a, &mnt_b] {
+        let got = std::fs::read(mnt.join("shared")).unwrap();
+        assert_eq!(got.len(), want.len(), "size seen through {}", mnt.display());
+        assert!(got == want, "content seen through {}", mnt.display());
     }
 }
 

@@ -312,8 +312,15 @@ async fn place_replicated(admin: &RpcClient, nodes: &[&NodeProc], epoch: u64) {
 }
 
 /// Waits until every block in `want` reads back from `node` exactly as given; a read may fail
-/// with a checksum mismatch meanwhile, never return other bytes.
-async fn wait_until_sound(client: &RpcClient, node: &NodeProc, want: &[(BlockId, Vec<u8>)], what: &str) {
+/// with a checksum mismatch meanwhile, never return other bytes. Returns how many reads failed
+/// (a damaged copy's first read always does: its repair starts there).
+async fn wait_until_sound(
+    client: &RpcClient,
+    node: &NodeProc,
+    want: &[(BlockId, Vec<u8>)],
+    what: &str,
+) -> usize {
+    let failed = std::sync::atomic::AtomicUsize::new(0);
     common::wait_until(what, Duration::from_secs(60), || async {
         let mut sound = true;
         for (block, bytes) in want {
@@ -321,6 +328,7 @@ async fn wait_until_sound(client: &RpcClient, node: &NodeProc, want: &[(BlockId,
                 Ok(got) => assert_eq!(&got, bytes, "{block} returned damaged bytes"),
                 Err(e) => {
                     assert_eq!(e.code(), Some(&ErrorCode::ChecksumMismatch), "{block}: {e}");
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     sound = false;
                 }
             }
@@ -328,6 +336,7 @@ async fn wait_until_sound(client: &RpcClient, node: &NodeProc, want: &[(BlockId,
         sound
     })
     .await;
+    failed.into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,13 +377,15 @@ async fn damaged_copies_are_repaired_from_another_replica() {
     assert!(b.terminate().success());
     damage_values(&b, &blocks[..8]);
     b.restart();
-    wait_until_sound(&client, &b, &want[..8], "the backup's copies to be repaired").await;
+    let failed = wait_until_sound(&client, &b, &want[..8], "the backup's copies to be repaired").await;
+    assert!(failed >= 8, "only {failed} damaged copies were noticed");
 
     // 4. Damage RocksDB itself reports (bytes flipped in blob files) heals the same way.
     assert!(a.terminate().success());
     common::damage_blob_files(&a.data);
     a.restart();
-    wait_until_sound(&client, &a, &want, "copies in damaged blob files to be repaired").await;
+    let failed = wait_until_sound(&client, &a, &want, "copies in damaged blob files to be repaired").await;
+    assert!(failed > 0, "the damage to the blob files hit no block");
     assert_eq!(status(&client, &a).await.repairs_failed, 0);
 }
 

@@ -14,7 +14,7 @@ use crate::tls::Role;
 
 /// Protocol version carried in every frame header. Bump on any incompatible change of the
 /// messages below; peers refuse other versions with `ErrorCode::UnsupportedVersion`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Smallest and largest block sizes a volume may have (SPEC §2).
 pub const BLOCK_SIZE_MIN_BYTES: u32 = 4 * 1024;

@@ -315,10 +315,22 @@ async fn serve_stream<S: Service>(
                 let responses = budgets.responses.clone();
                 let handler = tracker.spawn(async move {
                     let want = service.response_bytes(&request.body).min(FRAME_BODY_MAX_BYTES);
-                    let Ok(answer_bytes) = responses.acquire_many_owned(want).await else {
-                        let e = WireError::new(ErrorCode::Unavailable, "server shutting down");
-                        return (Err(e), None);
-                    };
+                    // Room for the answer is waited for no longer than the caller waits; past
+                    // that the handler never runs.
+                    let answer_bytes =
+                        match tokio::time::timeout(deadline, responses.acquire_many_owned(want)).await {
+                            Ok(Ok(answer_bytes)) => answer_bytes,
+                            Ok(Err(_)) => {
+                                return (
+                                    Err(WireError::new(ErrorCode::Unavailable, "server shutting down")),
+                                    None,
+                                );
+                            }
+                            Err(_) => {
+                                let msg = format!("no room for a {want}-byte answer within the deadline");
+                                return (Err(WireError::new(ErrorCode::Overloaded, msg)), None);
+                            }
+                        };
                     let response = service.handle(&handler_peer, request.body).await;
                     drop((permit, held));
                     (response, Some(answer_bytes))
@@ -551,16 +563,29 @@ mod tests {
         }
     }
 
-    /// Like `Slow`, with answers that reserve the whole response budget.
-    struct Big(Slow);
+    /// Each handler notes its start, waits (up to a second) until two handlers have started,
+    /// and notes its end. With `big`, every answer reserves the whole response budget.
+    struct Meet {
+        events: Mutex<Vec<&'static str>>,
+        started: std::sync::atomic::AtomicUsize,
+        big: bool,
+    }
 
-    impl Service for Big {
-        async fn handle(&self, peer: &Peer, body: RequestBody) -> Response {
-            self.0.handle(peer, body).await
+    impl Service for Meet {
+        async fn handle(&self, _: &Peer, _: RequestBody) -> Response {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.events.lock().unwrap().push("start");
+            self.started.fetch_add(1, SeqCst);
+            let waited = Instant::now();
+            while self.started.load(SeqCst) < 2 && waited.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            self.events.lock().unwrap().push("end");
+            Ok(ResponseBody::PlacementSet)
         }
 
         fn response_bytes(&self, _: &RequestBody) -> u32 {
-            FRAME_BODY_MAX_BYTES
+            if self.big { FRAME_BODY_MAX_BYTES } else { 0 }
         }
     }
 
@@ -587,17 +612,15 @@ mod tests {
         Setup { addr, client: RpcClient::new(&admin).unwrap(), shutdown, served, _dir: dir }
     }
 
-    /// Two requests at once; the events of their handlers.
-    async fn two_at_once<S: Service>(
-        service: Arc<S>,
-        events: impl Fn(&S) -> Vec<&'static str>,
-    ) -> Vec<&'static str> {
+    /// Two requests at once, with room for one largest answer; the events of their handlers.
+    async fn two_at_once(big: bool) -> Vec<&'static str> {
+        let service = Arc::new(Meet { events: Mutex::default(), started: Default::default(), big });
         let limits = ServerLimits {
             response_bytes_in_flight_max: FRAME_BODY_MAX_BYTES as usize,
             ..ServerLimits::default()
         };
         let s = setup(service.clone(), limits);
-        let long = Duration::from_secs(5);
+        let long = Duration::from_secs(20);
         let (a, b) = tokio::join!(
             s.client.call_with_deadline(s.addr, RequestBody::NodeStatus, long),
             s.client.call_with_deadline(s.addr, RequestBody::NodeStatus, long),
@@ -605,15 +628,14 @@ mod tests {
         assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
         s.shutdown.cancel();
         s.served.await.unwrap();
-        events(&service)
+        service.events.lock().unwrap().clone()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn answers_that_do_not_fit_the_response_budget_together_are_handled_one_after_the_other() {
-        let slow = || Slow { events: Mutex::new(Vec::new()) };
-        let small = two_at_once(Arc::new(slow()), |s| s.events.lock().unwrap().clone()).await;
+        let small = two_at_once(false).await;
         assert_eq!(small, ["start", "start", "end", "end"], "small answers are handled together");
-        let big = two_at_once(Arc::new(Big(slow())), |s| s.0.events.lock().unwrap().clone()).await;
+        let big = two_at_once(true).await;
         assert_eq!(big, ["start", "end", "start", "end"], "the second big answer waits for the first");
     }
 

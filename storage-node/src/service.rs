@@ -415,7 +415,7 @@ impl NodeService {
                 // A partial write builds on the stored copy, which is damaged: heal it from a
                 // backup now (this write's locks are held, so nothing else changes the block
                 // meanwhile) and write once more.
-                self.repair(shard, block).await.map_err(|why| {
+                self.repair(shard, block, true).await.map_err(|why| {
                     WireError::new(ErrorCode::ChecksumMismatch, format!("{e}; and no repair: {why}"))
                 })?;
                 write(data).await?
@@ -524,20 +524,31 @@ impl NodeService {
         };
         loop {
             let next = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => None,
                 next = receiver.recv() => next,
             };
             let Some((shard, block)) = next else { return };
-            // Errors are counted and logged by `repair`.
-            let _ = self.repair(shard, block).await;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                // Errors are counted and logged by `repair`.
+                _ = self.repair(shard, block, false) => {}
+            }
             self.repairs.finish(shard, block);
         }
     }
 
     /// Replaces this node's damaged copy of `block` with a sound one from another replica.
     /// `Ok(false)`: the stored copy was sound by then (a write replaced it, or it was deleted).
-    async fn repair(&self, shard: ShardRef, block: BlockId) -> Result<bool, String> {
-        let outcome = self.repair_from_peers(shard, block).await;
+    /// `holding_shard_lock`: the caller (a write) holds the shard's lock shared already.
+    async fn repair(
+        &self,
+        shard: ShardRef,
+        block: BlockId,
+        holding_shard_lock: bool,
+    ) -> Result<bool, String> {
+        let outcome = self.repair_from_peers(shard, block, holding_shard_lock).await;
         match &outcome {
             Ok(true) => {
                 self.repairs.done.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +565,12 @@ impl NodeService {
         outcome
     }
 
-    async fn repair_from_peers(&self, shard: ShardRef, block: BlockId) -> Result<bool, String> {
+    async fn repair_from_peers(
+        &self,
+        shard: ShardRef,
+        block: BlockId,
+        holding_shard_lock: bool,
+    ) -> Result<bool, String> {
         let (shard, peers) = {
             let table = self.placement.read().unwrap_or_else(|p| p.into_inner());
             let p =
@@ -569,6 +585,14 @@ impl NodeService {
         for peer in peers {
             match self.fetch_copy(shard, block, &peer).await {
                 Ok(data) => {
+                    // The copy is stored holding the shard's lock shared, as a write does, so
+                    // a range delete (exclusive) never lands between the store's check that
+                    // the copy is still damaged and its write, to be undone by it.
+                    let shard_lock = self.shard_lock(shard);
+                    let _shared = match holding_shard_lock {
+                        true => None,
+                        false => Some(shard_lock.read().await),
+                    };
                     let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
                     self.cache.remove(&key);
                     let repaired = self
