@@ -35,6 +35,12 @@ const REPLICATE_DEADLINE: Duration = Duration::from_secs(5);
 pub const REPAIR_QUEUE_MAX: usize = 1024;
 /// Deadline of one fetch of a sound copy from another replica during a repair.
 const REPAIR_FETCH_DEADLINE: Duration = Duration::from_secs(5);
+/// Room past the reserve the disk must have again before a store that RocksDB stopped for want
+/// of space is reopened: reopening replays the WAL and flushes what it held (up to two 64 MiB
+/// memtables), and a reopen that fails leaves the store unreadable until the next one.
+const STORE_REOPEN_ROOM_BYTES: u64 = 160 << 20;
+/// Tries at reopening a stopped store are at least this far apart.
+const STORE_REOPEN_INTERVAL: Duration = Duration::from_secs(2);
 
 type ShardLock = Arc<tokio::sync::RwLock<()>>;
 
@@ -61,6 +67,8 @@ pub struct NodeService {
     /// against the same table could otherwise save in one order and apply in the other).
     placement_update: tokio::sync::Mutex<()>,
     space: SpaceMonitor,
+    /// When the store was last reopened, or tried, after RocksDB stopped for want of space.
+    reopened: tokio::sync::Mutex<Option<Instant>>,
     repairs: Repairs,
     node_id: NodeId,
     listen: String,
@@ -155,6 +163,7 @@ impl NodeService {
             placement: RwLock::new(table),
             placement_update: tokio::sync::Mutex::new(()),
             space,
+            reopened: tokio::sync::Mutex::new(None),
             repairs: Repairs::new(),
             listen,
             inject_latency: Duration::ZERO,
@@ -176,6 +185,28 @@ impl NodeService {
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("store task failed: {e}")))?
             .map_err(wire)
+    }
+
+    /// Ready to write: if RocksDB stopped writing for want of space, the store is reopened once
+    /// the disk has `STORE_REOPEN_ROOM_BYTES` past the reserve again (tried at most every
+    /// `STORE_REOPEN_INTERVAL`); until then writes get "no space", and reads go on.
+    async fn writable(&self) -> Result<(), WireError> {
+        if !self.store.is_stopped() {
+            return Ok(());
+        }
+        let mut last = self.reopened.lock().await;
+        if !self.store.is_stopped() {
+            return Ok(());
+        }
+        if last.is_some_and(|at| at.elapsed() < STORE_REOPEN_INTERVAL) {
+            return Err(wire(StoreError::NoSpace));
+        }
+        *last = Some(Instant::now());
+        self.space.refresh();
+        self.space.check_room(STORE_REOPEN_ROOM_BYTES).map_err(wire)?;
+        self.blocking(|s| s.reopen()).await?;
+        warn!(node = %self.node_id, "block store reopened: the disk has room again");
+        Ok(())
     }
 
     /// A whole block, verified: from the cache or from disk (then cached). `None` if never written.
@@ -363,6 +394,7 @@ impl NodeService {
 
     /// Installs the meta group's full assignment for this node.
     pub async fn apply_assignments(&self, assignments: Vec<NodeAssignment>) -> Result<(), WireError> {
+        self.writable().await?;
         let _update = self.placement_update.lock().await;
         let list = assignments.into_iter().map(|a| (a.layout, a.shards)).collect();
         // Saved first, installed after: memory never holds a placement the disk does not.
@@ -391,6 +423,7 @@ impl NodeService {
                 data.len()
             )));
         }
+        self.writable().await?;
         self.space.check_room(data.len() as u64).map_err(wire)?;
         let shard_lock = self.shard_lock(shard);
         let _shard_guard = shard_lock.read().await;
@@ -452,6 +485,7 @@ impl NodeService {
                 format!("replicated {block} arrived damaged"),
             ));
         }
+        self.writable().await?;
         self.space.check_room(data.len() as u64).map_err(wire)?;
         let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
         self.cache.remove(&key);
@@ -473,6 +507,7 @@ impl NodeService {
         if forward {
             self.backups(shard)?;
         }
+        self.writable().await?;
         let shard_lock = self.shard_lock(shard);
         let _guard = shard_lock.write().await;
         // Checked again once the lock is held, as for a write.
@@ -505,6 +540,7 @@ impl NodeService {
         layout: VolumeLayout,
         shards: Vec<ShardPlacement>,
     ) -> Result<ResponseBody, WireError> {
+        self.writable().await?;
         let _update = self.placement_update.lock().await;
         self.placement.read().unwrap_or_else(|p| p.into_inner()).validate(&layout, &shards)?;
         let (l, s) = (layout, shards.clone());

@@ -11,9 +11,15 @@
 //! Durability: every write is a RocksDB write with `sync = true`, so the WAL is fsynced before
 //! the write returns and before the RPC is acked. Concurrent writers are group-committed by
 //! RocksDB's write thread (one fsync covers every writer that joined the group).
+//!
+//! A full disk: RocksDB refuses the write that finds no space and then stops writing for good
+//! (a background error it keeps until the database is reopened, which its C API offers no other
+//! way out of). The store notes it (`is_stopped`), and `reopen` closes and opens the database
+//! again once the node has seen space come back; reads go on meanwhile.
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use augur_proto::msg::{ShardPlacement, VolumeLayout};
 use augur_proto::{BlockId, Ino, NodeId, ShardId, VolumeId};
@@ -120,43 +126,87 @@ pub struct VerifiedBlock {
 }
 
 pub struct BlockStore {
-    db: DB,
+    /// `None` only after a `reopen` failed to open it again; every call then says "no space".
+    db: RwLock<Option<DB>>,
+    dir: PathBuf,
+    options: StoreOptions,
     locks: Vec<Mutex<()>>,
     node_id: NodeId,
+    /// RocksDB refused a write for want of space, and so stopped writing until reopened.
+    stopped: AtomicBool,
+}
+
+/// The open database, read-locked for one call.
+struct Db<'a>(RwLockReadGuard<'a, Option<DB>>);
+
+impl std::ops::Deref for Db<'_> {
+    type Target = DB;
+
+    fn deref(&self) -> &DB {
+        self.0.as_ref().expect("checked by BlockStore::db")
+    }
+}
+
+impl Db<'_> {
+    fn blocks_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf_handle(BLOCKS_CF).expect("blocks column family opened at start")
+    }
+
+    fn placement_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf_handle(PLACEMENT_CF).expect("placement column family opened at start")
+    }
 }
 
 impl BlockStore {
     /// Opens (creating if needed) the store in `dir`. `node_id` is used on first creation; later
     /// opens keep the id stored there.
     pub fn open(dir: &Path, options: StoreOptions, node_id: Option<NodeId>) -> Result<Self, StoreError> {
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
-        db_opts.set_paranoid_checks(true);
-
-        let cache = Cache::new_lru_cache(options.rocksdb_cache_bytes as usize);
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        table.set_bloom_filter(10.0, false);
-
-        let mut blocks = Options::default();
-        blocks.set_block_based_table_factory(&table);
-        blocks.set_compression_type(DBCompressionType::Lz4);
-        blocks.set_enable_blob_files(true);
-        blocks.set_min_blob_size(options.blob_min_bytes);
-        blocks.set_blob_file_size(256 << 20);
-        blocks.set_enable_blob_gc(true);
-
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(BLOCKS_CF, blocks),
-            ColumnFamilyDescriptor::new(PLACEMENT_CF, Options::default()),
-            ColumnFamilyDescriptor::new(NODE_CF, Options::default()),
-        ];
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(StoreError::from_rocks)?;
+        let db = open_db(dir, options)?;
         let node_id = Self::init_identity(&db, node_id)?;
         let locks = (0..BLOCK_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Self { db, locks, node_id })
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            dir: dir.to_path_buf(),
+            options,
+            locks,
+            node_id,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether RocksDB stopped writing for want of space (see the module docs).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Closes the database and opens it again, which clears RocksDB's stop after a full disk.
+    /// Waits for calls in progress. If opening fails, every call says "no space" until a later
+    /// `reopen` succeeds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        drop(db.take());
+        *db = Some(open_db(&self.dir, self.options)?);
+        self.stopped.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn db(&self) -> Result<Db<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::NoSpace);
+        }
+        Ok(Db(guard))
+    }
+
+    /// Maps a RocksDB write's error, noting a refusal for want of space (RocksDB has stopped).
+    fn written<T>(&self, result: Result<T, rocksdb::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            let e = StoreError::from_rocks(e);
+            if matches!(e, StoreError::NoSpace) && !self.stopped.swap(true, Ordering::AcqRel) {
+                tracing::error!(dir = %self.dir.display(), "the disk is full: RocksDB stopped writing; writes are refused until it has room again");
+            }
+            e
+        })
     }
 
     fn init_identity(db: &DB, wanted: Option<NodeId>) -> Result<NodeId, StoreError> {
@@ -195,10 +245,6 @@ impl BlockStore {
         self.node_id
     }
 
-    fn blocks_cf(&self) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(BLOCKS_CF).expect("blocks column family opened at start")
-    }
-
     fn lock(&self, key: &[u8; BLOCK_KEY_BYTES]) -> MutexGuard<'_, ()> {
         let stripe = (crc32fast::hash(key) as usize) % self.locks.len();
         self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner())
@@ -212,8 +258,8 @@ impl BlockStore {
         block: BlockId,
     ) -> Result<Option<VerifiedBlock>, StoreError> {
         let key = block_key(volume, shard, block);
-        let Some(value) = self.db.get_pinned_cf(self.blocks_cf(), key).map_err(StoreError::from_rocks)?
-        else {
+        let db = self.db()?;
+        let Some(value) = db.get_pinned_cf(db.blocks_cf(), key).map_err(StoreError::from_rocks)? else {
             return Ok(None);
         };
         let corrupt = |reason: &str| StoreError::Corrupt { volume, shard, block, reason: reason.into() };
@@ -267,7 +313,8 @@ impl BlockStore {
         let value = encode_value(&content);
         // Paired with the check in `read`: what goes to disk is verified right before it goes.
         debug_assert_eq!(crc32fast::hash(&value[VALUE_HEADER_BYTES..]).to_le_bytes(), value[1..5]);
-        self.db.put_cf_opt(self.blocks_cf(), key, value, &sync_write()).map_err(StoreError::from_rocks)?;
+        let db = self.db()?;
+        self.written(db.put_cf_opt(db.blocks_cf(), key, value, &sync_write()))?;
         Ok(content)
     }
 
@@ -307,7 +354,8 @@ impl BlockStore {
     /// Stores a block's whole value; the caller holds the block's lock.
     fn put_locked(&self, key: &[u8; BLOCK_KEY_BYTES], content: &[u8]) -> Result<(), StoreError> {
         let value = encode_value(content);
-        self.db.put_cf_opt(self.blocks_cf(), key, value, &sync_write()).map_err(StoreError::from_rocks)
+        let db = self.db()?;
+        self.written(db.put_cf_opt(db.blocks_cf(), key, value, &sync_write()))
     }
 
     /// Deletes, durably, the blocks of `ino` in this shard whose index is at least `from_index`.
@@ -322,20 +370,22 @@ impl BlockStore {
         let mut end = block_key(volume, shard, BlockId::new(ino, u64::MAX)).to_vec();
         // delete_range's end is exclusive: extend past index u64::MAX.
         end.push(0);
+        let db = self.db()?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.blocks_cf(), &start[..], &end[..]);
-        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+        batch.delete_range_cf(db.blocks_cf(), &start[..], &end[..]);
+        self.written(db.write_opt(batch, &sync_write()))
     }
 
     /// Saves a volume layout and shard placements atomically.
     pub fn save_placement(&self, layout: &VolumeLayout, shards: &[ShardPlacement]) -> Result<(), StoreError> {
-        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let db = self.db()?;
+        let cf = db.placement_cf();
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, layout_key(layout.volume), encode(layout));
         for shard in shards {
             batch.put_cf(cf, shard_key(layout.volume, shard.shard), encode(shard));
         }
-        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+        self.written(db.write_opt(batch, &sync_write()))
     }
 
     /// Replaces every saved layout and placement at once (the meta group's full assignment).
@@ -343,7 +393,8 @@ impl BlockStore {
         &self,
         assignments: &[(VolumeLayout, Vec<ShardPlacement>)],
     ) -> Result<(), StoreError> {
-        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let db = self.db()?;
+        let cf = db.placement_cf();
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, &[0u8][..], &[0xffu8; 16][..]);
         for (layout, shards) in assignments {
@@ -352,15 +403,16 @@ impl BlockStore {
                 batch.put_cf(cf, shard_key(layout.volume, shard.shard), encode(shard));
             }
         }
-        self.db.write_opt(batch, &sync_write()).map_err(StoreError::from_rocks)
+        self.written(db.write_opt(batch, &sync_write()))
     }
 
     /// Loads every saved layout and placement.
     pub fn load_placement(&self) -> Result<SavedPlacement, StoreError> {
-        let cf = self.db.cf_handle(PLACEMENT_CF).expect("placement column family opened at start");
+        let db = self.db()?;
+        let cf = db.placement_cf();
         let mut layouts = Vec::new();
         let mut shards = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (key, value) = item?;
             let bad = || StoreError::Format(format!("unreadable placement record {key:02x?}"));
             match key.first() {
@@ -377,26 +429,53 @@ impl BlockStore {
 
     /// Bytes the store occupies on disk (SST and blob files).
     pub fn used_bytes(&self) -> u64 {
-        let cf = self.blocks_cf();
-        let prop = |name: &str| self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+        let Ok(db) = self.db() else { return 0 };
+        let prop = |name: &str| db.property_int_value_cf(db.blocks_cf(), name).ok().flatten().unwrap_or(0);
         prop("rocksdb.total-sst-files-size") + prop("rocksdb.total-blob-file-size")
     }
 
     /// RocksDB's estimate of how many blocks are stored.
     pub fn blocks_estimate(&self) -> u64 {
-        self.db
-            .property_int_value_cf(self.blocks_cf(), "rocksdb.estimate-num-keys")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        let Ok(db) = self.db() else { return 0 };
+        db.property_int_value_cf(db.blocks_cf(), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
     }
 
     /// Flushes memtables so a clean shutdown leaves nothing to replay.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_wal(true)?;
-        self.db.flush_cf(self.blocks_cf())?;
+        let db = self.db()?;
+        db.flush_wal(true)?;
+        db.flush_cf(db.blocks_cf())?;
         Ok(())
     }
+}
+
+/// Opens (creating if needed) RocksDB in `dir` with the store's column families and tuning.
+fn open_db(dir: &Path, options: StoreOptions) -> Result<DB, StoreError> {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_max_background_jobs(2);
+    db_opts.set_paranoid_checks(true);
+
+    let cache = Cache::new_lru_cache(options.rocksdb_cache_bytes as usize);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+
+    let mut blocks = Options::default();
+    blocks.set_block_based_table_factory(&table);
+    blocks.set_compression_type(DBCompressionType::Lz4);
+    blocks.set_enable_blob_files(true);
+    blocks.set_min_blob_size(options.blob_min_bytes);
+    blocks.set_blob_file_size(256 << 20);
+    blocks.set_enable_blob_gc(true);
+
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(BLOCKS_CF, blocks),
+        ColumnFamilyDescriptor::new(PLACEMENT_CF, Options::default()),
+        ColumnFamilyDescriptor::new(NODE_CF, Options::default()),
+    ];
+    DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(StoreError::from_rocks)
 }
 
 fn sync_write() -> WriteOptions {
@@ -505,9 +584,11 @@ mod tests {
         let (v, s, b) = (VolumeId(1), ShardId(0), BlockId::new(Ino(1), 0));
         store.write(v, s, b, 0, &[7u8; 100], BS).unwrap();
         let key = block_key(v, s, b);
-        let mut raw = store.db.get_cf(store.blocks_cf(), key).unwrap().unwrap();
+        let db = store.db().unwrap();
+        let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
         raw[50] ^= 0x40;
-        store.db.put_cf(store.blocks_cf(), key, raw).unwrap();
+        db.put_cf(db.blocks_cf(), key, raw).unwrap();
+        drop(db);
         assert!(matches!(store.read(v, s, b), Err(StoreError::Checksum { .. })));
     }
 
@@ -521,9 +602,11 @@ mod tests {
         store.write(v, s, damaged, 0, &[7u8; 100], BS).unwrap();
         store.write(v, s, sound, 0, &[8u8; 100], BS).unwrap();
         let key = block_key(v, s, damaged);
-        let mut raw = store.db.get_cf(store.blocks_cf(), key).unwrap().unwrap();
+        let db = store.db().unwrap();
+        let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
         raw[50] ^= 0x40;
-        store.db.put_cf(store.blocks_cf(), key, raw).unwrap();
+        db.put_cf(db.blocks_cf(), key, raw).unwrap();
+        drop(db);
         assert!(store.read(v, s, damaged).unwrap_err().is_damage());
         // The damaged copy is replaced; once sound, a second (stale) repair changes nothing.
         assert!(store.repair(v, s, damaged, &[7u8; 100]).unwrap());
