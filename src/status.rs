@@ -29,6 +29,9 @@ pub async fn node_status(node: SocketAddr, tls: &Path, json: bool) -> Result<()>
         mib(status.capacity_bytes)
     );
     println!("blocks      ~{}", status.blocks_estimate);
+    if status.store_stopped {
+        println!("store       STOPPED: the disk filled; writes are refused until it has room again");
+    }
     println!(
         "cache       {:.1} / {:.1} MiB, {} hits, {} misses",
         mib(status.cache_bytes),

@@ -276,6 +276,8 @@ pub struct NodeStatus {
     pub cache_bytes_max: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// RocksDB stopped writing for want of space; writes are refused until the disk has room.
+    pub store_stopped: bool,
     /// Damaged stored copies replaced by a sound one from another replica since start.
     pub repairs_done: u64,
     /// Damaged copies found with no sound copy to repair them from since start.

@@ -624,17 +624,24 @@ impl NodeService {
                     // The copy is stored holding the shard's lock shared, as a write does, so
                     // a range delete (exclusive) never lands between the store's check that
                     // the copy is still damaged and its write, to be undone by it.
-                    let shard_lock = self.shard_lock(shard);
-                    let _shared = match holding_shard_lock {
+                    // The guard moves into the store task, which runs to its end even if this
+                    // repair is dropped (at shutdown).
+                    let shared = match holding_shard_lock {
                         true => None,
-                        false => Some(shard_lock.read().await),
+                        false => Some(self.shard_lock(shard).read_owned().await),
                     };
+                    let storing = |e: WireError| format!("storing the copy from {}: {e}", peer.node);
+                    self.writable().await.map_err(storing)?;
+                    self.space.check_room(data.len() as u64).map_err(|e| storing(wire(e)))?;
                     let key = CacheKey { volume: shard.volume, shard: shard.shard, block };
                     self.cache.remove(&key);
                     let repaired = self
-                        .blocking(move |s| s.repair(shard.volume, shard.shard, block, &data))
+                        .blocking(move |s| {
+                            let _shared = shared;
+                            s.repair(shard.volume, shard.shard, block, &data)
+                        })
                         .await
-                        .map_err(|e| format!("storing the copy from {}: {e}", peer.node))?;
+                        .map_err(storing)?;
                     self.cache.remove(&key);
                     return Ok(repaired);
                 }
@@ -660,6 +667,7 @@ impl NodeService {
 
     pub fn status(&self) -> NodeStatus {
         let (capacity_bytes, free_bytes) = self.space.refresh();
+        let (used_bytes, blocks_estimate) = self.store.usage();
         NodeStatus {
             node: self.node_id,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -667,8 +675,9 @@ impl NodeService {
             uptime_s: self.started.elapsed().as_secs(),
             capacity_bytes,
             free_bytes,
-            used_bytes: self.store.used_bytes(),
-            blocks_estimate: self.store.blocks_estimate(),
+            used_bytes,
+            blocks_estimate,
+            store_stopped: self.store.is_stopped(),
             cache_bytes: self.cache.bytes(),
             cache_bytes_max: self.cache.bytes_max(),
             cache_hits: self.cache.hits(),

@@ -134,6 +134,8 @@ pub struct BlockStore {
     node_id: NodeId,
     /// RocksDB refused a write for want of space, and so stopped writing until reopened.
     stopped: AtomicBool,
+    /// What `usage` last measured.
+    last_usage: Mutex<(u64, u64)>,
 }
 
 /// The open database, read-locked for one call.
@@ -171,6 +173,7 @@ impl BlockStore {
             locks,
             node_id,
             stopped: AtomicBool::new(false),
+            last_usage: Mutex::new((0, 0)),
         })
     }
 
@@ -427,22 +430,34 @@ impl BlockStore {
         Ok((layouts, shards))
     }
 
-    /// Bytes the store occupies on disk (SST and blob files).
-    pub fn used_bytes(&self) -> u64 {
-        let Ok(db) = self.db() else { return 0 };
-        let prop = |name: &str| db.property_int_value_cf(db.blocks_cf(), name).ok().flatten().unwrap_or(0);
-        prop("rocksdb.total-sst-files-size") + prop("rocksdb.total-blob-file-size")
+    /// (bytes the store occupies on disk in SST and blob files, RocksDB's estimate of how many
+    /// blocks are stored). Never waits: while a `reopen` holds the database, or after one
+    /// failed, the last figures are given (status and heartbeats run on the async runtime).
+    pub fn usage(&self) -> (u64, u64) {
+        let guard = match self.db.try_read() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return *self.last_usage.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let Some(db) = guard.as_ref() else {
+            return *self.last_usage.lock().unwrap_or_else(|p| p.into_inner());
+        };
+        let cf = db.cf_handle(BLOCKS_CF).expect("blocks column family opened at start");
+        let prop = |name: &str| db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+        let usage = (
+            prop("rocksdb.total-sst-files-size") + prop("rocksdb.total-blob-file-size"),
+            prop("rocksdb.estimate-num-keys"),
+        );
+        *self.last_usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
+        usage
     }
 
-    /// RocksDB's estimate of how many blocks are stored.
-    pub fn blocks_estimate(&self) -> u64 {
-        let Ok(db) = self.db() else { return 0 };
-        db.property_int_value_cf(db.blocks_cf(), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
-    }
-
-    /// Flushes memtables so a clean shutdown leaves nothing to replay.
+    /// Flushes memtables so a clean shutdown leaves nothing to replay. With the database not
+    /// open (a failed `reopen`) there is nothing to flush: what was acked is in its WAL.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db()?;
+        let Ok(db) = self.db() else { return Ok(()) };
         db.flush_wal(true)?;
         db.flush_cf(db.blocks_cf())?;
         Ok(())
