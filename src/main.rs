@@ -195,7 +195,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
 #[derive(Subcommand)]
 enum NodeCommand {
     /// Run a storage node until SIGTERM or SIGINT. Flags override the config file.
-    Serve(NodeServeArgs),
+    Serve(Box<NodeServeArgs>),
     /// Ask a node for its status.
     Status {
         /// Node address, e.g. 127.0.0.1:7100.
@@ -242,6 +242,13 @@ struct NodeServeArgs {
     /// Storage performance class: hdd, ssd or nvme [default: ssd].
     #[arg(long)]
     perf_class: Option<String>,
+    /// Scrub: read every stored block at about this many bytes per second and repair damaged
+    /// copies from other replicas; 0 turns it off [default: 16777216].
+    #[arg(long)]
+    scrub_bytes_per_sec: Option<u64>,
+    /// Seconds between scrub passes (the first starts with the node) [default: 86400].
+    #[arg(long)]
+    scrub_pause_s: Option<u64>,
     /// Test/bench only: delay every block read/write by this many ms (stands in for distance).
     #[arg(long)]
     inject_latency_ms: Option<u64>,
@@ -395,7 +402,7 @@ async fn run(command: Command) -> Result<()> {
             augur_proto::tls::issue(&ca, role, &name, &out)?;
             println!("issued {role} certificate for {name} in {}", out.display());
         }
-        Command::Node(NodeCommand::Serve(args)) => node_serve(args).await?,
+        Command::Node(NodeCommand::Serve(args)) => node_serve(*args).await?,
         Command::Node(NodeCommand::Status { node, tls, json }) => {
             status::node_status(node, &tls, json).await?
         }
@@ -513,6 +520,12 @@ async fn node_serve(args: NodeServeArgs) -> Result<()> {
     }
     if let Some(v) = args.inject_latency_ms {
         config.inject_latency_ms = v;
+    }
+    if let Some(v) = args.scrub_bytes_per_sec {
+        config.scrub_bytes_per_sec = v;
+    }
+    if let Some(v) = args.scrub_pause_s {
+        config.scrub_pause_s = v;
     }
     let node = augur_storage_node::Node::start(&config)?;
     let shutdown = CancellationToken::new();

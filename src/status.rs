@@ -43,6 +43,7 @@ pub async fn node_status(node: SocketAddr, tls: &Path, json: bool) -> Result<()>
         "repairs     {} damaged copies repaired from another replica, {} unrepairable",
         status.repairs_done, status.repairs_failed
     );
+    println!("scrub       {} passes done, {} damaged copies found", status.scrub_passes, status.scrub_found);
     println!("shards      {}", status.shards.len());
     for s in &status.shards {
         let role = if s.is_primary { "primary" } else { "backup" };

@@ -342,8 +342,10 @@ async fn wait_until_sound(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_copies_are_repaired_from_another_replica() {
     let cluster = Cluster::new();
-    let mut a = cluster.node("node-r1", "127.0.0.5");
-    let mut b = cluster.node("node-r2", "127.0.0.6");
+    // The scrub is off: here reads find the damage (the next test leaves it to the scrub).
+    let no_scrub = ["--scrub-bytes-per-sec", "0"];
+    let mut a = cluster.node_with("node-r1", "127.0.0.5", &no_scrub);
+    let mut b = cluster.node_with("node-r2", "127.0.0.6", &no_scrub);
     let admin = cluster.client(Role::Admin, "admin");
     let client = cluster.client(Role::Client, "client");
     place_replicated(&admin, &[&a, &b], 1).await;
@@ -387,6 +389,46 @@ async fn damaged_copies_are_repaired_from_another_replica() {
     let failed = wait_until_sound(&client, &a, &want, "copies in damaged blob files to be repaired").await;
     assert!(failed > 0, "the damage to the blob files hit no block");
     assert_eq!(status(&client, &a).await.repairs_failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scrub_finds_and_repairs_damage_nobody_reads() {
+    let cluster = Cluster::new();
+    let mut a = cluster.node("node-s1", "127.0.0.12");
+    let b = cluster.node("node-s2", "127.0.0.13");
+    let admin = cluster.client(Role::Admin, "admin");
+    let client = cluster.client(Role::Client, "client");
+    place_replicated(&admin, &[&a, &b], 1).await;
+    let blocks: Vec<BlockId> = (0..32).map(|i| BlockId::new(Ino(8), i)).collect();
+    for block in &blocks {
+        write(&client, &a, *block, 0, content(block.index, 5)).await.unwrap();
+    }
+    assert!(a.terminate().success());
+    damage_values(&a, &blocks);
+    // Restarted, the node scrubs at once (default pace and pause): nobody reads a block, yet
+    // every damaged copy is found and repaired from the backup.
+    a.restart();
+    common::wait_until(
+        "the scrub to find and repair every damaged copy",
+        Duration::from_secs(60),
+        || async {
+            let s = status(&client, &a).await;
+            assert_eq!(s.repairs_failed, 0);
+            s.scrub_found == blocks.len() as u64 && s.repairs_done == blocks.len() as u64
+        },
+    )
+    .await;
+    for block in &blocks {
+        assert_eq!(read(&client, &a, *block, None).await.unwrap(), content(block.index, 5), "{block}");
+    }
+    // A scrub pass over sound copies finds nothing: restarted, the node scrubs again.
+    assert!(a.terminate().success());
+    a.restart();
+    common::wait_until("a second scrub pass", Duration::from_secs(60), || async {
+        status(&client, &a).await.scrub_passes >= 1
+    })
+    .await;
+    assert_eq!(status(&client, &a).await.scrub_found, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,6 +282,10 @@ pub struct NodeStatus {
     pub repairs_done: u64,
     /// Damaged copies found with no sound copy to repair them from since start.
     pub repairs_failed: u64,
+    /// Scrub passes over every stored block finished since start.
+    pub scrub_passes: u64,
+    /// Damaged copies the scrub found since start (each then repaired, or counted failed).
+    pub scrub_found: u64,
     pub shards: Vec<ShardStatus>,
 }
 

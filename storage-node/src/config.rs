@@ -52,6 +52,12 @@ pub struct NodeConfig {
     pub perf_class: String,
     /// Interval between heartbeats to the meta leader. Default 1000 ms.
     pub heartbeat_ms: u64,
+    /// The scrub reads every stored block at about this many bytes per second and repairs the
+    /// damaged ones from other replicas. Default 16 MiB/s; 0 turns it off.
+    pub scrub_bytes_per_sec: u64,
+    /// Seconds between the end of one scrub pass and the start of the next (the first starts
+    /// with the node). Default 86400 (a day).
+    pub scrub_pause_s: u64,
     /// Test/bench only: delay every block read and write by this many milliseconds, to stand in
     /// for network distance where `tc netem` is unavailable. Default 0 (never set it in production).
     pub inject_latency_ms: u64,
@@ -75,6 +81,8 @@ impl Default for NodeConfig {
             zone: None,
             perf_class: "ssd".into(),
             heartbeat_ms: 1000,
+            scrub_bytes_per_sec: 16 << 20,
+            scrub_pause_s: 86_400,
             inject_latency_ms: 0,
         }
     }
@@ -82,6 +90,10 @@ impl Default for NodeConfig {
 
 /// Largest memory cache a node accepts: a typo with extra zeros should not OOM the host.
 const CACHE_BYTES_CEILING: u64 = 1 << 40;
+/// The most `scrub_bytes_per_sec` may be (10 GiB/s).
+pub const SCRUB_BYTES_PER_SEC_MAX: u64 = 10 << 30;
+/// The most `scrub_pause_s` may be (a year).
+pub const SCRUB_PAUSE_S_MAX: u64 = 366 * 86_400;
 /// The most `inject_latency_ms` may be (tests and benchmarks only).
 pub const INJECT_LATENCY_MS_MAX: u64 = 10_000;
 
@@ -139,6 +151,18 @@ impl NodeConfig {
             return invalid(format!(
                 "requests-in-flight-max = {} must be between 1 and 100000",
                 self.requests_in_flight_max
+            ));
+        }
+        if self.scrub_bytes_per_sec > SCRUB_BYTES_PER_SEC_MAX {
+            return invalid(format!(
+                "scrub-bytes-per-sec = {} exceeds {SCRUB_BYTES_PER_SEC_MAX}",
+                self.scrub_bytes_per_sec
+            ));
+        }
+        if self.scrub_pause_s > SCRUB_PAUSE_S_MAX {
+            return invalid(format!(
+                "scrub-pause-s = {} exceeds {SCRUB_PAUSE_S_MAX} (a year)",
+                self.scrub_pause_s
             ));
         }
         if self.node_id == Some(0) {

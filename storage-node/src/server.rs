@@ -46,6 +46,8 @@ pub struct Node {
     store: Arc<BlockStore>,
     limits: ServerLimits,
     heartbeat: Option<Heartbeat>,
+    /// (bytes per second, pause between passes); see `NodeConfig::scrub_bytes_per_sec`.
+    scrub: (u64, Duration),
 }
 
 impl Node {
@@ -96,7 +98,8 @@ impl Node {
             requests_in_flight_max: config.requests_in_flight_max,
             ..ServerLimits::default()
         };
-        Ok(Self { node_id: store.node_id(), local_addr, endpoint, service, store, limits, heartbeat })
+        let scrub = (config.scrub_bytes_per_sec, Duration::from_secs(config.scrub_pause_s));
+        Ok(Self { node_id: store.node_id(), local_addr, endpoint, service, store, limits, heartbeat, scrub })
     }
 
     /// Serves until `shutdown` is cancelled, then finishes in-flight requests and flushes.
@@ -104,11 +107,14 @@ impl Node {
         info!(node = %self.node_id, addr = %self.local_addr, "storage node serving");
         let heartbeat = self.heartbeat.map(|h| tokio::spawn(h.run(shutdown.clone())));
         let repairs = tokio::spawn(self.service.clone().run_repairs(shutdown.clone()));
+        let (rate, pause) = self.scrub;
+        let scrub = tokio::spawn(self.service.clone().run_scrub(rate, pause, shutdown.clone()));
         serve(self.endpoint, self.service, self.limits, shutdown).await;
         if let Some(h) = heartbeat {
             let _ = h.await;
         }
         let _ = repairs.await;
+        let _ = scrub.await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await

@@ -41,6 +41,10 @@ const REPAIR_FETCH_DEADLINE: Duration = Duration::from_secs(5);
 const STORE_REOPEN_ROOM_BYTES: u64 = 160 << 20;
 /// Tries at reopening a stopped store are at least this far apart.
 const STORE_REOPEN_INTERVAL: Duration = Duration::from_secs(2);
+/// Blocks the scrub reads per step (at most 64 × the block size in memory at once).
+const SCRUB_STEP_BLOCKS: usize = 64;
+/// Wait before a scrub step that failed (say, a store stopped for want of space) is tried again.
+const SCRUB_RETRY: Duration = Duration::from_secs(10);
 
 type ShardLock = Arc<tokio::sync::RwLock<()>>;
 
@@ -87,6 +91,10 @@ struct Repairs {
     done: AtomicU64,
     /// Repairs that found no sound copy (no other replica, or none answered with one).
     failed: AtomicU64,
+    /// Scrub passes finished since start.
+    scrub_passes: AtomicU64,
+    /// Damaged copies the scrub found since start.
+    scrub_found: AtomicU64,
 }
 
 impl Repairs {
@@ -98,6 +106,8 @@ impl Repairs {
             queued: Mutex::new(HashSet::new()),
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            scrub_passes: AtomicU64::new(0),
+            scrub_found: AtomicU64::new(0),
         }
     }
 
@@ -575,6 +585,61 @@ impl NodeService {
         }
     }
 
+    /// Reads every stored block in turn, at about `bytes_per_sec` (0: off), and queues the
+    /// damaged ones for repair, so damage in data nobody reads is healed too, before the other
+    /// replicas can fail as well. A pass starts at start and then `pause` after the last ended.
+    pub async fn run_scrub(
+        self: Arc<Self>,
+        bytes_per_sec: u64,
+        pause: Duration,
+        shutdown: CancellationToken,
+    ) {
+        if bytes_per_sec == 0 {
+            return;
+        }
+        let mut after = None;
+        loop {
+            let wait = match self.blocking(move |s| s.scrub(after, SCRUB_STEP_BLOCKS)).await {
+                Ok(step) => {
+                    for (volume, shard, block) in step.damaged {
+                        self.repairs.scrub_found.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("augur_node_scrub_damaged_total").increment(1);
+                        let epoch = self
+                            .placement
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(volume, shard)
+                            .map(|p| p.epoch);
+                        // A shard no longer held here is not served from here: nothing to heal.
+                        if let Some(epoch) = epoch {
+                            warn!(%volume, %shard, %block, "scrub found a damaged copy; repairing it");
+                            self.repairs.push(ShardRef { volume, shard, epoch }, block);
+                        }
+                    }
+                    metrics::counter!("augur_node_scrub_bytes_total").increment(step.bytes);
+                    after = step.next;
+                    let paced = Duration::from_secs_f64(step.bytes as f64 / bytes_per_sec as f64);
+                    if after.is_none() {
+                        self.repairs.scrub_passes.fetch_add(1, Ordering::Relaxed);
+                        info!(node = %self.node_id, "scrub pass done");
+                        paced.max(pause)
+                    } else {
+                        paced
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "scrub step failed; trying again");
+                    SCRUB_RETRY
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     /// Replaces this node's damaged copy of `block` with a sound one from another replica.
     /// `Ok(false)`: the stored copy was sound by then (a write replaced it, or it was deleted).
     /// `holding_shard_lock`: the caller (a write) holds the shard's lock shared already.
@@ -684,6 +749,8 @@ impl NodeService {
             cache_misses: self.cache.misses(),
             repairs_done: self.repairs.done.load(Ordering::Relaxed),
             repairs_failed: self.repairs.failed.load(Ordering::Relaxed),
+            scrub_passes: self.repairs.scrub_passes.load(Ordering::Relaxed),
+            scrub_found: self.repairs.scrub_found.load(Ordering::Relaxed),
             shards: self.placement.read().unwrap_or_else(|p| p.into_inner()).status(self.node_id),
         }
     }

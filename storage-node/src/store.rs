@@ -7,6 +7,10 @@
 //!   truncate). Value = `format u8 | crc32 u32 LE | bytes`.
 //! - `placement`: volume layouts and shard placements set by the meta group (or an admin).
 //! - `node`: this node's identity and the on-disk format version.
+//! - `index`: the key of every stored block, with no value, written and deleted in the same
+//!   batches as `blocks`. The scrub walks it: a RocksDB iterator over `blocks` itself stops at
+//!   the first value it cannot read (a damaged blob) without naming its key, while one over
+//!   `index` never reads a value, so each block is then read, and judged, on its own.
 //!
 //! Durability: every write is a RocksDB write with `sync = true`, so the WAL is fsynced before
 //! the write returns and before the RPC is acked. Concurrent writers are group-committed by
@@ -31,6 +35,9 @@ use rocksdb::{
 pub const BLOCKS_CF: &str = "blocks";
 pub const PLACEMENT_CF: &str = "placement";
 pub const NODE_CF: &str = "node";
+pub const INDEX_CF: &str = "index";
+/// Every column family, for tools that open a store's RocksDB directly.
+pub const ALL_CFS: [&str; 4] = [BLOCKS_CF, PLACEMENT_CF, NODE_CF, INDEX_CF];
 
 /// On-disk format of this store. A store written by another format is refused, not guessed at.
 pub const STORE_FORMAT: u32 = 1;
@@ -43,6 +50,9 @@ const BLOCK_LOCK_STRIPES: usize = 1024;
 
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_NODE_ID: &[u8] = b"node-id";
+/// Present once `index` holds the key of every block (built at the first open of a store
+/// written before it existed).
+const KEY_INDEX_BUILT: &[u8] = b"index-built";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -115,6 +125,56 @@ fn encode_value(data: &[u8]) -> Vec<u8> {
     value
 }
 
+/// One step of a scrub (`BlockStore::scrub`).
+#[derive(Debug, Default)]
+pub struct ScrubStep {
+    /// Blocks whose stored copy is damaged.
+    pub damaged: Vec<(VolumeId, ShardId, BlockId)>,
+    /// Where the next step starts after; `None` once the pass has read every block.
+    pub next: Option<[u8; BLOCK_KEY_BYTES]>,
+    /// Bytes read and checked.
+    pub bytes: u64,
+}
+
+/// `block_key` read back.
+fn decode_block_key(key: &[u8; BLOCK_KEY_BYTES]) -> (VolumeId, ShardId, BlockId) {
+    let u64_at = |i: usize| u64::from_be_bytes(key[i..i + 8].try_into().expect("8 bytes"));
+    let shard = u32::from_be_bytes(key[8..12].try_into().expect("4 bytes"));
+    (VolumeId(u64_at(0)), ShardId(shard), BlockId::new(Ino(u64_at(12)), u64_at(20)))
+}
+
+/// Fills `index` from `blocks` once, for a store written before `index` existed. A value
+/// RocksDB cannot read stops its iterator: the blocks past it are left out of the index (the
+/// scrub misses them; reads still check them), and it is logged.
+fn build_index(db: &DB) -> Result<(), StoreError> {
+    let node = db.cf_handle(NODE_CF).expect("node column family opened above");
+    if db.get_cf(node, KEY_INDEX_BUILT)?.is_some() {
+        return Ok(());
+    }
+    let blocks = db.cf_handle(BLOCKS_CF).expect("blocks column family opened above");
+    let index = db.cf_handle(INDEX_CF).expect("index column family opened above");
+    let mut batch = WriteBatch::default();
+    let mut indexed = 0u64;
+    for item in db.iterator_cf(blocks, rocksdb::IteratorMode::Start) {
+        match item {
+            Ok((key, _)) => {
+                batch.put_cf(index, &key, []);
+                indexed += 1;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, indexed, "building the scrub index stopped at a value RocksDB cannot read; blocks past it are not scrubbed");
+                break;
+            }
+        }
+        if batch.len() >= 4096 {
+            db.write_opt(std::mem::take(&mut batch), &sync_write())?;
+        }
+    }
+    batch.put_cf(node, KEY_INDEX_BUILT, []);
+    db.write_opt(batch, &sync_write())?;
+    Ok(())
+}
+
 /// Volume layouts and shard placements as saved in the `placement` column family.
 pub type SavedPlacement = (Vec<VolumeLayout>, Vec<(VolumeId, ShardPlacement)>);
 
@@ -154,6 +214,10 @@ impl Db<'_> {
         self.cf_handle(BLOCKS_CF).expect("blocks column family opened at start")
     }
 
+    fn index_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf_handle(INDEX_CF).expect("index column family opened at start")
+    }
+
     fn placement_cf(&self) -> &rocksdb::ColumnFamily {
         self.cf_handle(PLACEMENT_CF).expect("placement column family opened at start")
     }
@@ -165,6 +229,7 @@ impl BlockStore {
     pub fn open(dir: &Path, options: StoreOptions, node_id: Option<NodeId>) -> Result<Self, StoreError> {
         let db = open_db(dir, options)?;
         let node_id = Self::init_identity(&db, node_id)?;
+        build_index(&db)?;
         let locks = (0..BLOCK_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         Ok(Self {
             db: RwLock::new(Some(db)),
@@ -316,8 +381,7 @@ impl BlockStore {
         let value = encode_value(&content);
         // Paired with the check in `read`: what goes to disk is verified right before it goes.
         debug_assert_eq!(crc32fast::hash(&value[VALUE_HEADER_BYTES..]).to_le_bytes(), value[1..5]);
-        let db = self.db()?;
-        self.written(db.put_cf_opt(db.blocks_cf(), key, value, &sync_write()))?;
+        self.store_value(&key, value)?;
         Ok(content)
     }
 
@@ -356,9 +420,53 @@ impl BlockStore {
 
     /// Stores a block's whole value; the caller holds the block's lock.
     fn put_locked(&self, key: &[u8; BLOCK_KEY_BYTES], content: &[u8]) -> Result<(), StoreError> {
-        let value = encode_value(content);
+        self.store_value(key, encode_value(content))
+    }
+
+    /// Writes a block's encoded value and its `index` entry in one durable batch.
+    fn store_value(&self, key: &[u8; BLOCK_KEY_BYTES], value: Vec<u8>) -> Result<(), StoreError> {
         let db = self.db()?;
-        self.written(db.put_cf_opt(db.blocks_cf(), key, value, &sync_write()))
+        let mut batch = WriteBatch::default();
+        batch.put_cf(db.blocks_cf(), key, value);
+        batch.put_cf(db.index_cf(), key, []);
+        self.written(db.write_opt(batch, &sync_write()))
+    }
+
+    /// Reads, and so checks, up to `max` stored blocks in key order after `after` (from the
+    /// start when `None`), walking `index`. Returns the damaged ones, the key to go on after
+    /// (`None`: the pass is done) and how many bytes were read.
+    pub fn scrub(&self, after: Option<[u8; BLOCK_KEY_BYTES]>, max: usize) -> Result<ScrubStep, StoreError> {
+        let keys: Vec<[u8; BLOCK_KEY_BYTES]> = {
+            let db = self.db()?;
+            let from = after.map(|k| k.to_vec()).unwrap_or_default();
+            let mode = rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward);
+            let mut keys = Vec::with_capacity(max);
+            for item in db.iterator_cf(db.index_cf(), mode) {
+                let (key, _) = item.map_err(StoreError::from_rocks)?;
+                let Ok(key) = <[u8; BLOCK_KEY_BYTES]>::try_from(&key[..]) else { continue };
+                if Some(key) == after {
+                    continue;
+                }
+                keys.push(key);
+                if keys.len() == max {
+                    break;
+                }
+            }
+            keys
+        };
+        let mut step = ScrubStep { damaged: Vec::new(), next: None, bytes: 0 };
+        for key in &keys {
+            let (volume, shard, block) = decode_block_key(key);
+            match self.read(volume, shard, block) {
+                Ok(found) => step.bytes += found.map_or(0, |b| b.data.len() as u64),
+                Err(e) if e.is_damage() => step.damaged.push((volume, shard, block)),
+                Err(e) => return Err(e),
+            }
+        }
+        if keys.len() == max {
+            step.next = keys.last().copied();
+        }
+        Ok(step)
     }
 
     /// Deletes, durably, the blocks of `ino` in this shard whose index is at least `from_index`.
@@ -376,6 +484,7 @@ impl BlockStore {
         let db = self.db()?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(db.blocks_cf(), &start[..], &end[..]);
+        batch.delete_range_cf(db.index_cf(), &start[..], &end[..]);
         self.written(db.write_opt(batch, &sync_write()))
     }
 
@@ -489,6 +598,7 @@ fn open_db(dir: &Path, options: StoreOptions) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(BLOCKS_CF, blocks),
         ColumnFamilyDescriptor::new(PLACEMENT_CF, Options::default()),
         ColumnFamilyDescriptor::new(NODE_CF, Options::default()),
+        ColumnFamilyDescriptor::new(INDEX_CF, Options::default()),
     ];
     DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(StoreError::from_rocks)
 }
@@ -633,6 +743,65 @@ mod tests {
         assert_eq!(store.read(v, s, sound).unwrap().unwrap().data, vec![8u8; 100]);
         assert!(!store.repair(v, s, absent, &[1u8; 100]).unwrap());
         assert!(store.read(v, s, absent).unwrap().is_none());
+    }
+
+    /// Every block a whole scrub pass visits, two at a time: (damaged, bytes read).
+    fn scrub_pass(store: &BlockStore) -> (Vec<BlockId>, u64) {
+        let (mut damaged, mut bytes, mut after) = (Vec::new(), 0, None);
+        loop {
+            let step = store.scrub(after, 2).unwrap();
+            damaged.extend(step.damaged.iter().map(|(_, _, b)| *b));
+            bytes += step.bytes;
+            match step.next {
+                Some(next) => after = Some(next),
+                None => return (damaged, bytes),
+            }
+        }
+    }
+
+    #[test]
+    fn a_scrub_pass_reads_every_block_once_and_names_the_damaged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (v, s) = (VolumeId(1), ShardId(0));
+        for i in 0..5 {
+            store.write(v, s, BlockId::new(Ino(1), i), 0, &[i as u8; 100], BS).unwrap();
+        }
+        store.put(v, s, BlockId::new(Ino(2), 0), &[9u8; 10]).unwrap();
+        let damaged = BlockId::new(Ino(1), 3);
+        {
+            let db = store.db().unwrap();
+            let key = block_key(v, s, damaged);
+            let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
+            raw[50] ^= 0x40;
+            db.put_cf(db.blocks_cf(), key, raw).unwrap();
+        }
+        assert_eq!(scrub_pass(&store), (vec![damaged], 4 * 100 + 10));
+        // Deleted blocks leave the index with their values.
+        store.delete_from(v, s, Ino(1), 2).unwrap();
+        assert_eq!(scrub_pass(&store), (vec![], 2 * 100 + 10));
+    }
+
+    #[test]
+    fn a_store_written_before_the_index_gets_one_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, s) = (VolumeId(1), ShardId(3));
+        {
+            let store = open(dir.path());
+            for i in 0..3 {
+                store.write(v, s, BlockId::new(Ino(4), i), 0, &[1u8; 64], BS).unwrap();
+            }
+            // As a store of the earlier format had it: no index entries, no marker.
+            let db = store.db().unwrap();
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(db.index_cf(), &[0u8][..], &[0xffu8; 29][..]);
+            batch.delete_cf(db.cf_handle(NODE_CF).unwrap(), KEY_INDEX_BUILT);
+            db.write(batch).unwrap();
+            drop(db);
+            assert_eq!(scrub_pass(&store), (vec![], 0));
+        }
+        let store = open(dir.path());
+        assert_eq!(scrub_pass(&store), (vec![], 3 * 64));
     }
 
     #[derive(Debug, Clone)]

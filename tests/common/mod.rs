@@ -46,9 +46,14 @@ impl Cluster {
 
     /// Starts a storage node on `ip` (port chosen by the OS) with its data under the cluster dir.
     pub fn node(&self, name: &str, ip: &str) -> NodeProc {
+        self.node_with(name, ip, &[])
+    }
+
+    /// `node` with extra `augur node serve` flags (kept across restarts).
+    pub fn node_with(&self, name: &str, ip: &str, extra: &[&str]) -> NodeProc {
         let tls = self.tls(Role::Node, name);
         let data = self.path().join("data").join(name);
-        NodeProc::spawn(&format!("{ip}:0"), &data, &tls, &[])
+        NodeProc::spawn(&format!("{ip}:0"), &data, &tls, extra)
     }
 }
 
@@ -265,9 +270,8 @@ pub async fn meta_status(rpc: &RpcClient, addr: SocketAddr) -> Option<augur_prot
 /// order and its key) in a stopped node's RocksDB, leaving RocksDB's own structures intact: the
 /// block's own CRC is what catches it. Returns how many values it damaged.
 pub fn damage_values(data: &Path, pick: impl Fn(usize, &[u8]) -> bool) -> usize {
-    use augur_storage_node::store::{BLOCKS_CF, NODE_CF, PLACEMENT_CF};
-    let db =
-        rocksdb::DB::open_cf(&rocksdb::Options::default(), data, [BLOCKS_CF, PLACEMENT_CF, NODE_CF]).unwrap();
+    use augur_storage_node::store::{ALL_CFS, BLOCKS_CF};
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), data, ALL_CFS).unwrap();
     let cf = db.cf_handle(BLOCKS_CF).unwrap();
     let mut damaged = Vec::new();
     for (rank, item) in db.iterator_cf(cf, rocksdb::IteratorMode::Start).enumerate() {
