@@ -41,8 +41,11 @@ const REPAIR_FETCH_DEADLINE: Duration = Duration::from_secs(5);
 const STORE_REOPEN_ROOM_BYTES: u64 = 160 << 20;
 /// Tries at reopening a stopped store are at least this far apart.
 const STORE_REOPEN_INTERVAL: Duration = Duration::from_secs(2);
-/// Blocks the scrub reads per step (at most 64 × the block size in memory at once).
+/// Blocks the scrub reads per step (one block in memory at a time); it saves its place after each.
 const SCRUB_STEP_BLOCKS: usize = 64;
+/// Bytes each block visited counts for the scrub's pace on top of its own, so a run of tiny
+/// or absent blocks is paced too.
+const SCRUB_BLOCK_COST_BYTES: u64 = 4096;
 /// Wait before a scrub step that failed (say, a store stopped for want of space) is tried again.
 const SCRUB_RETRY: Duration = Duration::from_secs(10);
 
@@ -108,6 +111,18 @@ impl Repairs {
             failed: AtomicU64::new(0),
             scrub_passes: AtomicU64::new(0),
             scrub_found: AtomicU64::new(0),
+        }
+    }
+
+    /// `push` for the scrub: waits for room in the queue rather than drop the block (nobody
+    /// reads it, so nothing else would find it before the next pass).
+    async fn push_waiting(&self, shard: ShardRef, block: BlockId) {
+        let key = (shard.volume, shard.shard, block);
+        if !self.queued.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+            return;
+        }
+        if self.queue.send((shard, block)).await.is_err() {
+            self.finish(shard, block);
         }
     }
 
@@ -597,7 +612,8 @@ impl NodeService {
         if bytes_per_sec == 0 {
             return;
         }
-        let mut after = None;
+        // A restart goes on where the pass was.
+        let mut after = self.blocking(|s| s.scrub_cursor()).await.unwrap_or(None);
         loop {
             let wait = match self.blocking(move |s| s.scrub(after, SCRUB_STEP_BLOCKS)).await {
                 Ok(step) => {
@@ -609,16 +625,25 @@ impl NodeService {
                             .read()
                             .unwrap_or_else(|p| p.into_inner())
                             .get(volume, shard)
+                            .filter(|p| p.replicas.iter().any(|r| r.node == self.node_id))
                             .map(|p| p.epoch);
-                        // A shard no longer held here is not served from here: nothing to heal.
+                        // A shard this node no longer holds is not served from here.
                         if let Some(epoch) = epoch {
                             warn!(%volume, %shard, %block, "scrub found a damaged copy; repairing it");
-                            self.repairs.push(ShardRef { volume, shard, epoch }, block);
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => return,
+                                _ = self.repairs.push_waiting(ShardRef { volume, shard, epoch }, block) => {}
+                            }
                         }
                     }
                     metrics::counter!("augur_node_scrub_bytes_total").increment(step.bytes);
                     after = step.next;
-                    let paced = Duration::from_secs_f64(step.bytes as f64 / bytes_per_sec as f64);
+                    if let Err(e) = self.blocking(move |s| s.save_scrub_cursor(after)).await {
+                        debug!(error = %e, "could not save the scrub's place");
+                    }
+                    let cost = step.bytes + step.visited as u64 * SCRUB_BLOCK_COST_BYTES;
+                    let paced = Duration::from_secs_f64(cost as f64 / bytes_per_sec as f64);
                     if after.is_none() {
                         self.repairs.scrub_passes.fetch_add(1, Ordering::Relaxed);
                         info!(node = %self.node_id, "scrub pass done");

@@ -53,6 +53,8 @@ const KEY_NODE_ID: &[u8] = b"node-id";
 /// Present once `index` holds the key of every block (built at the first open of a store
 /// written before it existed).
 const KEY_INDEX_BUILT: &[u8] = b"index-built";
+/// The scrub's place in the current pass.
+const KEY_SCRUB_CURSOR: &[u8] = b"scrub-cursor";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -134,6 +136,30 @@ pub struct ScrubStep {
     pub next: Option<[u8; BLOCK_KEY_BYTES]>,
     /// Bytes read and checked.
     pub bytes: u64,
+    /// Blocks visited.
+    pub visited: usize,
+    /// Blocks that could not be read for a reason other than damage (logged).
+    pub unreadable: u64,
+}
+
+impl BlockStore {
+    /// Where the scrub goes on after a restart (`None`: from the start).
+    pub fn scrub_cursor(&self) -> Result<Option<[u8; BLOCK_KEY_BYTES]>, StoreError> {
+        let db = self.db()?;
+        let node = db.cf_handle(NODE_CF).expect("node column family opened at start");
+        Ok(db.get_cf(node, KEY_SCRUB_CURSOR)?.and_then(|v| <[u8; BLOCK_KEY_BYTES]>::try_from(&v[..]).ok()))
+    }
+
+    /// Keeps the scrub's place (not synced: a crash loses at most the last steps, done again).
+    pub fn save_scrub_cursor(&self, cursor: Option<[u8; BLOCK_KEY_BYTES]>) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let node = db.cf_handle(NODE_CF).expect("node column family opened at start");
+        let result = match cursor {
+            Some(key) => db.put_cf(node, KEY_SCRUB_CURSOR, key),
+            None => db.delete_cf(node, KEY_SCRUB_CURSOR),
+        };
+        self.written(result)
+    }
 }
 
 /// `block_key` read back.
@@ -454,13 +480,17 @@ impl BlockStore {
             }
             keys
         };
-        let mut step = ScrubStep { damaged: Vec::new(), next: None, bytes: 0 };
+        let mut step = ScrubStep { visited: keys.len(), ..ScrubStep::default() };
         for key in &keys {
             let (volume, shard, block) = decode_block_key(key);
             match self.read(volume, shard, block) {
                 Ok(found) => step.bytes += found.map_or(0, |b| b.data.len() as u64),
                 Err(e) if e.is_damage() => step.damaged.push((volume, shard, block)),
-                Err(e) => return Err(e),
+                // One block that cannot be read for another reason does not stop the pass.
+                Err(e) => {
+                    tracing::warn!(%volume, %shard, %block, error = %e, "scrub could not read a block");
+                    step.unreadable += 1;
+                }
             }
         }
         if keys.len() == max {
