@@ -148,7 +148,15 @@ impl MetaService {
         }
     }
 
-    fn node_ack(&self, node: NodeId, known_version: u64) -> Result<ResponseBody, WireError> {
+    /// The answer to a node: the placement version, and its full assignment when the node's
+    /// differs. An assignment is sent only after a read barrier: a leader deposed without
+    /// knowing it yet would otherwise send an old one, and the node installs what it is sent
+    /// (keeping only newer epochs of the shards listed, so a shard assigned since would go).
+    async fn node_ack(&self, node: NodeId, known_version: u64) -> Result<ResponseBody, WireError> {
+        if self.sm.placement_version()? == known_version {
+            return Ok(ResponseBody::NodeAck { placement_version: known_version, assignments: None });
+        }
+        self.read().await?;
         let version = self.sm.placement_version()?;
         let assignments = (version != known_version).then(|| self.sm.assignments(node)).transpose()?;
         Ok(ResponseBody::NodeAck { placement_version: version, assignments })
@@ -173,10 +181,10 @@ impl MetaService {
         );
         info!(%node, addr = %reg.addr, "storage node registered");
         self.group.propose(Cmd::RegisterNode(reg)).await?;
-        self.node_ack(node, u64::MAX)
+        self.node_ack(node, u64::MAX).await
     }
 
-    fn heartbeat(
+    async fn heartbeat(
         &self,
         node: NodeId,
         capacity_bytes: u64,
@@ -206,7 +214,7 @@ impl MetaService {
         if revived {
             info!(%node, "storage node heard from again");
         }
-        self.node_ack(node, version)
+        self.node_ack(node, version).await
     }
 
     async fn create_volume(&self, spec: augur_proto::meta::VolumeSpec) -> Result<ResponseBody, WireError> {
@@ -402,7 +410,7 @@ impl Service for MetaService {
             }
             RequestBody::RegisterNode(reg) => self.register(reg).await,
             RequestBody::Heartbeat { node, capacity_bytes, used_bytes, loads, placement_version } => {
-                self.heartbeat(node, capacity_bytes, used_bytes, loads, placement_version)
+                self.heartbeat(node, capacity_bytes, used_bytes, loads, placement_version).await
             }
             RequestBody::CreateVolume(spec) => self.create_volume(spec).await,
             RequestBody::DeleteVolume { name } => {
