@@ -68,7 +68,28 @@ fn check_file(path: &Path, seed: u64, size: u64, done: &AtomicU64) -> Result<(),
 }
 
 fn node(cluster: &Cluster, i: u64, meta: &str) -> NodeProc {
-    common::registered_node(cluster, &format!("node-{i}"), &format!("127.0.8.{}", 10 + i), meta, &[])
+    node_on(cluster, "127.0.8", i, meta, &[])
+}
+
+/// Storage node `i` of a test's cluster on `net`.{10 + i}.
+fn node_on(cluster: &Cluster, net: &str, i: u64, meta: &str, extra: &[&str]) -> NodeProc {
+    common::registered_node(cluster, &format!("node-{i}"), &format!("{net}.{}", 10 + i), meta, extra)
+}
+
+/// One meta member and one storage node on `net`, with a volume `v` of one replica and four
+/// shards: (cluster, meta member, meta addresses, admin client, node).
+fn one_node_cluster(
+    rt: &tokio::runtime::Runtime,
+    net: &str,
+) -> (Cluster, common::MetaProc, String, Arc<augur_meta::MetaClient>, NodeProc) {
+    let cluster = Cluster::new();
+    let (mut members, addrs) = meta_group(&cluster, net, 1, &[]);
+    let admin = meta_client(&cluster, Role::Admin, &addrs);
+    let node = node_on(&cluster, net, 1, &addrs, &[]);
+    rt.block_on(common::wait_for_nodes(&admin, 1));
+    let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
+    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    (cluster, members.remove(0), addrs, admin, node)
 }
 
 /// Runs `work` on a thread and kills `victim` once `progress` passes a third of `total`.
@@ -184,17 +205,8 @@ fn damaged_copies_are_read_around_and_repaired() {
     let admin = meta_client(&cluster, Role::Admin, &addrs);
     // The scrub is off: here the reads find the damage, and a scrub repairing from a node
     // while it is stopped below would count failures.
-    let mut nodes: Vec<NodeProc> = (1..=2)
-        .map(|i| {
-            common::registered_node(
-                &cluster,
-                &format!("node-{i}"),
-                &format!("127.0.12.{}", 10 + i),
-                &addrs,
-                &["--scrub-bytes-per-sec", "0"],
-            )
-        })
-        .collect();
+    let mut nodes: Vec<NodeProc> =
+        (1..=2).map(|i| node_on(&cluster, "127.0.12", i, &addrs, &["--scrub-bytes-per-sec", "0"])).collect();
     rt.block_on(common::wait_for_nodes(&admin, 2));
     let spec = VolumeSpec { replicas: 2, shard_count: 4, ..VolumeSpec::with_defaults("v") };
     rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
@@ -240,13 +252,7 @@ fn two_mounts_writing_disjoint_regions_of_one_file_keep_both() {
     use std::os::unix::fs::FileExt;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
-    let cluster = Cluster::new();
-    let (_members, addrs) = meta_group(&cluster, "127.0.13", 1, &[]);
-    let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let _node = common::registered_node(&cluster, "node-1", "127.0.13.11", &addrs, &[]);
-    rt.block_on(common::wait_for_nodes(&admin, 1));
-    let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
-    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    let (cluster, _member, addrs, _admin, _node) = one_node_cluster(&rt, "127.0.13");
     let (mnt_a, mnt_b) = (cluster.path().join("a"), cluster.path().join("b"));
     let _a = MountProc::start(&cluster, &addrs, "v", &mnt_a, &[]);
     let _b = MountProc::start(&cluster, &addrs, "v", &mnt_b, &[]);
@@ -287,13 +293,7 @@ fn two_mounts_writing_disjoint_regions_of_one_file_keep_both() {
 fn full_nodes_give_the_writer_enospc_and_keep_what_was_stored() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
-    let cluster = Cluster::new();
-    let (_members, addrs) = meta_group(&cluster, "127.0.10", 1, &[]);
-    let admin = meta_client(&cluster, Role::Admin, &addrs);
-    let mut node = common::registered_node(&cluster, "node-1", "127.0.10.11", &addrs, &[]);
-    rt.block_on(common::wait_for_nodes(&admin, 1));
-    let spec = VolumeSpec { replicas: 1, shard_count: 4, ..VolumeSpec::with_defaults("v") };
-    rt.block_on(admin.call(RequestBody::CreateVolume(spec))).expect("create volume");
+    let (cluster, _member, addrs, _admin, mut node) = one_node_cluster(&rt, "127.0.10");
     let mnt = cluster.path().join("mnt");
     // Bad mount requests fail with a message naming what is wrong.
     let tls = cluster.tls(Role::Client, "mount");

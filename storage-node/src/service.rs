@@ -117,24 +117,21 @@ impl Repairs {
     /// `push` for the scrub: waits for room in the queue rather than drop the block (nobody
     /// reads it, so nothing else would find it before the next pass).
     async fn push_waiting(&self, shard: ShardRef, block: BlockId) {
-        let key = (shard.volume, shard.shard, block);
-        if !self.queued.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
-            return;
-        }
-        if self.queue.send((shard, block)).await.is_err() {
+        if self.claim(shard, block) && self.queue.send((shard, block)).await.is_err() {
             self.finish(shard, block);
         }
     }
 
     fn push(&self, shard: ShardRef, block: BlockId) {
-        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
-        if !queued.insert((shard.volume, shard.shard, block)) {
-            return;
-        }
-        if self.queue.try_send((shard, block)).is_err() {
-            queued.remove(&(shard.volume, shard.shard, block));
+        if self.claim(shard, block) && self.queue.try_send((shard, block)).is_err() {
+            self.finish(shard, block);
             warn!(%shard, %block, "repair queue full ({REPAIR_QUEUE_MAX}); the damaged block waits for its next read");
         }
+    }
+
+    /// Marks a block queued; false if it is queued already.
+    fn claim(&self, shard: ShardRef, block: BlockId) -> bool {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner()).insert((shard.volume, shard.shard, block))
     }
 
     fn finish(&self, shard: ShardRef, block: BlockId) {
@@ -638,6 +635,7 @@ impl NodeService {
                         }
                     }
                     metrics::counter!("augur_node_scrub_bytes_total").increment(step.bytes);
+                    metrics::counter!("augur_node_scrub_unreadable_total").increment(step.unreadable);
                     after = step.next;
                     if let Err(e) = self.blocking(move |s| s.save_scrub_cursor(after)).await {
                         debug!(error = %e, "could not save the scrub's place");

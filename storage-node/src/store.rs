@@ -146,17 +146,17 @@ impl BlockStore {
     /// Where the scrub goes on after a restart (`None`: from the start).
     pub fn scrub_cursor(&self) -> Result<Option<[u8; BLOCK_KEY_BYTES]>, StoreError> {
         let db = self.db()?;
-        let node = db.cf_handle(NODE_CF).expect("node column family opened at start");
-        Ok(db.get_cf(node, KEY_SCRUB_CURSOR)?.and_then(|v| <[u8; BLOCK_KEY_BYTES]>::try_from(&v[..]).ok()))
+        Ok(db
+            .get_cf(db.node_cf(), KEY_SCRUB_CURSOR)?
+            .and_then(|v| <[u8; BLOCK_KEY_BYTES]>::try_from(&v[..]).ok()))
     }
 
     /// Keeps the scrub's place (not synced: a crash loses at most the last steps, done again).
     pub fn save_scrub_cursor(&self, cursor: Option<[u8; BLOCK_KEY_BYTES]>) -> Result<(), StoreError> {
         let db = self.db()?;
-        let node = db.cf_handle(NODE_CF).expect("node column family opened at start");
         let result = match cursor {
-            Some(key) => db.put_cf(node, KEY_SCRUB_CURSOR, key),
-            None => db.delete_cf(node, KEY_SCRUB_CURSOR),
+            Some(key) => db.put_cf(db.node_cf(), KEY_SCRUB_CURSOR, key),
+            None => db.delete_cf(db.node_cf(), KEY_SCRUB_CURSOR),
         };
         self.written(result)
     }
@@ -242,6 +242,10 @@ impl Db<'_> {
 
     fn index_cf(&self) -> &rocksdb::ColumnFamily {
         self.cf_handle(INDEX_CF).expect("index column family opened at start")
+    }
+
+    fn node_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf_handle(NODE_CF).expect("node column family opened at start")
     }
 
     fn placement_cf(&self) -> &rocksdb::ColumnFamily {
@@ -732,18 +736,22 @@ mod tests {
         assert!(err.to_string().contains("belongs to node-7"), "{err}");
     }
 
+    /// Flips a byte inside a block's stored value, leaving RocksDB's own structures intact.
+    fn damage(store: &BlockStore, v: VolumeId, s: ShardId, b: BlockId) {
+        let key = block_key(v, s, b);
+        let db = store.db().unwrap();
+        let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
+        raw[50] ^= 0x40;
+        db.put_cf(db.blocks_cf(), key, raw).unwrap();
+    }
+
     #[test]
     fn flipped_value_byte_is_a_checksum_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (v, s, b) = (VolumeId(1), ShardId(0), BlockId::new(Ino(1), 0));
         store.write(v, s, b, 0, &[7u8; 100], BS).unwrap();
-        let key = block_key(v, s, b);
-        let db = store.db().unwrap();
-        let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
-        raw[50] ^= 0x40;
-        db.put_cf(db.blocks_cf(), key, raw).unwrap();
-        drop(db);
+        damage(&store, v, s, b);
         assert!(matches!(store.read(v, s, b), Err(StoreError::Checksum { .. })));
     }
 
@@ -756,12 +764,7 @@ mod tests {
             (BlockId::new(Ino(1), 0), BlockId::new(Ino(1), 1), BlockId::new(Ino(1), 2));
         store.write(v, s, damaged, 0, &[7u8; 100], BS).unwrap();
         store.write(v, s, sound, 0, &[8u8; 100], BS).unwrap();
-        let key = block_key(v, s, damaged);
-        let db = store.db().unwrap();
-        let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
-        raw[50] ^= 0x40;
-        db.put_cf(db.blocks_cf(), key, raw).unwrap();
-        drop(db);
+        damage(&store, v, s, damaged);
         assert!(store.read(v, s, damaged).unwrap_err().is_damage());
         // The damaged copy is replaced; once sound, a second (stale) repair changes nothing.
         assert!(store.repair(v, s, damaged, &[7u8; 100]).unwrap());
@@ -799,13 +802,7 @@ mod tests {
         }
         store.put(v, s, BlockId::new(Ino(2), 0), &[9u8; 10]).unwrap();
         let damaged = BlockId::new(Ino(1), 3);
-        {
-            let db = store.db().unwrap();
-            let key = block_key(v, s, damaged);
-            let mut raw = db.get_cf(db.blocks_cf(), key).unwrap().unwrap();
-            raw[50] ^= 0x40;
-            db.put_cf(db.blocks_cf(), key, raw).unwrap();
-        }
+        damage(&store, v, s, damaged);
         assert_eq!(scrub_pass(&store), (vec![damaged], 4 * 100 + 10));
         // Deleted blocks leave the index with their values.
         store.delete_from(v, s, Ino(1), 2).unwrap();
